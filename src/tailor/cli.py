@@ -12,9 +12,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# --- train / eval / generate / chat / demo ------------------------------------------------------------
+# --- train / demo (owner: train) ----------------------------------------------------------------------
 
-# --- plan / advise -------------------------------------------------------------------------------------
+# --- end train / demo ---
+
+# --- eval / generate / chat (owner: models-eval) -------------------------------------------------------
+
+# --- end eval / generate / chat ---
+
+# --- plan / advise (owner: plan) -----------------------------------------------------------------------
+
+# --- end plan / advise ---
 
 
 def main() -> None:
