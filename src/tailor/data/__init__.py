@@ -1,0 +1,26 @@
+"""Training data: load files people already have, tokenise with loss on answers only, batch; a built-in set.
+
+    examples = load_examples("train.jsonl")                 # or "builtin:support"
+    train, val = split_examples(examples, val_fraction=0.05, seed=0)
+    tokenized, stats = tokenize_examples(train, tokenizer, max_seq_len=512, overflow="truncate")
+    for batch in batch_indices([len(t) for t in tokenized], batch_size=8, seed=0, epoch=0):
+        tensors = collate([tokenized[i] for i in batch], pad_id=tokenizer.pad_token_id)
+"""
+
+from tailor.data.batching import batch_indices, collate, split_examples
+from tailor.data.errors import DataError, DataIssue
+from tailor.data.load import FORMATS, Example, detect_format, load_examples
+from tailor.data.tokenize import (
+    FALLBACK_CHAT_TEMPLATE,
+    IGNORE_INDEX,
+    TokenizedExample,
+    TokenizeStats,
+    render_chat,
+    tokenize_examples,
+)
+
+__all__ = [
+    "FALLBACK_CHAT_TEMPLATE", "FORMATS", "IGNORE_INDEX", "DataError", "DataIssue", "Example", "TokenizeStats",
+    "TokenizedExample", "batch_indices", "collate", "detect_format", "load_examples", "render_chat",
+    "split_examples", "tokenize_examples",
+]

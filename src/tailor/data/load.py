@@ -1,0 +1,303 @@
+"""Read training data people already have (JSONL or a JSON array) and normalise it to Example.
+
+Formats (detected from the first record's keys, overridable with ``format=``):
+
+- chat:              {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  (OpenAI)
+- alpaca:            {"instruction": "...", "input": "..." (optional), "output": "...", "system": (optional)}
+- prompt_completion: {"prompt": "...", "completion": "..."}
+- text:              {"text": "..."}                         (plain language modelling, loss on every token)
+
+chat, alpaca and prompt_completion become ``Example.messages``; text becomes ``Example.text``.
+Every problem in a file is collected and raised as one DataError naming file, line, field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tailor.data.errors import DataError, DataIssue
+
+__all__ = ["Example", "FORMATS", "ROLES", "detect_format", "load_examples", "read_records"]
+
+FORMATS = ("alpaca", "chat", "prompt_completion", "text")
+ROLES = ("system", "user", "assistant")
+BUILTIN_PREFIX = "builtin:"
+
+# (required, optional) fields per format, in the order people write them.
+_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "chat": (("messages",), ()),
+    "alpaca": (("instruction", "output"), ("input", "system")),
+    "prompt_completion": (("prompt", "completion"), ()),
+    "text": (("text",), ()),
+}
+_EXAMPLE_RECORD = {
+    "chat": '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}',
+    "alpaca": '{"instruction": "Translate to French", "input": "cat", "output": "chat"}',
+    "prompt_completion": '{"prompt": "2+2=", "completion": "4"}',
+    "text": '{"text": "Once upon a time..."}',
+}
+
+
+@dataclass
+class Example:
+    """One training example: a conversation (``messages``) or plain text (``text``), never both.
+
+    source is where it came from, "file.jsonl:12" (1-based line), so later errors can point back to it.
+    """
+
+    messages: list[dict[str, str]] | None
+    text: str | None
+    source: str
+
+    @property
+    def prompt(self) -> list[dict[str, str]]:
+        """The conversation up to (not including) the last assistant message: what a model is asked."""
+        if self.messages is None:
+            return []
+        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        return self.messages[:last]
+
+    @property
+    def reference(self) -> str | None:
+        """The reference answer: the content of the last assistant message (None for plain text)."""
+        if self.messages is None:
+            return None
+        return [m for m in self.messages if m["role"] == "assistant"][-1]["content"]
+
+
+def _fields_doc(fmt: str) -> str:
+    required, optional = _FIELDS[fmt]
+    return ", ".join([*required, *(f"{name} (optional)" for name in optional)])
+
+
+def detect_format(record: dict[str, Any]) -> str | None:
+    """The format a record's keys point to, or None when they match none."""
+    keys = set(record)
+    if "messages" in keys:
+        return "chat"
+    if "instruction" in keys or {"input", "output"} <= keys:
+        return "alpaca"
+    if "prompt" in keys or "completion" in keys:
+        return "prompt_completion"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def read_records(path: Path) -> tuple[list[tuple[int, Any]], list[DataIssue]]:
+    """Parse a JSONL file or a JSON array file into (line, value) pairs plus the parse problems found."""
+    name = str(path)
+    try:
+        content = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        return [], [DataIssue(name, f"is not UTF-8 text ({err.reason} at byte {err.start}).",
+                              "save the file as UTF-8 JSONL.")]
+    if content.lstrip().startswith("["):
+        return _read_json_array(name, content)
+    records, issues = [], []
+    for number, raw in enumerate(content.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            records.append((number, json.loads(raw)))
+        except json.JSONDecodeError as err:
+            issues.append(DataIssue(
+                name, f"not valid JSON ({err.msg} at column {err.colno}).",
+                "each line must hold one complete JSON object (JSONL); a pretty-printed file must be "
+                "one JSON array of objects.", line=number))
+    return records, issues
+
+
+def _read_json_array(name: str, content: str) -> tuple[list[tuple[int, Any]], list[DataIssue]]:
+    """Decode a top-level JSON array element by element, so each record keeps the line it starts on."""
+    decoder = json.JSONDecoder()
+    records: list[tuple[int, Any]] = []
+    position = content.index("[") + 1
+    while True:
+        while position < len(content) and content[position] in " \t\r\n,":
+            position += 1
+        if position >= len(content):
+            issue = DataIssue(name, "JSON array is not closed (missing ']').", "close the array with ']'.",
+                              line=content.count("\n") + 1)
+            return records, [issue]
+        if content[position] == "]":
+            rest = content[position + 1:].strip()
+            if rest:
+                line = content.count("\n", 0, position) + 2
+                return records, [DataIssue(name, "unexpected text after the closing ']'.",
+                                           "a JSON file must hold exactly one array.", line=line)]
+            return records, []
+        line = content.count("\n", 0, position) + 1
+        try:
+            value, position = decoder.raw_decode(content, position)
+        except json.JSONDecodeError as err:
+            return records, [DataIssue(name, f"not valid JSON ({err.msg} at column {err.colno}).",
+                                       "fix the JSON syntax of this array element.", line=err.lineno)]
+        records.append((line, value))
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+class _RecordChecker:
+    """Normalises one record of a known format into an Example, collecting issues instead of raising."""
+
+    def __init__(self, path: str, line: int, issues: list[DataIssue]):
+        self.path, self.line, self.issues = path, line, issues
+
+    def issue(self, problem: str, fix: str, field: str | None = None) -> None:
+        self.issues.append(DataIssue(self.path, problem, fix, line=self.line, field=field))
+
+    def string(self, record: dict, field: str, *, required: bool = True,
+               non_empty: bool = True) -> str | None:
+        if field not in record or (not required and record[field] is None):  # optional null = absent
+            if required:
+                self.issue("is missing.", f"add it (this format expects: {self._expected}), or pass "
+                           "format= to choose another format.", field)
+            return None
+        value = record[field]
+        if not isinstance(value, str):
+            self.issue(f"must be a string, got {_type_name(value)} ({json.dumps(value)[:40]}).",
+                       "write the value as a JSON string.", field)
+            return None
+        if non_empty and not value.strip():
+            self.issue("is empty.", "fill it in or remove this record.", field)
+            return None
+        return value
+
+    def normalise(self, record: dict, fmt: str) -> Example | None:
+        self._expected = _fields_doc(fmt)
+        n_issues = len(self.issues)
+        source = f"{self.path}:{self.line}"
+        if fmt == "text":
+            text = self.string(record, "text")
+            return Example(None, text, source) if len(self.issues) == n_issues else None
+        if fmt == "chat":
+            messages = self.messages(record)
+        elif fmt == "alpaca":
+            instruction = self.string(record, "instruction")
+            extra = self.string(record, "input", required=False, non_empty=False)
+            system = self.string(record, "system", required=False)
+            output = self.string(record, "output")
+            user = instruction if not extra or not extra.strip() else f"{instruction}\n\n{extra}"
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        else:
+            prompt, completion = self.string(record, "prompt"), self.string(record, "completion")
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return Example(messages, None, source) if len(self.issues) == n_issues else None
+
+    def messages(self, record: dict) -> list[dict[str, str]] | None:
+        if "messages" not in record:
+            self.string(record, "messages")  # reports the missing field
+            return None
+        raw = record["messages"]
+        if not isinstance(raw, list) or not raw:
+            got = "an empty array" if raw == [] else _type_name(raw)
+            self.issue(f"must be a non-empty array of {{role, content}} objects, got {got}.",
+                       f"write it like {_EXAMPLE_RECORD['chat']}.", "messages")
+            return None
+        messages = []
+        for index, message in enumerate(raw):
+            field = f"messages[{index}]"
+            if not isinstance(message, dict):
+                self.issue(f"must be an object with 'role' and 'content', got {_type_name(message)}.",
+                           'write it like {"role": "user", "content": "..."}.', field)
+                continue
+            role, content = message.get("role"), message.get("content")
+            if "role" not in message or "content" not in message:
+                missing = [key for key in ("role", "content") if key not in message]
+                self.issue(f"is missing {' and '.join(repr(k) for k in missing)}.",
+                           'each message needs {"role": ..., "content": ...}.', field)
+                continue
+            if role not in ROLES:
+                self.issue(f"unknown role {role!r}.", f"use one of: {', '.join(ROLES)}.", f"{field}.role")
+                continue
+            if isinstance(content, list):  # OpenAI content parts: keep the text parts
+                parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                content = "".join(p for p in parts if isinstance(p, str)) if parts else content
+            if not isinstance(content, str):
+                self.issue(f"must be a string, got {_type_name(content)}.",
+                           "write the content as a JSON string.", f"{field}.content")
+                continue
+            if role == "system" and index != 0:
+                self.issue("a system message may only come first.", "move it to the start or drop it.", field)
+                continue
+            if role == "assistant" and not content.strip():
+                self.issue("assistant message is empty.", "fill it in or remove the message.",
+                           f"{field}.content")
+                continue
+            messages.append({"role": role, "content": content})
+        if len(messages) == len(raw) and not any(m["role"] == "assistant" for m in messages):
+            self.issue("has no assistant message, so there is nothing to learn.",
+                       "add the answer as {\"role\": \"assistant\", \"content\": \"...\"}.", "messages")
+        return messages
+
+
+def load_examples(path_or_spec: str | Path, format: str = "auto") -> list[Example]:
+    """Load a JSONL / JSON-array file (or a "builtin:..." spec) as normalised Examples.
+
+    Specs: "builtin:support" (train split), "builtin:support:train", "builtin:support:validation",
+    "builtin:support:test". ``format`` is one of auto|alpaca|chat|prompt_completion|text.
+
+    Raises:
+        DataError: file not found, empty, not JSON, records of the wrong shape; all problems listed at once.
+    """
+    spec = str(path_or_spec)
+    if format != "auto" and format not in FORMATS:
+        raise DataError(DataIssue(spec, f"unknown format {format!r}.",
+                                  f"use one of: auto, {', '.join(FORMATS)}."))
+    if spec.startswith(BUILTIN_PREFIX):
+        return _load_builtin(spec)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "not found"
+        raise DataError(DataIssue(spec, f"{what}.", "give the path to a .jsonl or .json file, or a built-in "
+                                  "dataset such as builtin:support."))
+    records, issues = read_records(path)
+    if not records and not issues:
+        raise DataError(DataIssue(spec, "the file is empty (no JSON records).",
+                                  "add one JSON object per line, e.g. " + _EXAMPLE_RECORD["chat"]))
+    fmt, first_line = (format, None) if format != "auto" else (None, None)
+    examples = []
+    for line, record in records:
+        checker = _RecordChecker(spec, line, issues)
+        if not isinstance(record, dict):
+            checker.issue(f"must be a JSON object, got {_type_name(record)}.",
+                          "write one object per record, e.g. " + _EXAMPLE_RECORD["chat"])
+            continue
+        if fmt is None:
+            fmt, first_line = detect_format(record), line
+            if fmt is None:
+                raise DataError(DataIssue(
+                    spec, f"cannot tell the data format from the keys {sorted(record)}.",
+                    "use one of: " + "; ".join(f"{f} ({_fields_doc(f)})" for f in FORMATS)
+                    + "; or pass format=.", line=line))
+        if first_line is not None and any(key not in record for key in _FIELDS[fmt][0]):
+            other = detect_format(record)
+            if other is not None and other != fmt:
+                checker.issue(f"looks like format {other!r}, but line {first_line} made the file {fmt!r}.",
+                              "use one format per file (or pass format=).")
+                continue
+        example = checker.normalise(record, fmt)
+        if example is not None:
+            examples.append(example)
+    if issues:
+        raise DataError(issues)
+    return examples
+
+
+def _load_builtin(spec: str) -> list[Example]:
+    from tailor.data import support  # imported lazily: the generator is only needed for builtin specs
+
+    parts = spec[len(BUILTIN_PREFIX):].split(":")
+    name, split = parts[0], (parts[1] if len(parts) > 1 else "train")
+    if name != "support" or len(parts) > 2 or split not in support.SPLITS:
+        choices = ", ".join(["builtin:support", *(f"builtin:support:{s}" for s in support.SPLITS)])
+        raise DataError(DataIssue(spec, "unknown built-in dataset.", f"use one of: {choices}."))
+    return support.build_support_split(split)
