@@ -1,0 +1,279 @@
+"""LoRA layers: a frozen base layer plus named low-rank adapters, kept separable.
+
+::
+
+    x ──► base_layer ─────────────────────────────┐
+    │                                             (+) ──► y
+    └──► dropout ──► A (r x d_in) ──► B (d_out x r) ──► * scaling ┘
+
+The base call and the adapter term are two separate calls (``base_layer(x)`` and ``lora_delta(x)``),
+so a quantized base layer or a per-row (multi-adapter) delta can replace either side alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style Conv1D (weight stored (in, out)); transformers is optional for lora/
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+ADAPTER_DTYPE = torch.float32
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (https://arxiv.org/abs/2312.03732)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_term(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling * x A^T B^T`` for one adapter. x (..., d_in), a (r, d_in), b (d_out, r) -> (..., d_out)."""
+    return F.linear(F.linear(x, a), b) * scaling
+
+
+class LoraLayer(nn.Module):
+    """Bookkeeping shared by the LoRA layers: named adapters, which are active, merged, disabled.
+
+    Attribute lookups that the wrapper does not know fall through to the base layer (``.weight``,
+    ``.in_features``, ``.nf`` ...), so model code that inspects its layers keeps working.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def _record(self, name: str, r: int, alpha: float, use_rslora: bool) -> None:
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r} for adapter {name!r}.")
+        if name in self.r:
+            raise ValueError(f"This layer already has an adapter named {name!r}.")
+        self.r[name], self.lora_alpha[name] = r, alpha
+        self.scaling[name] = lora_scaling(r, alpha, use_rslora)
+
+    def _forget(self, name: str) -> None:
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The adapter's update in the base weight's layout, computed in fp32."""
+        raise NotImplementedError
+
+    def _unmerged_active(self) -> list[str]:
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        delta = self.lora_delta(x)
+        if delta is None:
+            return result
+        # PEFT semantics: the sum is formed in the adapter dtype (fp32), then cast back once.
+        return (result + delta).to(result.dtype)
+
+    def lora_delta(self, x: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor | None:
+        raise NotImplementedError
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around an ``nn.Linear`` or a GPT-2 ``Conv1D``: ``y = W0 x + b + sum_k s_k B_k A_k dropout(x)``.
+
+    Per adapter name k: ``lora_A[k].weight`` (r, d_in), ``lora_B[k].weight`` (d_out, r), both fp32
+    (https://arxiv.org/abs/2106.09685); ``s_k = alpha / r`` (or ``alpha / sqrt(r)``). For Conv1D the base
+    weight is stored (d_in, d_out) (``fan_in_fan_out``); A and B keep the Linear layout and only the
+    merged delta is transposed. x is cast to the adapter dtype for the branch; the output keeps the
+    base output's dtype.
+
+    Args:
+        base_layer: the frozen ``nn.Linear`` / ``Conv1D`` (or a compatible quantized layer exposing
+            ``in_features``/``out_features``).
+        fan_in_fan_out: base weight layout is (in, out).
+
+    Shapes:
+        x: (..., d_in) -> (..., d_out)
+
+    Raises:
+        ValueError: unsupported base layer, non-positive rank, duplicate adapter name.
+    """
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+
+    def add_adapter(
+        self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+        init: bool | str = True,
+    ) -> None:
+        self._record(name, r, alpha, use_rslora)
+        device = self.base_layer.weight.device
+        a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=ADAPTER_DTYPE)
+        b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=ADAPTER_DTYPE)
+        if init is True:  # as loralib / PEFT: A like nn.Linear's default, B zero -> no change at start
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+        elif init == "gaussian":
+            nn.init.normal_(a.weight, std=1 / r)
+            nn.init.zeros_(b.weight)
+        self.lora_A[name], self.lora_B[name] = a, b
+        # nn.Identity when p == 0: no dropout kernel, no mask memory.
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delete_adapter(self, name: str) -> None:
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            del table[name]
+        self._forget(name)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.lora_A[name].weight, self.lora_B[name].weight]
+
+    def lora_delta(self, x: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor | None:
+        """Sum of the adapters' terms (default: active, unmerged ones) in fp32, or None if there are none."""
+        total = None
+        for name in self._unmerged_active() if names is None else names:
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            term = lora_term(self.lora_dropout[name](x.to(a.dtype)), a, b, self.scaling[name])
+            total = term if total is None else total + term
+        return total
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        delta = (b @ a) * self.scaling[name]  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around an ``nn.Embedding``: ``y = E[x] + s * (A^T[x]) B^T``.
+
+    ``lora_embedding_A[k]`` is (r, num_embeddings), ``lora_embedding_B[k]`` (embedding_dim, r), fp32
+    (PEFT's layout and names). Init swaps the roles of the Linear case: A zeros, B normal. No dropout
+    (as PEFT). A base ``embed_scale`` (Gemma-style scaled embeddings) also scales the adapter term.
+
+    Shapes:
+        x: (...) int64 -> (..., embedding_dim)
+    """
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.num_embeddings, self.embedding_dim = base_layer.weight.shape
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def add_adapter(
+        self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+        init: bool | str = True,
+    ) -> None:
+        self._record(name, r, alpha, use_rslora)
+        device = self.base_layer.weight.device
+        a = torch.randn(r, self.num_embeddings, device=device, dtype=ADAPTER_DTYPE)
+        b = torch.randn(self.embedding_dim, r, device=device, dtype=ADAPTER_DTYPE)
+        if init is not False:
+            nn.init.zeros_(a)
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+
+    def delete_adapter(self, name: str) -> None:
+        del self.lora_embedding_A[name], self.lora_embedding_B[name]
+        self._forget(name)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.lora_embedding_A[name], self.lora_embedding_B[name]]
+
+    def lora_delta(self, x: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor | None:
+        base = self.base_layer
+        embed_scale = getattr(base, "embed_scale", None)
+        total = None
+        for name in self._unmerged_active() if names is None else names:
+            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            rows = F.embedding(  # (..., r)
+                x, a.T, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+                scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+            )
+            term = (rows @ b.T) * self.scaling[name]  # (..., r) @ (r, dim) -> (..., dim)
+            if embed_scale is not None:
+                term = term * embed_scale.to(term.dtype)
+            total = term if total is None else total + term
+        return total
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_embedding_A[name].float()
+        b = self.lora_embedding_B[name].float()
+        return ((b @ a) * self.scaling[name]).T  # (dim, num_embeddings) -> (num_embeddings, dim)
+
+
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an nn.Linear, a Conv1D (weight (in, out)) or a layer exposing in/out_features."""
+    if isinstance(layer, Conv1D):
+        d_in, d_out = layer.weight.shape
+        return d_in, d_out
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return layer.in_features, layer.out_features
+    raise ValueError(f"Cannot add LoRA to {type(layer).__name__}: use nn.Linear, Conv1D, nn.Embedding.")
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    return isinstance(layer, Conv1D)
+
+
+def wrap_layer(layer: nn.Module, fan_in_fan_out: bool = False) -> LoraLayer:
+    """A new LoRA wrapper (no adapters yet) around a supported base layer."""
+    if isinstance(layer, nn.Embedding):
+        return LoraEmbedding(layer)
+    if isinstance(layer, Conv1D):
+        return LoraLinear(layer, fan_in_fan_out=True)
+    if isinstance(layer, nn.Linear):
+        return LoraLinear(layer, fan_in_fan_out=fan_in_fan_out)
+    raise ValueError(
+        f"Cannot add LoRA to a {type(layer).__name__}: supported layers are nn.Linear, GPT-2 Conv1D and "
+        "nn.Embedding. Target the linear layers inside it instead."
+    )
+
+
+def adapter_shapes(layer: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of one adapter's tensors (PEFT key suffixes) for a base layer or an existing LoRA layer."""
+    base = layer.base_layer if isinstance(layer, LoraLayer) else layer
+    if isinstance(base, nn.Embedding):
+        num, dim = base.weight.shape
+        return {"lora_embedding_A": (r, num), "lora_embedding_B": (dim, r)}
+    d_in, d_out = linear_features(base)
+    return {"lora_A.weight": (r, d_in), "lora_B.weight": (d_out, r)}
+
+
+def adapter_tensors(layer: LoraLayer, name: str) -> dict[str, torch.Tensor]:
+    """One adapter's tensors keyed by PEFT's key suffixes (adapter name stripped)."""
+    if isinstance(layer, LoraEmbedding):
+        return {"lora_embedding_A": layer.lora_embedding_A[name],
+                "lora_embedding_B": layer.lora_embedding_B[name]}
+    return {"lora_A.weight": layer.lora_A[name].weight, "lora_B.weight": layer.lora_B[name].weight}

@@ -1,0 +1,78 @@
+"""Fold adapters into the base weights (merge), take them out (unmerge), or drop the wrappers (unload)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .inject import _replace_module, _wrappers, lora_configs, lora_layers
+from .layer import LoraLayer
+
+
+class UnsafeMergeError(ValueError):
+    """A safe merge found non-finite values; nothing was changed."""
+
+
+def _merged_weight(layer: LoraLayer, name: str) -> torch.Tensor:
+    """W + delta computed in fp32 (also for bf16/fp16 bases), cast back to W's dtype."""
+    weight = layer.base_layer.weight
+    return (weight.float() + layer.delta_weight(name).to(weight.device)).to(weight.dtype)
+
+
+def _to_merge(layer: LoraLayer, adapter_names: list[str] | None) -> list[str]:
+    names = layer.active_adapters if adapter_names is None else adapter_names
+    return [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, safe: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    """Add ``B A * scaling`` of the active (or given) adapters into each base weight, in fp32.
+
+    The layers then skip those adapters' branch, so outputs stay the same up to rounding.
+    With ``safe=True`` every merged weight is checked first and nothing changes if any value is
+    NaN/inf.
+
+    Raises:
+        UnsafeMergeError: safe merge found non-finite values (model untouched).
+    """
+    layers = lora_layers(model)
+    if safe:
+        for key, layer in layers.items():
+            for name in _to_merge(layer, adapter_names):
+                if not torch.isfinite(_merged_weight(layer, name)).all():
+                    raise UnsafeMergeError(
+                        f"Merging adapter {name!r} into {key!r} gives NaN/inf weights; the adapter looks "
+                        "broken (diverged training?). Nothing was merged."
+                    )
+    for layer in layers.values():
+        for name in _to_merge(layer, adapter_names):
+            layer.base_layer.weight.data = _merged_weight(layer, name)
+            layer.merged_adapters.append(name)
+    return model
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Subtract every merged adapter again, last merged first (fp32 arithmetic)."""
+    for layer in lora_layers(model).values():
+        weight = layer.base_layer.weight
+        while layer.merged_adapters:
+            name = layer.merged_adapters.pop()
+            weight.data = (weight.float() - layer.delta_weight(name).to(weight.device)).to(weight.dtype)
+    return model
+
+
+def unload_lora(model: nn.Module, merge: bool = True, safe: bool = False) -> nn.Module:
+    """Merge the active adapters (unless ``merge=False``) and remove every LoRA wrapper.
+
+    Each modules_to_save wrapper is replaced by the active adapter's trained copy (or the original if no
+    active adapter has one). Returns the plain transformers model.
+    """
+    if merge:
+        merge_lora(model, safe=safe)
+    for key, layer in lora_layers(model).items():
+        _replace_module(model, key, layer.base_layer)
+    for key, wrapper in _wrappers(model).items():
+        _replace_module(model, key, wrapper._current() if merge else wrapper.original_module)
+    lora_configs(model).clear()
+    return model
