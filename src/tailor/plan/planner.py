@@ -1,0 +1,327 @@
+"""`tailor plan`: validate the request, then put params, memory, fit, time and cost into one result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tailor.plan.catalogue import Architecture, PlanError, resolve_model
+from tailor.plan.cost import (
+    PriceTable,
+    gpus_needed,
+    load_price_table,
+    serving_gpus,
+    training_flops_per_token,
+    training_hours,
+)
+from tailor.plan.memory import (
+    GIB,
+    METHODS,
+    OPTIMIZERS,
+    PRECISIONS,
+    TrainingSetup,
+    adapter_file_bytes,
+    estimate_memory,
+    trainable_parameters,
+)
+from tailor.plan.params import count_parameters, resolve_targets
+
+COMMON_SIZES_GB = (8, 12, 16, 24, 40, 48, 80, 141)
+
+
+@dataclass(frozen=True)
+class BusinessInputs:
+    """Inputs of the --cost view (each one a CLI flag; defaults documented in docs/planning.md)."""
+
+    customisations: int = 10  # N customers / tasks, each needing its own model behaviour
+    months: float = 12  # horizon for serving and storage
+    serving_hours_per_month: float = 730  # 24/7
+    runs_per_customisation: int = 3  # training runs per customisation over the horizon (retrains)
+    implementation_cost: float = 10_000  # one-off engineering cost of adopting adapters (USD)
+    baseline_cost: float | None = None  # USD over the horizon; default: N full fine-tuned models
+    new_cost: float | None = None  # USD over the horizon; default: one base + N adapters
+
+
+def validate(
+    method: str,
+    rank: int,
+    alpha: float,
+    batch_size: int,
+    seq_len: int,
+    optimizer: str,
+    precision: str,
+    mfu: float = 0.35,
+    tokens: float = 1e7,
+) -> list[str]:
+    """Every problem with the numeric/choice inputs, as readable lines (empty when all is well)."""
+    problems = []
+    if method not in METHODS:
+        problems.append(f"--method {method!r} is unknown; valid: {', '.join(METHODS)}")
+    if optimizer not in OPTIMIZERS:
+        problems.append(f"--optimizer {optimizer!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
+    if precision not in PRECISIONS:
+        problems.append(f"--precision {precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
+    if method != "full" and rank < 1:
+        problems.append(f"--rank {rank}: the LoRA rank must be a positive integer (8, 16, 32 are usual)")
+    if alpha <= 0:
+        problems.append(f"--alpha {alpha}: must be > 0 (commonly 2 x rank)")
+    if batch_size < 1:
+        problems.append(f"--batch-size {batch_size}: must be >= 1")
+    if seq_len < 1:
+        problems.append(f"--seq-len {seq_len}: must be >= 1")
+    if not 0 < mfu <= 1:
+        problems.append(f"--mfu {mfu}: a utilisation between 0 and 1 (0.3-0.5 is typical)")
+    if tokens <= 0:
+        problems.append(f"--tokens {tokens}: must be > 0")
+    if method in ("qlora-nf4", "qlora-int8") and precision in ("fp32", "bf16-mixed"):
+        problems.append(f"--precision {precision} with {method}: QLoRA computes in bf16 or fp16")
+    return problems
+
+
+def make_setup(
+    arch: Architecture,
+    method: str = "lora",
+    rank: int = 16,
+    alpha: float = 32,
+    target_modules: str = "all-linear",
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    gradient_checkpointing: bool = True,
+    optimizer: str = "adamw",
+    precision: str = "bf16",
+    mfu: float = 0.35,
+    tokens: float = 1e7,
+) -> TrainingSetup:
+    problems = validate(method, rank, alpha, batch_size, seq_len, optimizer, precision, mfu, tokens)
+    targets: str | tuple[str, ...] = target_modules
+    if target_modules != "all-linear":
+        targets = tuple(t.strip() for t in target_modules.split(",") if t.strip())
+    if method != "full":
+        try:
+            resolve_targets(arch, targets if isinstance(targets, str) else list(targets))
+        except PlanError as e:
+            problems.append(f"--target-modules: {e}")
+    if problems:
+        raise PlanError("cannot plan:\n  " + "\n  ".join(problems))
+    return TrainingSetup(
+        method=method,
+        rank=rank if method != "full" else 0,
+        alpha=alpha,
+        target_modules=targets,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        gradient_checkpointing=gradient_checkpointing,
+        optimizer=optimizer,
+        precision=precision,
+    )
+
+
+def plan(
+    model: str,
+    method: str = "lora",
+    rank: int = 16,
+    alpha: float = 32,
+    target_modules: str = "all-linear",
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    gradient_checkpointing: bool = True,
+    optimizer: str = "adamw",
+    precision: str = "bf16",
+    tokens: float = 1e7,
+    gpu: str | None = None,
+    mfu: float = 0.35,
+    prices: str | None = None,
+    business: BusinessInputs | None = None,
+) -> dict:
+    """The whole plan as a JSON-ready dict (see docs/planning.md for every field)."""
+    try:
+        arch = resolve_model(model)
+    except PlanError as e:
+        # report the model problem together with every other bad value, not one at a time
+        problems = [
+            f"--model: {e}",
+            *validate(method, rank, alpha, batch_size, seq_len, optimizer, precision, mfu, tokens),
+        ]
+        raise PlanError("cannot plan:\n  " + "\n  ".join(problems)) from None
+    setup = make_setup(
+        arch,
+        method,
+        rank,
+        alpha,
+        target_modules,
+        batch_size,
+        seq_len,
+        gradient_checkpointing,
+        optimizer,
+        precision,
+        mfu,
+        tokens,
+    )
+    table = load_price_table(prices)
+    if gpu is not None and gpu not in table.gpus:
+        raise PlanError(f"--gpu {gpu!r} is not in the price table; valid: {', '.join(table.gpus)}")
+    return plan_for(arch, setup, table, tokens=tokens, gpu=gpu, mfu=mfu, business=business)
+
+
+def plan_for(
+    arch: Architecture,
+    setup: TrainingSetup,
+    table: PriceTable,
+    tokens: float = 1e7,
+    gpu: str | None = None,
+    mfu: float = 0.35,
+    business: BusinessInputs | None = None,
+) -> dict:
+    counts = count_parameters(arch)
+    trainable = trainable_parameters(arch, setup)
+    memory = estimate_memory(arch, setup)
+    flops = training_flops_per_token(arch, setup, trainable)
+    fits = []
+    for g in table.gpus.values():
+        n = gpus_needed(memory, g)
+        hours = training_hours(flops, tokens, g, n, mfu, setup.method) if n else None
+        fits.append(
+            {
+                "gpu": g.name,
+                "memory_gb": g.memory_gb,
+                "gpus_needed": n,
+                "fits_on_one": n == 1,
+                "hours": hours,
+                "cost_usd": hours * n * g.price_per_hour if n else None,
+                "price_per_hour": g.price_per_hour,
+            }
+        )
+    by_size = {}
+    for size in COMMON_SIZES_GB:
+        same = [f for f in fits if f["memory_gb"] == size and f["gpus_needed"]]
+        by_size[f"{size}GB"] = min((f["gpus_needed"] for f in same), default=None)
+    chosen = _choose(fits, gpu)
+    result = {
+        "model": arch.name,
+        "model_source": arch.source,
+        "assumption": arch.assumption,
+        "architecture": arch.to_dict(),
+        "setup": {**setup.__dict__, "target_modules": _targets_str(setup)},
+        "total_params": counts.total,
+        "trainable_params": trainable,
+        "trainable_percent": 100 * trainable / counts.total,
+        "memory_gib": memory.gib(),
+        "adapter_file_mib": adapter_file_bytes(arch, setup) / 2**20,
+        "full_copy_gib": counts.total * 2 / GIB,
+        "flops_per_token": flops,
+        "tokens": tokens,
+        "mfu": mfu,
+        "gpus": fits,
+        "gpus_needed_by_memory_size": by_size,
+        "chosen_gpu": chosen,
+        "prices_source": table.source,
+    }
+    if business is not None:
+        result["business"] = business_view(arch, setup, table, fits, chosen, tokens, mfu, business)
+    return result
+
+
+def _targets_str(setup: TrainingSetup) -> str:
+    if not setup.is_lora:
+        return "(all parameters)"
+    t = setup.target_modules
+    return t if isinstance(t, str) else ",".join(t)
+
+
+def _choose(fits: list[dict], gpu: str | None) -> dict | None:
+    """The named GPU, else the cheapest run among GPUs that hold it on one card."""
+    if gpu is not None:
+        return next(f for f in fits if f["gpu"] == gpu)
+    single = [f for f in fits if f["gpus_needed"] == 1]
+    pool = single or [f for f in fits if f["gpus_needed"]]
+    return min(pool, key=lambda f: f["cost_usd"]) if pool else None
+
+
+def business_view(
+    arch: Architecture,
+    setup: TrainingSetup,
+    table: PriceTable,
+    fits: list[dict],
+    chosen: dict | None,
+    tokens: float,
+    mfu: float,
+    b: BusinessInputs,
+) -> dict:
+    """Training cost per run, storage, serving N customisations two ways, and ROI with its inputs."""
+    if chosen is None:
+        raise PlanError(
+            "--cost: no GPU in the price table holds this run; lower --batch-size/--seq-len, "
+            "use qlora-nf4, or add a bigger GPU with --prices"
+        )
+    gpu = table.gpus[chosen["gpu"]]
+    counts = count_parameters(arch)
+    full_bytes = counts.total * 2  # a bf16 copy of the whole model
+    adapter_bytes = adapter_file_bytes(arch, setup) if setup.is_lora else full_bytes
+    hours_total = b.serving_hours_per_month * b.months
+    full_setup = TrainingSetup(
+        method="full",
+        batch_size=setup.batch_size,
+        seq_len=setup.seq_len,
+        gradient_checkpointing=setup.gradient_checkpointing,
+        optimizer=setup.optimizer,
+        precision=setup.precision,
+    )
+    full_memory = estimate_memory(arch, full_setup)
+    full_flops = training_flops_per_token(arch, full_setup, counts.total)
+    full_options = [(gpus_needed(full_memory, g), g) for g in table.gpus.values()]
+    full_options = [(n, g) for n, g in full_options if n]
+    full_run = min(
+        (
+            training_hours(full_flops, tokens, g, n, mfu, "full") * n * g.price_per_hour
+            for n, g in full_options
+        ),
+        default=None,
+    )
+    run_cost = chosen["cost_usd"]
+    serve_gpu = max(table.gpus.values(), key=lambda g: (g.memory_gb, -g.price_per_hour))
+    serve_gpu = min(
+        (g for g in table.gpus.values() if g.memory_gb * 2**30 >= full_bytes * 1.3),
+        key=lambda g: g.price_per_hour,
+        default=serve_gpu,
+    )
+    n_full = b.customisations * serving_gpus(full_bytes, serve_gpu)
+    n_shared = serving_gpus(full_bytes + b.customisations * adapter_bytes, serve_gpu)
+    serve_full = n_full * serve_gpu.price_per_hour * hours_total
+    serve_shared = n_shared * serve_gpu.price_per_hour * hours_total
+    storage_full = b.customisations * full_bytes / 1e9 * table.storage_per_gb_month * b.months
+    storage_adapters = (
+        (full_bytes + b.customisations * adapter_bytes) / 1e9 * table.storage_per_gb_month * b.months
+    )
+    runs = b.customisations * b.runs_per_customisation
+    baseline = b.baseline_cost
+    if baseline is None:
+        baseline = serve_full + storage_full + runs * (full_run or 0)
+    new = b.new_cost
+    if new is None:
+        new = serve_shared + storage_adapters + runs * run_cost
+    roi = (baseline - new - b.implementation_cost) / b.implementation_cost
+    return {
+        "training_gpu": f"{chosen['gpus_needed']} x {gpu.name}",
+        "training_cost_per_run_usd": run_cost,
+        "full_finetune_cost_per_run_usd": full_run,
+        "adapter_size_mb": adapter_bytes / 1e6,
+        "full_copy_size_gb": full_bytes / 1e9,
+        "serving_gpu": serve_gpu.name,
+        "serving_n_full_models": {"gpus": n_full, "cost_usd": serve_full},
+        "serving_base_plus_n_adapters": {"gpus": n_shared, "cost_usd": serve_shared},
+        "storage_n_full_copies_usd": storage_full,
+        "storage_base_plus_n_adapters_usd": storage_adapters,
+        "roi": {
+            "formula": "ROI = (baseline cost - new cost - implementation cost) / implementation cost",
+            "baseline_cost_usd": baseline,
+            "baseline_is": "given"
+            if b.baseline_cost is not None
+            else "N full fine-tuned models: serving + storage + training runs",
+            "new_cost_usd": new,
+            "new_is": "given"
+            if b.new_cost is not None
+            else "one base + N adapters: serving + storage + LoRA training runs",
+            "implementation_cost_usd": b.implementation_cost,
+            "roi": roi,
+        },
+        "inputs": b.__dict__,
+    }

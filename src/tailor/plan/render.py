@@ -1,0 +1,97 @@
+"""Rich tables for `tailor plan` (the JSON form is the dict itself)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+_PARTS = ("frozen_weights", "adapter_weights", "gradients", "optimizer_state", "activations", "overhead")
+
+
+def render_plan(result: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    s = result["setup"]
+    console.print(
+        f"[bold]{result['model']}[/bold] ({result['model_source']}): {result['total_params']:,} parameters"
+    )
+    if result["assumption"]:
+        console.print(f"[yellow]assumed shape:[/yellow] {result['assumption']}")
+    rank = f" r={s['rank']} alpha={s['alpha']} targets={s['target_modules']}" if s["method"] != "full" else ""
+    console.print(
+        f"{s['method']}{rank}, batch {s['batch_size']} x {s['seq_len']} tokens, "
+        f"{s['precision']}, {s['optimizer']}, gradient checkpointing "
+        f"{'on' if s['gradient_checkpointing'] else 'off'}"
+    )
+    console.print(
+        f"trainable: {result['trainable_params']:,} ({result['trainable_percent']:.3g}%)"
+        + (
+            f"; adapter file {result['adapter_file_mib']:.1f} MiB vs full copy "
+            f"{result['full_copy_gib']:.1f} GiB (bf16)"
+            if s["method"] != "full"
+            else ""
+        )
+    )
+    mem = Table(title="Peak training memory (estimate)")
+    mem.add_column("part")
+    mem.add_column("GiB", justify="right")
+    for part in _PARTS:
+        mem.add_row(part.replace("_", " "), f"{result['memory_gib'][part]:.2f}")
+    mem.add_row("[bold]total[/bold]", f"[bold]{result['memory_gib']['total']:.2f}[/bold]")
+    console.print(mem)
+    gpus = Table(title=f"GPUs: time and cost for {result['tokens']:.3g} tokens at MFU {result['mfu']:.0%}")
+    for col in ("GPU", "memory", "GPUs needed", "hours", "cost USD"):
+        gpus.add_column(col, justify="right" if col != "GPU" else "left")
+    for f in result["gpus"]:
+        n = f["gpus_needed"]
+        gpus.add_row(
+            f["gpu"],
+            f"{f['memory_gb']:g} GB",
+            "does not fit" if n is None else str(n),
+            "-" if n is None else f"{f['hours']:.2f}",
+            "-" if n is None else f"{f['cost_usd']:.2f}",
+        )
+    console.print(gpus)
+    c = result["chosen_gpu"]
+    if c:
+        console.print(
+            f"cheapest fitting: {c['gpus_needed']} x {c['gpu']}, {c['hours']:.2f} h, "
+            f"${c['cost_usd']:.2f} (prices: {result['prices_source']})"
+        )
+    if "business" in result:
+        render_business(result["business"], console)
+
+
+def render_business(b: dict, console: Console) -> None:
+    t = Table(title="Business view (--cost)")
+    t.add_column("item")
+    t.add_column("value", justify="right")
+    full_run = b["full_finetune_cost_per_run_usd"]
+    rows = [
+        ("training cost per run", f"${b['training_cost_per_run_usd']:.2f} on {b['training_gpu']}"),
+        ("full fine-tune cost per run", "does not fit" if full_run is None else f"${full_run:.2f}"),
+        ("storage per adapter", f"{b['adapter_size_mb']:.1f} MB"),
+        ("storage per full copy", f"{b['full_copy_size_gb']:.2f} GB"),
+        (
+            f"serve N={b['inputs']['customisations']} as N full models",
+            f"{b['serving_n_full_models']['gpus']} x {b['serving_gpu']}: "
+            f"${b['serving_n_full_models']['cost_usd']:,.0f}",
+        ),
+        (
+            "serve one base + N adapters",
+            f"{b['serving_base_plus_n_adapters']['gpus']} x {b['serving_gpu']}: "
+            f"${b['serving_base_plus_n_adapters']['cost_usd']:,.0f}",
+        ),
+        (
+            "storage: N full copies / base + N adapters",
+            f"${b['storage_n_full_copies_usd']:,.2f} / ${b['storage_base_plus_n_adapters_usd']:,.2f}",
+        ),
+    ]
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+    r = b["roi"]
+    console.print(r["formula"])
+    console.print(f"  baseline cost  ${r['baseline_cost_usd']:,.0f}  ({r['baseline_is']})")
+    console.print(f"  new cost       ${r['new_cost_usd']:,.0f}  ({r['new_is']})")
+    console.print(f"  implementation ${r['implementation_cost_usd']:,.0f}")
+    console.print(f"  [bold]ROI = {r['roi']:.2f}[/bold]  (inputs: {b['inputs']})")
