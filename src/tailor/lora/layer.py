@@ -37,6 +37,14 @@ def lora_term(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float)
     return F.linear(F.linear(x, a), b) * scaling
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast compute dtype for x's device, or None when autocast is off."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 class LoraLayer(nn.Module):
     """Bookkeeping shared by the LoRA layers: named adapters, which are active, merged, disabled.
 
@@ -96,7 +104,7 @@ class LoraLayer(nn.Module):
         delta = self.lora_delta(x)
         if delta is None:
             return result
-        # PEFT semantics: the sum is formed in the adapter dtype (fp32), then cast back once.
+        # PEFT semantics: the sum is formed in the wider of the two dtypes, then cast back once.
         return (result + delta).to(result.dtype)
 
     def lora_delta(self, x: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor | None:
@@ -161,9 +169,17 @@ class LoraLinear(LoraLayer):
     def lora_delta(self, x: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor | None:
         """Sum of the adapters' terms (default: active, unmerged ones) in fp32, or None if there are none."""
         total = None
+        compute_dtype = autocast_dtype(x)
         for name in self._unmerged_active() if names is None else names:
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            term = lora_term(self.lora_dropout[name](x.to(a.dtype)), a, b, self.scaling[name])
+            if compute_dtype is not None:
+                # Under autocast cast the thin (r x d) weights, not the (tokens x d) activation: casting
+                # x up to fp32 only for autocast to cast it back down costs two full copies per layer.
+                # The fp32 weights stay the optimizer's master copy; their gradients arrive in fp32.
+                x_in, a, b = x.to(compute_dtype), a.to(compute_dtype), b.to(compute_dtype)
+            else:
+                x_in = x.to(a.dtype)
+            term = lora_term(self.lora_dropout[name](x_in), a, b, self.scaling[name])
             total = term if total is None else total + term
         return total
 
