@@ -1,0 +1,575 @@
+"""Training throughput: tailor's trainer against PEFT + a plain PyTorch loop, same model/data/config.
+
+    python benchmarks/train_throughput.py                        # all configurations, default model
+    python benchmarks/train_throughput.py --steps 10 --json out.json
+    python benchmarks/train_throughput.py --configs peft-bf16,tailor --model path/to/model
+
+Every configuration trains the same model (default: SmolLM2-135M-Instruct) on the same data (the
+built-in support dataset) with the same recipe (LoRA r=16, alpha=32, all-linear, dropout 0, batch 8,
+max_seq_len 256, AdamW lr 2e-4 constant, clip 1.0, seed 0) for the same number of steps, each in its
+own subprocess so that peak memory does not mix:
+
+    peft-fp32           PEFT + plain loop, fp32, `model(**batch).loss`
+    peft-autocast-bf16  the same under torch.autocast(bfloat16)
+    peft-bf16           the same with the whole model cast to bf16
+    tailor              tailor.train.fit with method=lora (its model preparation, loss and loop)
+    tailor-full         tailor.train.fit with method=full (reference: every weight trained)
+
+Timing: the first `--warmup` steps (allocator, kernel selection, lazy init) are excluded; a step is the
+time between two consecutive "step done" moments of the loop, so collate, the optimizer and the loop's
+own bookkeeping count. tokens/s counts real (non-pad) tokens only. Wall time is what a user waits; CPU
+time (process_time) is also recorded because on a shared machine it is far less noisy.
+
+"loss after N steps" is the mean token cross-entropy on a fixed slice of the validation split, computed
+identically for every configuration after training (the training batches differ between configurations
+when tailor groups by length, so the last training loss is reported but not compared).
+
+Model FLOPs per real token (attention score/value products excluded, as in the usual 6N rule):
+    LoRA: 4 * N_body + 4 * s * N_head + 6 * N_lora    (forward + input-gradient backward through the
+          frozen weights; forward + input- and weight-gradient through the adapters)
+    full: 6 * N_body + 6 * s * N_head
+with N_body the parameters of the linear layers in the transformer body, N_head = vocab * hidden (the
+output head, run only on supervised positions by tailor, hence the supervised share s), N_lora the
+adapter parameters. The achieved FLOP rate is compared with the measured bf16 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PEFT_CONFIGS = ("peft-fp32", "peft-autocast-bf16", "peft-bf16")
+TAILOR_CONFIGS = ("tailor", "tailor-full")
+ALL_CONFIGS = PEFT_CONFIGS + TAILOR_CONFIGS
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+RESULT_MARKER = "TRAIN_THROUGHPUT_RESULT "
+
+
+# ------------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or local path (tailor.models)")
+    p.add_argument("--data", default="builtin:support", help="training data spec (tailor.data)")
+    p.add_argument("--configs", default=",".join(ALL_CONFIGS),
+                   help=f"comma-separated subset of {', '.join(ALL_CONFIGS)}")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-examples", type=int, default=512,
+                   help="first N examples of the training data (512 = 64 batches: one length-grouping chunk)")
+    p.add_argument("--eval-examples", type=int, default=32, help="validation examples for the final loss")
+    p.add_argument("--peft-group-by-length", action="store_true",
+                   help="give the PEFT loops tailor's length-grouped batches too (default: plain shuffled)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--json", dest="json_path", default=None, help="write the results here as JSON")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one configuration
+    args = p.parse_args(argv)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in ALL_CONFIGS]
+    if unknown or not configs:
+        p.error(f"--configs: unknown {unknown or 'empty list'}; choose from {', '.join(ALL_CONFIGS)}")
+    if args.steps < 1 or args.warmup < 0:
+        p.error(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
+    args.config_list = configs
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------
+# Shared pieces (run inside a child)
+# ------------------------------------------------------------------------------------------------------
+
+
+def pick_device(requested: str | None) -> str:
+    import torch
+
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(threads: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_config(args: argparse.Namespace, method: str, device: str, run_dir: str):
+    """The one recipe every configuration follows (PEFT loops read lr/clip/AdamW settings from it)."""
+    from tailor.train import TrainConfig
+
+    return TrainConfig(
+        method=method, model=args.model, data=args.data, max_seq_len=args.max_seq_len,
+        batch_size=args.batch_size, rank=args.rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+        target_modules="all-linear",
+        lr=args.lr, schedule="constant", warmup_steps=0, seed=args.seed, max_steps=args.warmup + args.steps,
+        device=device, num_threads=args.threads, eval_every=0, save_every=0, keep_best=False, progress=False,
+        log_every=1, out=run_dir,
+    ).validate()
+
+
+def load_data(args: argparse.Namespace, tokenizer) -> tuple[list, list]:
+    """Tokenized (train, eval) examples: the first --train-examples of the data, and the first
+    --eval-examples of its validation split."""
+    from tailor.data import load_examples, tokenize_examples
+
+    train_examples = load_examples(args.data)[: args.train_examples]
+    val_spec = f"{args.data}:validation" if args.data.startswith("builtin:") else args.data
+    eval_examples = load_examples(val_spec)[: args.eval_examples]
+    train_set, _ = tokenize_examples(train_examples, tokenizer, args.max_seq_len)
+    eval_set, _ = tokenize_examples(eval_examples, tokenizer, args.max_seq_len)
+    return train_set, eval_set
+
+
+def evaluation_loss(model, eval_set: list, batch_size: int, pad_id: int, device: str,
+                    autocast: bool) -> float:
+    """Mean next-token cross-entropy over the supervised tokens of eval_set, from the model's own
+    logits (identical for PEFT and tailor models, so their losses compare)."""
+    import torch
+    import torch.nn.functional as F
+
+    from tailor.data import collate
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(eval_set), batch_size):
+            batch = {k: v.to(device) for k, v in collate(eval_set[start:start + batch_size], pad_id).items()}
+            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]  # position t predicts token t+1
+            total += float(F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                           ignore_index=-100, reduction="sum"))
+            count += int((targets != -100).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """N_body (linear weights of the transformer body), N_head (output head), N_lora, trainable, total."""
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    n_head = head.weight.numel() if head is not None else 0
+    n_body = 0
+    n_lora = 0
+    for name, module in model.named_modules():
+        if module is head:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear):
+            if "lora_" in name:  # PEFT and tailor both name adapter matrices lora_A / lora_B
+                n_lora += module.weight.numel()
+            elif leaf not in ("lm_head",):
+                n_body += module.weight.numel()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"n_body": n_body, "n_head": n_head, "n_lora": n_lora, "trainable": trainable, "total": total}
+
+
+def flops_per_token(counts: dict[str, int], supervised_share: float, full: bool) -> float:
+    """Model FLOPs per real token (see the module docstring for the formula)."""
+    if full:
+        return 6 * counts["n_body"] + 6 * supervised_share * counts["n_head"]
+    return 4 * counts["n_body"] + 4 * supervised_share * counts["n_head"] + 6 * counts["n_lora"]
+
+
+class TrainingPeak:
+    """Peak RSS of the training phase alone: Linux lets a process reset its high-water mark
+    (write 5 to /proc/self/clear_refs), so loading the model does not count."""
+
+    def __init__(self) -> None:
+        self.available = False
+
+    def reset(self) -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.available = True
+        except OSError:
+            self.available = False
+
+    def read_mib(self) -> float | None:
+        if not self.available:
+            return None
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return None
+
+
+def peak_rss_mib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / 1024 / (1024 if sys.platform == "darwin" else 1), 1)  # macOS reports bytes
+
+
+def summarise(step_marks: list[tuple[float, float, int, int]], warmup: int, device: str) -> dict[str, Any]:
+    """From (wall, cpu, real tokens, supervised tokens) at the end of each step (index 0 = before step 1),
+    the timed window after `warmup` steps."""
+    start, end = step_marks[warmup], step_marks[-1]
+    wall, cpu = end[0] - start[0], end[1] - start[1]
+    tokens = sum(mark[2] for mark in step_marks[warmup + 1:])
+    supervised = sum(mark[3] for mark in step_marks[warmup + 1:])
+    steps = len(step_marks) - 1 - warmup
+    return {
+        "timed_steps": steps, "tokens": tokens, "supervised_tokens": supervised,
+        "tokens_per_s": round(tokens / wall, 2), "s_per_step": round(wall / steps, 3),
+        "cpu_s_per_step": round(cpu / steps, 3) if not device.startswith("cuda") else None,
+        "tokens_per_cpu_s": round(tokens / cpu, 2) if cpu > 0 and not device.startswith("cuda") else None,
+        "supervised_share": round(supervised / max(tokens, 1), 4),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------
+# The configurations
+# ------------------------------------------------------------------------------------------------------
+
+
+def run_peft(args: argparse.Namespace, name: str, device: str) -> dict[str, Any]:
+    """PEFT LoRA + the plain loop people write: HF loss on full logits, AdamW, clip, step."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from tailor.data import batch_indices, collate
+    from tailor.models import load_model
+    from tailor.train.loop import clip_gradients, make_optimizer
+    from tailor.train.run import seed_everything
+
+    config = train_config(args, "lora", device, tempfile.mkdtemp(prefix="tt-peft-"))
+    seed_everything(args.seed)
+    model, tokenizer = load_model(args.model, dtype=torch.float32, device=device)
+    train_set, eval_set = load_data(args, tokenizer)
+    seed_everything(args.seed)  # same adapter init as tailor's train() (it reseeds after data prep)
+    if name == "peft-bf16":
+        model.to(torch.bfloat16)
+    model.config.use_cache = False
+    model = get_peft_model(model, PeftLoraConfig(
+        r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+        task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = make_optimizer(model, config)
+    autocast = name == "peft-autocast-bf16"
+    pad_id = tokenizer.pad_token_id
+    order = batch_indices([len(e) for e in train_set], args.batch_size, args.seed, 0,
+                          group_by_length=args.peft_group_by_length)
+    peak = TrainingPeak()
+    peak.reset()
+
+    marks = [(time.perf_counter(), time.process_time(), 0, 0)]
+    loss_value = math.nan
+    for step in range(args.warmup + args.steps):
+        batch = {k: v.to(device) for k, v in
+                 collate([train_set[i] for i in order[step % len(order)]], pad_id).items()}
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
+        loss.backward()
+        clip_gradients(model, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(loss)  # a host sync per step, as tailor's loop has
+        synchronize(device)
+        marks.append((time.perf_counter(), time.process_time(), int(batch["attention_mask"].sum()),
+                      int((batch["labels"][:, 1:] != -100).sum())))
+    result = summarise(marks, args.warmup, device)
+    result.update(peak_rss_mib=peak_rss_mib(), train_peak_rss_mib=peak.read_mib())  # before evaluation
+    result["last_train_loss"] = round(loss_value, 5)
+    result["padding_share"] = padding_share(train_set, order[: args.warmup + args.steps])
+    counts = parameter_counts(model)
+    result["eval_loss"] = round(evaluation_loss(model, eval_set, args.batch_size, pad_id, device,
+                                                autocast), 5)
+    result.update(params=counts,
+                  flops_per_token=flops_per_token(counts, result["supervised_share"], full=False))
+    return result
+
+
+def padding_share(train_set: list, batches: list[list[int]]) -> float:
+    real = sum(len(train_set[i]) for b in batches for i in b)
+    padded = sum(max(len(train_set[i]) for i in b) * len(b) for b in batches)
+    return round(1 - real / padded, 4)
+
+
+def run_tailor(args: argparse.Namespace, name: str, device: str) -> dict[str, Any]:
+    """tailor's own path: train.run.prepare_model (precision policy + add_lora or unfreeze) and
+    train.fit (supervised_loss, AdamW, the loop), exactly as `tailor train` calls them."""
+    import torch
+
+    from tailor.models import load_model
+    from tailor.train import fit, loop
+    from tailor.train.run import prepare_model, seed_everything
+
+    method = "full" if name == "tailor-full" else "lora"
+    run_dir = tempfile.mkdtemp(prefix=f"tt-{name}-")
+    config = train_config(args, method, device, run_dir)
+    seed_everything(args.seed)
+    model, tokenizer = load_model(args.model, dtype=torch.float32, device=device)
+    train_set, eval_set = load_data(args, tokenizer)
+    seed_everything(args.seed)
+    model = prepare_model(config, model)
+    pad_id = tokenizer.pad_token_id
+
+    # The loop writes one metrics line per step (log_every=1); stamping the clocks there gives the same
+    # "end of step" marks as the PEFT loop, including the loop's own per-step work.
+    marks = [(time.perf_counter(), time.process_time(), 0, 0)]
+    last = {"tokens": 0, "loss": math.nan}
+    original_write = loop.MetricsLog.write
+
+    def stamped_write(self, record: dict[str, Any]) -> None:
+        synchronize(device)
+        now = (time.perf_counter(), time.process_time())
+        tokens = record.get("tokens", 0)
+        marks.append((*now, tokens - last["tokens"], 0))
+        last.update(tokens=tokens, loss=record.get("loss", math.nan))
+        original_write(self, record)
+
+    peak = TrainingPeak()
+    peak.reset()
+    loop.MetricsLog.write = stamped_write
+    try:
+        fit(model, train_set, [], config, Path(run_dir), pad_id, lambda _model, _dir: None)
+    finally:
+        loop.MetricsLog.write = original_write
+    memory = {"peak_rss_mib": peak_rss_mib(), "train_peak_rss_mib": peak.read_mib()}  # before evaluation
+    result = summarise(marks, args.warmup, device)
+    # supervised tokens per step are not in the metrics line; replay the loop's batch order to count them
+    lengths = [len(e) for e in train_set]
+    stream = loop.BatchStream(lengths, config.batch_size, config.seed, config.group_by_length)
+    batches = [stream.next() for _ in range(args.warmup + args.steps)]
+    supervised = sum(sum(1 for x in train_set[i].labels[1:] if x != -100)
+                     for b in batches[args.warmup:] for i in b)
+    result["supervised_tokens"] = supervised
+    result["supervised_share"] = round(supervised / max(result["tokens"], 1), 4)
+    result.update(memory)
+    result["last_train_loss"] = round(float(last["loss"]), 5)
+    result["padding_share"] = padding_share(train_set, batches)
+    result["eval_loss"] = round(evaluation_loss(model, eval_set, args.batch_size, pad_id, device,
+                                                autocast=config.precision == "bf16"), 5)
+    counts = parameter_counts(model)
+    result.update(params=counts, flops_per_token=flops_per_token(counts, result["supervised_share"],
+                                                                 full=method == "full"))
+    return result
+
+
+def child_main(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    set_threads(args.threads)
+    import torch
+
+    started = time.perf_counter()
+    runner = run_peft if args.child in PEFT_CONFIGS else run_tailor
+    try:
+        result = runner(args, args.child, device)
+        result["status"] = "ok"
+    except ImportError as error:  # a piece (peft, tailor.train) is not installed / not written yet
+        result = {"status": "unavailable", "error": f"{type(error).__name__}: {error}"}
+    result.setdefault("peak_rss_mib", peak_rss_mib())
+    result.update(config=args.child, device=device, threads=torch.get_num_threads(),
+                  child_wall_s=round(time.perf_counter() - started, 1))
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The parent: machine peak, one subprocess per configuration, table, JSON
+# ------------------------------------------------------------------------------------------------------
+
+
+def matmul_tflops(device: str, dtype_name: str, size: int = 2048,
+                  min_seconds: float = 1.0) -> dict[str, float | None]:
+    """Achieved TFLOPS of size x size matmuls (2 * size^3 FLOPs each): per wall second, and on CPU also
+    per CPU second of this process (steady when other processes share the cores)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):  # kernel selection / first-touch
+        a @ b
+    synchronize(device)
+    runs, started, cpu_started = 0, time.perf_counter(), time.process_time()
+    while True:
+        a @ b
+        runs += 1
+        if runs % 4 == 0:
+            synchronize(device)
+            elapsed = time.perf_counter() - started
+            if elapsed >= min_seconds:
+                flops = 2 * size**3 * runs / 1e12
+                cpu = time.process_time() - cpu_started
+                return {"wall": round(flops / elapsed, 4),
+                        "cpu": round(flops / cpu, 4) if cpu > 0 and not device.startswith("cuda") else None}
+
+
+def run_child(args: argparse.Namespace, name: str, argv: list[str]) -> dict[str, Any]:
+    command = [sys.executable, os.path.abspath(__file__), *argv, "--child", name]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": name, "status": "failed", "error": f"timed out after {args.timeout:.0f} s"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    tail = (done.stderr or done.stdout).strip().splitlines()[-8:]
+    return {"config": name, "status": "failed", "error": f"exit {done.returncode}: " + " | ".join(tail)}
+
+
+def load_average() -> list[float] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
+def compare(results: dict[str, dict[str, Any]], peak_bf16_tflops: float,
+            peak_bf16_tflops_per_cpu_s: float | None = None) -> dict[str, Any]:
+    """PEFT best (fastest PEFT configuration), tailor / PEFT best, loss gap, memory, peak fraction.
+
+    The fraction of the bf16 matmul peak is taken per wall second and, on CPU, per CPU second (model
+    FLOPs per CPU second of the training process over matmul FLOPs per CPU second), which stays
+    meaningful when other processes share the cores."""
+    ok = {name: r for name, r in results.items() if r.get("status") == "ok"}
+    for r in ok.values():
+        r["achieved_tflops"] = round(r["tokens_per_s"] * r["flops_per_token"] / 1e12, 4)
+        r["fraction_of_bf16_peak"] = (round(r["achieved_tflops"] / peak_bf16_tflops, 4)
+                                      if peak_bf16_tflops else None)
+        if peak_bf16_tflops_per_cpu_s and r.get("tokens_per_cpu_s"):
+            per_cpu = r["tokens_per_cpu_s"] * r["flops_per_token"] / 1e12
+            r["fraction_of_bf16_peak_per_cpu_s"] = round(per_cpu / peak_bf16_tflops_per_cpu_s, 4)
+    peft = [name for name in PEFT_CONFIGS if name in ok]
+    out: dict[str, Any] = {"peft_best": None, "ratio_vs_peft_best": None}
+    if peft:
+        best = max(peft, key=lambda name: ok[name]["tokens_per_s"])
+        out["peft_best"] = best
+        if "tailor" in ok:
+            tailor, reference = ok["tailor"], ok[best]
+
+            def ratio(key: str, against: dict[str, Any] = reference) -> float | None:
+                if not tailor.get(key) or not against.get(key):
+                    return None
+                return round(tailor[key] / against[key], 4)
+
+            out["ratio_vs_peft_best"] = ratio("tokens_per_s")
+            out["cpu_ratio_vs_peft_best"] = ratio("tokens_per_cpu_s")
+            out["eval_loss_gap_vs_peft_best"] = round(ratio("eval_loss") - 1, 4)
+            if "peft-fp32" in ok:
+                out["eval_loss_gap_vs_peft_fp32"] = round(ratio("eval_loss", ok["peft-fp32"]) - 1, 4)
+            out["peak_rss_ratio_vs_peft_best"] = ratio("peak_rss_mib")
+            out["tailor_fraction_of_bf16_peak"] = tailor["fraction_of_bf16_peak"]
+            out["tailor_fraction_of_bf16_peak_per_cpu_s"] = tailor.get("fraction_of_bf16_peak_per_cpu_s")
+    return out
+
+
+COLUMNS = (("tokens_per_s", "10.1f"), ("s_per_step", "9.2f"), ("tokens_per_cpu_s", "11.1f"),
+           ("peak_rss_mib", "14.0f"), ("train_peak_rss_mib", "11.0f"), ("eval_loss", "11.4f"),
+           ("last_train_loss", "11.4f"), ("padding_pct", "7.1f"), ("bf16_peak_pct", "8.1f"),
+           ("bf16_peak_cpu_pct", "10.1f"))
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    header = (f"{'configuration':<20}{'tokens/s':>10}{'s/step':>9}{'tok/cpu-s':>11}{'peak RSS MiB':>14}"
+              f"{'train RSS':>11}{'eval loss':>11}{'last loss':>11}{'pad %':>7}{'%peak':>8}{'%peak/cpu':>10}")
+    lines = [header, "-" * len(header)]
+    for name, result in results.items():
+        r = {**result, "padding_pct": 100 * result.get("padding_share", 0),
+             "bf16_peak_pct": 100 * (result.get("fraction_of_bf16_peak") or 0),
+             "bf16_peak_cpu_pct": 100 * (result.get("fraction_of_bf16_peak_per_cpu_s") or 0)}
+        if r.get("status") != "ok":
+            lines.append(f"{name:<20}{r.get('status', 'failed')}: {r.get('error', '')}"[:200])
+            continue
+
+        cells = [format(r[key], fmt) if isinstance(r.get(key), (int, float))
+                 else "-".rjust(int(fmt.split(".")[0])) for key, fmt in COLUMNS]
+        lines.append(f"{name:<20}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def parent_main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    import torch
+
+    device = pick_device(args.device)
+    set_threads(args.threads)
+    peak = {dtype: matmul_tflops(device, dtype) for dtype in ("bfloat16", "float32")}
+    load_before = load_average()
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.config_list:
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
+        results[name] = run_child(args, name, argv)
+    summary = compare(results, peak["bfloat16"]["wall"], peak["bfloat16"]["cpu"])
+    report = {
+        "tokens_per_s": {n: r.get("tokens_per_s") for n, r in results.items()},
+        **summary,
+        "matmul_tflops": {"bf16": peak["bfloat16"]["wall"], "fp32": peak["float32"]["wall"],
+                          "bf16_per_cpu_s": peak["bfloat16"]["cpu"], "fp32_per_cpu_s": peak["float32"]["cpu"],
+                          "size": 2048},
+        "settings": {k: getattr(args, k) for k in (
+            "model", "data", "steps", "warmup", "batch_size", "max_seq_len", "rank", "lora_alpha", "lr",
+            "seed", "train_examples", "eval_examples", "peft_group_by_length")},
+        "machine": {"device": device, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                    "platform": platform.platform(), "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+                    "load_average_before": load_before, "load_average_after": load_average()},
+        "flops_formula": {"lora": "4*N_body + 4*s*N_head + 6*N_lora", "full": "6*N_body + 6*s*N_head",
+                          "note": "per real token; s = supervised share (PEFT computes the head on every "
+                                  "token but only s of it is useful work, so the same formula is used)"},
+        "configs": results,
+    }
+    print(format_table(results))
+    print(f"\nbf16 matmul ({device}, 2048^2, {torch.get_num_threads()} threads): "
+          f"{peak['bfloat16']['wall']:.3f} TFLOPS (fp32 {peak['float32']['wall']:.3f}); per CPU-second "
+          f"{peak['bfloat16']['cpu'] or 0:.3f} (fp32 {peak['float32']['cpu'] or 0:.3f}); "
+          f"load average {load_before} -> {report['machine']['load_average_after']}")
+    if summary["peft_best"]:
+        print(f"PEFT best: {summary['peft_best']}")
+    if summary.get("ratio_vs_peft_best") is not None:
+        cpu_ratio = summary.get("cpu_ratio_vs_peft_best")
+        print(f"tailor / PEFT best tokens/s: {summary['ratio_vs_peft_best']:.2f}x"
+              + (f" (per CPU-second {cpu_ratio:.2f}x)" if cpu_ratio else "")
+              + f"; eval loss {100 * summary['eval_loss_gap_vs_peft_best']:+.2f}% vs PEFT best; peak RSS "
+              f"{summary['peak_rss_ratio_vs_peft_best']:.2f}x; tailor reaches "
+              f"{100 * (summary['tailor_fraction_of_bf16_peak'] or 0):.1f}% of the bf16 matmul peak "
+              f"({100 * (summary['tailor_fraction_of_bf16_peak_per_cpu_s'] or 0):.1f}% per CPU-second) "
+              f"(FLOPs/token: LoRA 4*N_body + 4*s*N_head + 6*N_lora)")
+    if args.json_path:
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.child:
+        child_main(args)
+        return None
+    return parent_main(args, argv)
+
+
+if __name__ == "__main__":
+    main()

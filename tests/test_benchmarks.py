@@ -1,0 +1,109 @@
+"""benchmarks/train_throughput.py: its arithmetic, and a 2-step run of every configuration on a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_throughput"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flops_formula_counts_frozen_weights_twice_and_trained_three_times(bench):
+    counts = {"n_body": 1000, "n_head": 500, "n_lora": 10}
+    assert bench.flops_per_token(counts, 0.4, full=False) == 4 * 1000 + 4 * 0.4 * 500 + 6 * 10
+    assert bench.flops_per_token(counts, 1.0, full=True) == 6 * 1000 + 6 * 500
+
+
+def test_parameter_counts_split_body_head_and_adapters(bench):
+    from tailor.lora import LoraConfig, add_lora
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    plain = bench.parameter_counts(model)
+    # q, o: 16x16; k, v: 16x8; gate, up, down: 16x32
+    assert plain["n_body"] == 2 * 256 + 2 * 128 + 3 * 512
+    assert plain["n_head"] == 64 * 16 and plain["n_lora"] == 0
+    add_lora(model, LoraConfig(r=2, target_modules="all-linear"))
+    with_lora = bench.parameter_counts(model)
+    assert with_lora["n_body"] == plain["n_body"]
+    assert with_lora["n_lora"] == with_lora["trainable"] > 0
+
+
+def test_summarise_excludes_warmup_steps(bench):
+    # (wall, cpu, tokens, supervised) at the end of each step; index 0 is the start
+    marks = [(0.0, 0.0, 0, 0), (10.0, 9.0, 100, 40), (11.0, 10.0, 100, 40), (13.0, 12.0, 200, 80)]
+    result = bench.summarise(marks, warmup=1, device="cpu")
+    assert result["timed_steps"] == 2 and result["tokens"] == 300
+    assert result["tokens_per_s"] == pytest.approx(100.0)
+    assert result["s_per_step"] == pytest.approx(1.5)
+    assert result["supervised_share"] == pytest.approx(0.4)
+
+
+def test_compare_picks_fastest_peft_and_reports_ratio(bench):
+    def ok(tps, loss, rss):
+        return {"status": "ok", "tokens_per_s": tps, "tokens_per_cpu_s": tps, "eval_loss": loss,
+                "peak_rss_mib": rss, "flops_per_token": 1e9}
+
+    results = {"peft-fp32": ok(100, 1.0, 3000), "peft-bf16": ok(150, 1.02, 2000),
+               "tailor": ok(450, 1.01, 1500), "tailor-full": {"status": "failed", "error": "x"}}
+    summary = bench.compare(results, peak_bf16_tflops=1.0)
+    assert summary["peft_best"] == "peft-bf16"
+    assert summary["ratio_vs_peft_best"] == pytest.approx(3.0)
+    assert summary["eval_loss_gap_vs_peft_fp32"] == pytest.approx(0.01)
+    assert summary["peak_rss_ratio_vs_peft_best"] == pytest.approx(0.75)
+    assert results["tailor"]["fraction_of_bf16_peak"] == pytest.approx(0.45)
+    table = bench.format_table(results)
+    assert "failed" in table and "450.0" in table
+
+
+def test_unknown_configuration_is_refused(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--configs", "peft-fp32,tailr"])
+
+
+@pytest.mark.slow
+def test_two_steps_of_each_configuration_on_a_tiny_model(bench, tmp_path):
+    from tailor.models import DEFAULT_MODEL, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(DEFAULT_MODEL)  # the real tokenizer: the built-in data needs its chat template
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    model_dir = tmp_path / "tiny"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "result.json"
+
+    bench.main(["--model", str(model_dir), "--steps", "2", "--warmup", "1", "--train-examples", "24",
+                "--eval-examples", "8", "--threads", "1", "--json", str(out)])
+
+    report = json.loads(out.read_text())
+    assert set(report["tokens_per_s"]) == set(bench.ALL_CONFIGS)
+    for name, result in report["configs"].items():
+        assert result["status"] == "ok", (name, result.get("error"))
+        assert result["timed_steps"] == 2
+        assert result["tokens_per_s"] > 0 and result["peak_rss_mib"] > 0
+        assert math.isfinite(result["eval_loss"]) and math.isfinite(result["last_train_loss"])
+    assert report["peft_best"] in bench.PEFT_CONFIGS
+    assert report["ratio_vs_peft_best"] > 0
+    assert report["matmul_tflops"]["bf16"] > 0
+    # same init, same recipe, 3 tiny steps: LoRA losses agree closely between PEFT and tailor
+    assert abs(report["eval_loss_gap_vs_peft_fp32"]) < 0.02
