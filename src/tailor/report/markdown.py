@@ -1,0 +1,163 @@
+"""report.md for a run directory: what was trained, on what, how fast, and how much better it got.
+
+Reads what the run wrote (config.yaml, summary.json, metrics.jsonl, and eval.json when an evaluation
+ran) so the report can be regenerated at any time with `write_report(run_dir)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_KEYS = ("method", "model", "data", "val_data", "max_seq_len", "rank", "lora_alpha", "lora_dropout",
+               "target_modules", "use_rslora", "max_steps", "epochs", "batch_size", "grad_accum", "lr",
+               "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "precision",
+               "gradient_checkpointing", "seed")
+METRIC_ROWS = (("field_accuracy", "Per-field accuracy"), ("exact_match", "Exact match"),
+               ("json_valid", "Valid JSON"), ("val_loss", "Validation loss"), ("perplexity", "Perplexity"))
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "–"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def comparison_lines(evaluation: dict[str, Any]) -> list[str]:
+    """Base vs tuned table (and per-field accuracies) from an eval.json dict."""
+    base, tuned = evaluation.get("base") or {}, evaluation.get("tuned") or {}
+    rows = []
+    for key, label in METRIC_ROWS:
+        if key not in base and key not in tuned:
+            continue
+        b, t = base.get(key), tuned.get(key)
+        delta = f"{t - b:+.3f}" if isinstance(b, (int, float)) and isinstance(t, (int, float)) else "–"
+        rows.append([label, _fmt(b), _fmt(t), delta])
+    n = tuned.get("n", base.get("n"))
+    lines = [f"Held-out examples: {n}", "", *_table(["metric", "base", "tuned", "Δ"], rows)]
+    per_base, per_tuned = base.get("per_field") or {}, tuned.get("per_field") or {}
+    if per_base or per_tuned:
+        fields = list(dict.fromkeys([*per_tuned, *per_base]))
+        lines += ["", *_table(["field", "base", "tuned"],
+                              [[f, _fmt(per_base.get(f)), _fmt(per_tuned.get(f))] for f in fields])]
+    return lines
+
+
+def render_report(run_dir: Path) -> str:
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    summary = _read_json(run_dir / "summary.json") or {}
+    evaluation = _read_json(run_dir / "eval.json")
+    name = config.get("name") or run_dir.name
+    out = [f"# tailor run: {name}", ""]
+
+    settings = [[k, f"`{_fmt(config.get(k))}`"] for k in CONFIG_KEYS if k in config]
+    out += ["## Setup", "", *_table(["setting", "value"], settings), ""]
+
+    data = summary.get("data") or {}
+    if data:
+        rows = []
+        for split in ("train", "validation"):
+            s = data.get(split)
+            if s:
+                rows.append([split, *(_fmt(s.get(k)) for k in ("n_in", "n_kept", "n_truncated", "n_dropped",
+                                                               "n_tokens", "n_supervised_tokens"))])
+        out += ["## Data", "", *_table(["split", "examples", "kept", "truncated", "dropped", "tokens",
+                                        "tokens with loss"], rows), ""]
+
+    if summary:
+        trainable, total = summary.get("trainable_params"), summary.get("total_params")
+        share = f" ({100 * trainable / total:.2f}% of {total:,})" if trainable and total else ""
+        speed = _fmt(summary.get("tokens_per_s"), 0)
+        seen = f"{_fmt(summary.get('tokens'))} ({_fmt(summary.get('supervised_tokens'))} with loss)"
+        best = f"{_fmt(summary.get('best_val_loss'), 4)} (step {_fmt(summary.get('best_step'))})"
+        rows = [
+            ["Steps", _fmt(summary.get("steps"))],
+            ["Training time", f"{_fmt(summary.get('train_seconds'), 1)} s"],
+            ["Throughput", f"{speed} tokens/s (real tokens, padding excluded)"],
+            ["Tokens seen", seen],
+            ["Final training loss", _fmt(summary.get("final_train_loss"), 4)],
+            ["Final validation loss", _fmt(summary.get("final_val_loss"), 4)],
+            ["Best validation loss", best],
+            ["Weights delivered", f"{summary.get('weights_dir')}/ ({summary.get('final_weights')} step)"],
+            ["Trainable parameters", f"{_fmt(trainable)}{share}"],
+            ["Size on disk", human_bytes(summary.get("weights_bytes"))],
+            ["Peak memory (RSS)", f"{_fmt(summary.get('peak_rss_mib'), 0)} MiB"],
+            ["Device", f"{summary.get('device')} ({summary.get('num_threads')} threads)"],
+        ]
+        if summary.get("cuda_max_allocated_mib") is not None:
+            rows.append(["Peak CUDA memory", f"{_fmt(summary['cuda_max_allocated_mib'], 0)} MiB"])
+        if summary.get("resumed_from"):
+            rows.append(["Resumed from", f"`{summary['resumed_from']}`"])
+        out += ["## Training", "", *_table(["", ""], rows), ""]
+        if (run_dir / "loss.png").exists():
+            out += ["![loss curve](loss.png)", ""]
+
+    if evaluation:
+        out += ["## Base vs tuned", "", *comparison_lines(evaluation), ""]
+        retention = evaluation.get("retention")
+        if retention:
+            rows = [[who, f"{r.get('correct')}/{r.get('n')}", _fmt(r.get("accuracy"))]
+                    for who, r in retention.items() if isinstance(r, dict)]
+            out += ["## Capability retention", "",
+                    "General prompts the base model answers correctly, asked again with the adapter:", "",
+                    *_table(["model", "correct", "accuracy"], rows), ""]
+        samples = evaluation.get("samples") or []
+        example = evaluation.get("example") or (samples[0] if samples else None)
+        if example:
+            out += ["## One held-out example", "", "**Input**", "", _quote(example.get("prompt", "")), "",
+                    "**Reference**", "", f"```\n{example.get('reference', '')}\n```", "",
+                    "**Base model**", "", f"```\n{example.get('base', '')}\n```", "",
+                    "**Tuned model**", "", f"```\n{example.get('tuned', '')}\n```", ""]
+    files = ["config.yaml", "metrics.jsonl", "loss.png", "summary.json",
+             *(["eval.json"] if evaluation else []),
+             f"{summary.get('weights_dir', 'adapter')}/", "checkpoints/"]
+    out += ["## Files", "", ", ".join(files), ""]
+    return "\n".join(out)
+
+
+def _quote(text: str) -> str:
+    return "\n".join("> " + line for line in str(text).splitlines()) or ">"
+
+
+def write_report(run_dir: Path) -> Path:
+    """Render report.md into the run directory (atomically) and return its path."""
+    path = Path(run_dir) / "report.md"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_report(run_dir))
+    os.replace(tmp, path)
+    return path

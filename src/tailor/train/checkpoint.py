@@ -1,0 +1,141 @@
+"""Training checkpoints: everything needed to continue a killed run exactly where it stopped.
+
+A checkpoint is a directory checkpoints/step-000050/ holding
+  trainable.safetensors  the trainable parameters by name (adapter weights, or every weight for full FT)
+  optimizer.pt           AdamW state (moments, step counts)
+  rng.pt                 torch / python / numpy (/ CUDA) RNG states
+  state.json             step, data position (epoch, batch), best validation loss, elapsed time, config
+It is written into a temporary sibling directory and renamed into place (os.replace), so a SIGKILL
+at any moment leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass
+class TrainState:
+    """Where a run is: optimizer steps taken, the next batch to read, and running statistics."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    elapsed: float = 0.0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, detached and contiguous (safetensors needs contiguous)."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, Any]:
+    version, mt_state, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(mt_state), gauss],
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(checkpoints_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: TrainState, config: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoints/step-<step>/ atomically, then drop all but the `keep` newest checkpoints."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{state.step:06d}"
+    tmp = checkpoints_dir / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"state": asdict(state), "config": config}, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step (e.g. resumed and killed again): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(checkpoints_dir)
+    for old in list_checkpoints(checkpoints_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories of an interrupted save are ignored)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [p for p in checkpoints_dir.iterdir()
+             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    found = list_checkpoints(checkpoints_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    """Restore trainable weights, optimizer and RNG state in place; return the saved TrainState."""
+    saved = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(saved) != expected:
+        missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        raise ValueError(
+            f"{path}: checkpoint does not match the model being trained (missing {missing[:5]}, "
+            f"unexpected {extra[:5]}); resume with the same model, method and LoRA settings."
+        )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return TrainState(**json.loads((path / "state.json").read_text())["state"])
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush the files of `path` and the directory entry itself, so a rename after it is durable."""
+    try:
+        for child in path.iterdir():
+            if child.is_file():
+                with open(child, "rb") as handle:
+                    os.fsync(handle.fileno())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass

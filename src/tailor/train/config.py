@@ -1,0 +1,354 @@
+"""TrainConfig: every knob of a training run, from YAML and/or command-line flags, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # == tailor.models.DEFAULT_MODEL (kept here: no import cycle)
+
+METHODS = ("lora", "full")
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("bf16", "fp32")
+OVERFLOWS = ("truncate", "drop")
+FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
+
+
+class ConfigError(ValueError):
+    """A training configuration is invalid; the message lists every problem and how to fix it."""
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train -------------------------------------------------------------------------------
+    method: str = "lora"
+    """lora: train a low-rank adapter on a frozen base; full: train every weight."""
+    model: str = DEFAULT_MODEL_NAME
+    """Base model: a local HF directory, a name in the local HF cache, a .gguf file, or the default."""
+    # --- data ------------------------------------------------------------------------------------------
+    data: str | None = None
+    """Training data: a JSONL/JSON file, or builtin:support for the built-in support-ticket dataset."""
+    val_data: str | None = None
+    """Validation file; when absent, val_fraction of `data` is held out (builtin: its validation split)."""
+    val_fraction: float = 0.1
+    """Share of `data` held out for validation when no val_data is given (0 disables validation)."""
+    format: str = "auto"
+    """Data format: auto|alpaca|chat|prompt_completion|text."""
+    max_seq_len: int = 512
+    """Longest tokenized example; longer ones follow `overflow`."""
+    overflow: str = "truncate"
+    """What to do with examples longer than max_seq_len: truncate|drop."""
+    group_by_length: bool = True
+    """Put examples of similar length in the same batch (less padding, same data each epoch)."""
+    # --- where -----------------------------------------------------------------------------------------
+    out: str | None = None
+    """Run directory; default runs/<name>."""
+    name: str | None = None
+    """Run name (default: <method>-<data stem>)."""
+    device: str | None = None
+    """cuda or cpu; default cuda when available."""
+    num_threads: int | None = None
+    """CPU threads for torch; default os.cpu_count()."""
+    # --- optimisation ----------------------------------------------------------------------------------
+    seed: int = 0
+    """Seed for initialisation, data order, split and dropout."""
+    max_steps: int | None = None
+    """Optimizer steps to take; when absent, `epochs` passes over the training data."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is absent (may be fractional)."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    lr: float = 2e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (applied to matrices only, never to norms or biases)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warmup steps (overrides warmup_ratio when > 0)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a share of all steps, used when warmup_steps is 0."""
+    schedule: str = "cosine"
+    """Learning-rate decay after warmup: cosine|linear|constant."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decayed learning rate, as a share of lr."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (null: no clipping)."""
+    # --- LoRA ------------------------------------------------------------------------------------------
+    rank: int = 16
+    """LoRA rank r."""
+    lora_alpha: float = 32.0
+    """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input (0 skips the work entirely)."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get an adapter: all-linear, a regex, or a list of module-name suffixes."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    # --- speed / memory --------------------------------------------------------------------------------
+    precision: str = "bf16"
+    """bf16: frozen base stored in bf16, compute in bf16 autocast, trainable weights fp32; fp32: all fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (about 30% slower)."""
+    loss_chunk_size: int = 1024
+    """Rows of the output head computed at once (bounds the fp32 logits memory)."""
+    # --- evaluation / checkpoints ----------------------------------------------------------------------
+    eval_every: int = 0
+    """Validation loss every N steps (0: only at the end)."""
+    eval_batches: int | None = None
+    """Cap on validation batches per evaluation (null: the whole validation split)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep on disk."""
+    keep_best: bool = True
+    """Save the adapter with the lowest validation loss to best/ and use it as the final adapter."""
+    resume: bool = False
+    """Continue from the latest checkpoint in the run directory."""
+    log_every: int = 1
+    """Write a metrics.jsonl line every N steps."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    # ------------------------------------------------------------------------------------------------
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        stem = Path(str(self.data or "data").replace("builtin:", "")).stem.replace(":", "-")
+        return f"{self.method}-{stem}"
+
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.run_name()
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["adam_betas"] = list(self.adam_betas)
+        return values
+
+    def validate(self) -> TrainConfig:
+        """Check every field; raise one ConfigError listing all problems."""
+        problems = _type_problems(self)
+        if problems:  # the range checks below assume the types are right
+            raise ConfigError(_format_problems(problems))
+        p = problems
+
+        def choice(name: str, choices: tuple[str, ...]) -> None:
+            if getattr(self, name) not in choices:
+                p.append(f"{name}: {getattr(self, name)!r} is not one of {', '.join(choices)}")
+
+        def positive(name: str, allow_zero: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None:
+                return
+            if (value < 0) if allow_zero else (value <= 0):
+                p.append(f"{name}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+        choice("method", METHODS)
+        choice("schedule", SCHEDULES)
+        choice("precision", PRECISIONS)
+        choice("overflow", OVERFLOWS)
+        choice("format", FORMATS)
+        if not self.data:
+            p.append("data: missing; give a JSONL file (--data FILE.jsonl) or builtin:support")
+        for name in ("max_seq_len", "batch_size", "grad_accum", "rank", "max_steps", "loss_chunk_size",
+                     "keep_checkpoints", "log_every", "num_threads", "eval_batches"):
+            positive(name)
+        for name in ("lr", "epochs", "lora_alpha"):
+            positive(name)
+        for name in ("weight_decay", "warmup_steps", "warmup_ratio", "eval_every", "save_every",
+                     "min_lr_ratio"):
+            positive(name, allow_zero=True)
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            p.append(f"max_grad_norm: {self.max_grad_norm!r} must be > 0 (or null for no clipping)")
+        if not 0 <= self.val_fraction < 1:
+            p.append(f"val_fraction: {self.val_fraction!r} must be in [0, 1)")
+        if not 0 <= self.lora_dropout < 1:
+            p.append(f"lora_dropout: {self.lora_dropout!r} must be in [0, 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            p.append(f"warmup_ratio: {self.warmup_ratio!r} must be in [0, 1)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            p.append(f"min_lr_ratio: {self.min_lr_ratio!r} must be in [0, 1]")
+        if any(not 0 <= b < 1 for b in self.adam_betas):
+            p.append(f"adam_betas: {list(self.adam_betas)!r} must both be in [0, 1)")
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
+            p.append(f"device: {self.device!r} is not cpu or cuda")
+        if not self.target_modules:
+            p.append("target_modules: empty; use all-linear, a regex, or a list of module names")
+        if problems:
+            raise ConfigError(_format_problems(problems))
+        return self
+
+
+# ------------------------------------------------------------------------------------------------------
+# Building a config from YAML + overrides
+# ------------------------------------------------------------------------------------------------------
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def field_help() -> dict[str, str]:
+    """Field name -> its one-line doc (the string literal under each field in the class body)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+            docs[node.target.id] = following.value.value.strip()  # type: ignore[attr-defined]
+    return docs
+
+
+def read_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of TrainConfig fields; unknown keys are refused with their line numbers."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror}).") from exc
+    try:
+        root = yaml.compose(text)
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        kind = type(values).__name__
+        raise ConfigError(f"{path}: the config must be a mapping of field: value, not a {kind}")
+    lines = {}
+    if isinstance(root, yaml.MappingNode):
+        lines = {k.value: k.start_mark.line + 1 for k, _ in root.value}
+    valid = set(field_names())
+    unknown = [k for k in values if k not in valid]
+    if unknown:
+        where = "; ".join(f"{path}:{lines.get(k, '?')}: unknown key {k!r}{_did_you_mean(k)}" for k in unknown)
+        raise ConfigError(f"{where}\nvalid keys: {', '.join(field_names())}")
+    return {k: (v if not isinstance(v, list) or k != "adam_betas" else tuple(v)) for k, v in values.items()}
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """TrainConfig from an optional YAML file, then `overrides` (None values are ignored), validated."""
+    values: dict[str, Any] = read_yaml_config(path) if path else {}
+    unknown = [k for k in overrides if k not in field_names()]
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(field_names())}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values = {k: _coerce(k, v) for k, v in values.items()}
+    try:
+        config = TrainConfig(**values)
+    except TypeError as exc:  # pragma: no cover - unknown keys are caught above
+        raise ConfigError(str(exc)) from exc
+    try:
+        return config.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def parse_assignments(assignments: list[str]) -> dict[str, Any]:
+    """["lr=1e-4", "target_modules=[q_proj, v_proj]"] -> {"lr": 1e-4, ...}; values are read as YAML."""
+    values: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set warmup_steps=10")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return values
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Accept what YAML 1.1 and shells hand us: `2e-4` arrives as a string, ints where floats go."""
+    kind = _field_types()[name]
+    allowed = _allowed(kind)
+    if isinstance(value, str) and float in allowed and str not in allowed:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, str) and int in allowed and str not in allowed:
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    if isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
+        return float(value)
+    if name == "adam_betas" and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _allowed(kind: Any) -> set[Any]:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        out: set[Any] = set()
+        for arg in typing.get_args(kind):
+            out |= _allowed(arg)
+        return out
+    if origin is not None:
+        return {origin}
+    return {kind}
+
+
+def _type_problems(config: TrainConfig) -> list[str]:
+    problems = []
+    for name, kind in _field_types().items():
+        value = getattr(config, name)
+        allowed = _allowed(kind)
+        ok = any(
+            (t is type(None) and value is None)
+            or (t is bool and isinstance(value, bool))
+            or (t is int and isinstance(value, int) and not isinstance(value, bool))
+            or (t is float and isinstance(value, float) and math.isfinite(value))
+            or (t is str and isinstance(value, str))
+            or (t is list and isinstance(value, list) and all(isinstance(v, str) for v in value))
+            or (t is tuple and isinstance(value, tuple) and len(value) == 2)
+            for t in allowed
+        )
+        if not ok:
+            names = sorted("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+            problems.append(f"{name}: {value!r} is not a {' or '.join(names)}")
+    return problems
+
+
+def _did_you_mean(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, field_names(), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _format_problems(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"invalid training config: {problems[0]}"
+    return "invalid training config:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+__all__ = ["ConfigError", "TrainConfig", "field_help", "field_names", "load_config", "parse_assignments",
+           "read_yaml_config", "save_config"]

@@ -1,0 +1,66 @@
+"""`tailor train` / `tailor demo` command lines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train_tiny import tiny_model_dir, write_arithmetic_jsonl
+from typer.testing import CliRunner
+
+from tailor.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_help_lists_the_interface():
+    result = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for flag in ("--model", "--data", "--val-data", "--out", "--max-steps", "--rank", "--lora-alpha",
+                 "--target-modules", "--lr", "--batch-size", "--resume", "--set"):
+        assert flag in result.output
+    assert runner.invoke(app, ["demo", "--help"]).exit_code == 0
+
+
+def test_bad_config_is_one_clear_error(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data: x.jsonl\nrnak: 4\n")
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 2
+    assert "unknown key 'rnak'" in result.output and "did you mean 'rank'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "model")
+    result = runner.invoke(app, ["train", "--model", str(model_dir), "--data", str(tmp_path / "nope.jsonl"),
+                                 "--out", str(tmp_path / "run"), "--set", "progress=false"])
+    assert result.exit_code == 2
+    assert "nope.jsonl" in result.output and "Traceback" not in result.output
+
+
+def test_flags_override_yaml_and_run(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "model")
+    data = write_arithmetic_jsonl(tmp_path / "train.jsonl", n=24)
+    val = write_arithmetic_jsonl(tmp_path / "val.jsonl", n=8, offset=100)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {model_dir}\ndata: {data}\nrank: 2\nmax_steps: 50\nprogress: false\n")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(config), "--val-data", str(val), "--out", str(out),
+                                 "--max-steps", "2", "--rank", "4", "--lora-alpha", "4", "--lr", "1e-3",
+                                 "--batch-size", "4", "--target-modules", "q_proj,v_proj",
+                                 "--set", "num_threads=1"])
+    assert result.exit_code == 0, result.output
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and sorted(adapter_config["target_modules"]) == ["q_proj", "v_proj"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["data"]["validation"]["n_kept"] == 8

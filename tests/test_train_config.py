@@ -1,0 +1,98 @@
+"""TrainConfig: YAML + overrides, unknown keys refused, every problem reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tailor.train.config import ConfigError, TrainConfig, field_help, field_names, load_config
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+
+
+def test_examples_exist():
+    assert {p.name for p in EXAMPLES} >= {"demo.yaml", "lora.yaml", "full.yaml"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_configs_parse(path):
+    config = load_config(path)
+    assert isinstance(config, TrainConfig)
+    assert config.data
+
+
+def test_every_field_has_a_doc_line():
+    docs = field_help()
+    assert set(docs) == set(field_names())
+    assert all(docs.values())
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: a.jsonl\nlr: 2e-4\nrank: 4\ntarget_modules: [q_proj, v_proj]\nepochs: 2\n")
+    config = load_config(path, rank=8, lr=None, out=str(tmp_path / "run"))
+    assert config.lr == 2e-4 and isinstance(config.lr, float)  # YAML 1.1 reads 2e-4 as a string
+    assert config.rank == 8  # the flag wins
+    assert config.epochs == 2.0 and isinstance(config.epochs, float)
+    assert config.target_modules == ["q_proj", "v_proj"]
+    assert config.run_dir() == tmp_path / "run"
+
+
+def test_unknown_key_refused_with_line_and_valid_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: a.jsonl\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"{path}:2: unknown key 'learning_rate'" in message
+    assert "valid keys:" in message and "lr" in message
+
+
+def test_all_problems_reported_together():
+    with pytest.raises(ConfigError) as info:
+        load_config(data="a.jsonl", method="qlora", rank=0, lr=-1.0, schedule="step", val_fraction=1.5)
+    message = str(info.value)
+    for needle in ("method: 'qlora' is not one of lora, full", "rank: 0 must be > 0", "lr: -1.0 must be > 0",
+                   "schedule: 'step'", "val_fraction: 1.5"):
+        assert needle in message
+
+
+def test_wrong_types_refused():
+    with pytest.raises(ConfigError, match="batch_size: 'eight' is not a int"):
+        load_config(data="a.jsonl", batch_size="eight")
+
+
+def test_missing_data_says_how():
+    with pytest.raises(ConfigError, match="builtin:support"):
+        load_config()
+
+
+def test_not_a_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+def test_default_run_dir_from_name():
+    config = load_config(data="builtin:support")
+    assert config.run_dir() == Path("runs") / "lora-support"
+
+
+def test_demo_yaml_is_the_demo_recipe():
+    from tailor.train.config import read_yaml_config
+    from tailor.train.demo import DEMO_RECIPE
+
+    path = Path(__file__).parents[1] / "examples" / "demo.yaml"
+    assert read_yaml_config(path) == DEMO_RECIPE
+
+
+def test_set_assignments_are_yaml():
+    from tailor.train.config import parse_assignments
+
+    assert parse_assignments(["lr=1e-4", "target_modules=[q_proj, v_proj]", "keep_best=false"]) == {
+        "lr": "1e-4", "target_modules": ["q_proj", "v_proj"], "keep_best": False}
+    assert load_config(data="a.jsonl", **parse_assignments(["lr=1e-4"])).lr == 1e-4
+    with pytest.raises(ConfigError, match="FIELD=VALUE"):
+        parse_assignments(["lr"])
