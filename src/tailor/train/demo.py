@@ -18,7 +18,7 @@ DEMO_RECIPE: dict[str, Any] = {
     "rank": 16,
     "lora_alpha": 32,
     "target_modules": "all-linear",
-    "max_steps": 80,
+    "max_steps": 150,
     "batch_size": 8,
     "lr": 1.0e-3,
     "warmup_steps": 10,
