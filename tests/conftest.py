@@ -54,6 +54,15 @@ def tiny_bert_classifier(seed: int = 0) -> BertForSequenceClassification:
 TINY_MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2, "bert": tiny_bert_classifier}
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: thread start-up costs more than it buys (and the test machine is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=sorted(TINY_MODELS))
 def tiny_model_name(request) -> str:
     return request.param

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from test_train_tiny import tiny_model_dir, write_arithmetic_jsonl
 from typer.testing import CliRunner
 
@@ -14,12 +13,7 @@ from tailor.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_help_lists_the_interface():

@@ -20,13 +20,7 @@ from tailor.train.loss import supervised_loss
 PAD = 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: thread start-up costs more than it buys (and the test machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_examples(n: int = 24, seed: int = 0) -> list[TokenizedExample]:

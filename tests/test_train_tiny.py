@@ -10,7 +10,6 @@ import string
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import VOCAB, tiny_llama
 
 from tailor.train import load_config, train
@@ -55,12 +54,7 @@ def write_arithmetic_jsonl(path: Path, n: int = 48, offset: int = 0) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
