@@ -334,9 +334,9 @@ def padding_share(train_set: list, batches: list[list[int]]) -> float:
 
 def computed_share(train_set: list, batches: list[list[int]], share_prefix: bool) -> float:
     """Token positions the body actually computes per real token: 1.0 without prefix sharing; with it,
-    a batch of B rows sharing P prefix tokens computes (B - 1) * P fewer (tailor.train.loss)."""
+    a batch of B rows sharing P prefix tokens computes (B - 1) * P fewer (tailor.loss)."""
     from tailor.data import collate
-    from tailor.train.loss import MIN_SHARED_PREFIX, shared_prefix_length
+    from tailor.loss import MIN_SHARED_PREFIX, shared_prefix_length
 
     real = computed = 0
     for b in batches:

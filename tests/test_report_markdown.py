@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from tailor.report import render_report, write_report
-from tailor.train.config import TrainConfig, save_config
+from tailor.config import TrainConfig, save_config
 
 
 def _run_dir(tmp_path, with_eval: bool):

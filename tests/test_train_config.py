@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tailor.train.config import ConfigError, TrainConfig, field_help, field_names, load_config
+from tailor.config import ConfigError, TrainConfig, field_help, field_names, load_config
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
 
@@ -81,7 +81,7 @@ def test_default_run_dir_from_name():
 
 
 def test_demo_yaml_is_the_demo_recipe():
-    from tailor.train.config import read_yaml_config
+    from tailor.config import read_yaml_config
     from tailor.train.demo import DEMO_RECIPE
 
     path = Path(__file__).parents[1] / "examples" / "demo.yaml"
@@ -89,7 +89,7 @@ def test_demo_yaml_is_the_demo_recipe():
 
 
 def test_set_assignments_are_yaml():
-    from tailor.train.config import parse_assignments
+    from tailor.config import parse_assignments
 
     assert parse_assignments(["lr=1e-4", "target_modules=[q_proj, v_proj]", "keep_best=false"]) == {
         "lr": "1e-4", "target_modules": ["q_proj", "v_proj"], "keep_best": False}

@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 from tailor.data import TokenizedExample
 from tailor.train import NonFiniteLossError, TrainConfig, fit
 from tailor.train.checkpoint import latest_checkpoint, list_checkpoints
-from tailor.train.loop import clip_gradients, collate_batch, make_optimizer, total_steps_for
-from tailor.train.loss import supervised_loss
+from tailor.loss import collate_batch
+from tailor.train.loop import clip_gradients, make_optimizer, total_steps_for
+from tailor.loss import supervised_loss
 
 PAD = 0
 
@@ -170,7 +171,7 @@ def test_bf16_lora_style_training_keeps_fp32_trainables(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     plain, _ = run(tmp_path / "a", max_steps=2)
-    from tailor.train.run import enable_activation_checkpointing
+    from tailor.methods.base import enable_activation_checkpointing
 
     model = tiny_llama()
     enable_activation_checkpointing(model)

@@ -7,8 +7,8 @@ import torch
 from conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
 
 from tailor.lora import LoraConfig, add_lora, lora_layers
-from tailor.train import supervised_loss
-from tailor.train.loss import MIN_SHARED_PREFIX, count_supervised, shared_prefix_length
+from tailor.loss import supervised_loss
+from tailor.loss import MIN_SHARED_PREFIX, count_supervised, shared_prefix_length
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -50,8 +50,8 @@ def train_command(
     assignments: list[str] | None = typer.Option(None, "--set", help="FIELD=VALUE for any TrainConfig field"),
 ) -> None:
     """Fine-tune a model on a JSONL file (LoRA by default); writes a run directory."""
+    from tailor.config import parse_assignments
     from tailor.train import ConfigError, NonFiniteLossError, load_config, train
-    from tailor.train.config import parse_assignments
 
     if target_modules and "," in target_modules:
         target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]  # type: ignore[assignment]

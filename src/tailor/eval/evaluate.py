@@ -54,9 +54,9 @@ def validation_loss(
     max_seq_len: int = 1024,
 ) -> float | None:
     """Mean cross-entropy per supervised (assistant) token, as the trainer computes it
-    (tailor.train.validation_loss over tailor.data.tokenize_examples), in the model's own dtype."""
+    (tailor.loss.validation_loss over tailor.data.tokenize_examples), in the model's own dtype."""
     from tailor.data import tokenize_examples
-    from tailor.train import validation_loss as train_validation_loss
+    from tailor.loss import validation_loss as train_validation_loss
 
     tokenized, _ = tokenize_examples(examples, tokenizer, max_seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -43,7 +43,7 @@ def run_demo(out: str | Path = "runs/demo", max_steps: int | None = None, eval_n
     comparison and one example, write eval.json and report.md. Returns the eval.json dict."""
     from rich.console import Console
 
-    from tailor.train.config import load_config
+    from tailor.config import load_config
     from tailor.train.run import train
 
     console = Console()
@@ -69,11 +69,11 @@ def evaluate_run(run_dir: str | Path, eval_n: int | None = None, batch_size: int
     from rich.console import Console
 
     from tailor.adapters import load_adapter
+    from tailor.config import load_config
     from tailor.data import load_examples
     from tailor.eval import compare_base_and_tuned, render_comparison, write_eval_json
     from tailor.models import load_model
     from tailor.report import write_report
-    from tailor.train.config import load_config
 
     console = console or Console()
     run_dir = Path(run_dir)

@@ -1,43 +1,36 @@
-"""The training loop: AdamW on the trainable parameters, warmup + decay, accumulation, clipping,
-bf16 autocast, periodic validation, keep-best, atomic checkpoints and exact resume.
+"""The training loop: AdamW on the trainable parameters, warmup + decay, accumulation, clipping, bf16
+autocast; everything around the step (validation, keep-best, metrics, progress, checkpoints) is a hook.
 
 It knows nothing about where the model or the data come from: `fit` takes a prepared model, tokenized
-examples and a run directory (see run.py for the whole `tailor train` pipeline).
+examples and a run directory (run.py is the whole `tailor train` pipeline). The same loop runs in one
+process or in several (torchrun): the loss module may be wrapped by DDP or FSDP (`wrap`), token counts
+are summed across processes, and only rank 0 runs hooks that write files.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from tailor.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from tailor.train.config import TrainConfig
-from tailor.train.loss import IGNORE_INDEX, count_supervised, supervised_loss
+from tailor.config import TrainConfig
+from tailor.files import remove_stale_temporaries
+from tailor.loss import CausalLMLoss, Tokenized, collate_batch, compute_context, count_supervised
+from tailor.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
+from tailor.train.distributed import is_main_process, sum_across_processes, world_size
+from tailor.train.hooks import Hook, StepRecord, TrainingRun, default_hooks
 from tailor.train.schedule import learning_rate, warmup_steps_for
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or gradient; the run stopped, the last good checkpoint stays."""
-
-
-class Tokenized(Protocol):
-    input_ids: list[int]
-    labels: list[int]
-
-
-# ------------------------------------------------------------------------------------------------------
-# Small pieces
-# ------------------------------------------------------------------------------------------------------
 
 
 def total_steps_for(config: TrainConfig, n_examples: int) -> int:
@@ -67,23 +60,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):  # fused unsupported for this device/dtype
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
-
-
-def compute_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast: matmuls run in bf16 (AMX on this CPU, tensor cores on CUDA) while the fp32
-    trainable weights stay the master copy the optimizer updates."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def collate_batch(examples: Sequence[Tokenized], pad_id: int,
-                  device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded tensors (tailor.data.collate), moved to `device`."""
-    from tailor.data import collate
-
-    batch = collate(list(examples), pad_id)
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class BatchStream:
@@ -119,90 +95,41 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
 
 
-@torch.no_grad()
-def validation_loss(model: nn.Module, examples: Sequence[Tokenized], batch_size: int, pad_id: int,
-                    precision: str = "bf16", max_batches: int | None = None,
-                    chunk_size: int = 1024) -> float | None:
-    """Mean token cross-entropy over the supervised tokens of `examples` (None when there are none)."""
-    if not examples:
-        return None
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
-    total, count = 0.0, 0
-    try:
-        for b, start in enumerate(range(0, len(order), batch_size)):
-            if max_batches is not None and b >= max_batches:
-                break
-            batch = collate_batch([examples[i] for i in order[start:start + batch_size]], pad_id, device)
-            with compute_context(device, precision):
-                loss_sum, n = supervised_loss(model, batch, chunk_size)
-            total += float(loss_sum)
-            count += n
-    finally:
-        model.train(was_training)
-    return total / count if count else None
+def train_step(module: nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: list[dict[str, torch.Tensor]], lr: float,
+               config: TrainConfig) -> tuple[float, float | None, int, int]:
+    """One optimizer step over `micro_batches`; returns (loss, grad norm, tokens, supervised tokens).
 
-
-# ------------------------------------------------------------------------------------------------------
-# Logging: metrics.jsonl and the progress bar
-# ------------------------------------------------------------------------------------------------------
-
-
-class MetricsLog:
-    """Appends one JSON object per line; on resume drops lines past the checkpoint's step."""
-
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = path
-        if resume_step is None:
-            path.write_text("")
-        elif path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        self._handle = path.open("a")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record) + "\n")
-        self._handle.flush()
-
-    def close(self) -> None:
-        self._handle.close()
-
-
-@contextlib.contextmanager
-def progress_bar(enabled: bool, total: int, completed: int) -> Iterator[Callable[..., None]]:
-    """Yields update(step, loss=, lr=, tps=); a rich bar with loss, lr, tokens/s and ETA."""
-    if not enabled:
-        yield lambda *args, **kwargs: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("train", total=total, completed=completed, info="")
-
-        def update(step: int, loss: float, lr: float, tps: float, val_loss: float | None = None) -> None:
-            info = f"loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
-            if val_loss is not None:
-                info += f"  val {val_loss:.4f}"
-            bar.update(task, completed=step, info=info)
-
-        yield update
-
-
-# ------------------------------------------------------------------------------------------------------
-# The loop
-# ------------------------------------------------------------------------------------------------------
+    loss = (sum of token CE over the micro-batches of all processes) / (their supervised tokens), so
+    accumulation k x batch b, and p processes x batch b, both equal one batch of k*b (p*b) exactly.
+    DDP averages gradients over processes, hence the factor world_size in each part's scale.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    device = micro_batches[0]["input_ids"].device
+    counts = torch.tensor([sum(count_supervised(b["labels"]) for b in micro_batches),
+                           sum(int(b["attention_mask"].sum()) for b in micro_batches)])
+    n_supervised, n_tokens = (int(x) for x in sum_across_processes(counts))
+    scale = world_size() / max(n_supervised, 1)
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # DDP: gradients are all-reduced only on the last micro-batch of the step
+        no_sync = module.no_sync() if not last and hasattr(module, "no_sync") else contextlib.nullcontext()
+        with no_sync:
+            with compute_context(device, config.precision):
+                part, _ = module(batch)
+            (part * scale).backward()
+        loss_sum += part.detach()
+    loss = float(sum_across_processes(loss_sum)) / max(n_supervised, 1)  # the one host sync per step
+    grad_norm = clip_gradients(module, config.max_grad_norm) if config.max_grad_norm is not None else None
+    if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        raise NonFiniteLossError(f"{what} is not finite")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, n_tokens, n_supervised
 
 
 @dataclass
@@ -214,121 +141,72 @@ class FitResult:
 
 
 def fit(model: nn.Module, train_set: Sequence[Tokenized], val_set: Sequence[Tokenized], config: TrainConfig,
-        run_dir: Path, pad_id: int, save_weights: Callable[[nn.Module, Path], None]) -> FitResult:
-    """Train `model` in place on `train_set` per `config`; metrics and checkpoints go to `run_dir`.
+        run_dir: Path, pad_id: int, save_weights: Callable[[nn.Module, Path], Any],
+        hooks: Sequence[Hook] | None = None, extra_hooks: Sequence[Hook] = (),
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+        examples_for_this_process: Callable[[list[int]], list[int]] | None = None) -> FitResult:
+    """Train `model` in place on `train_set` per `config`; hooks write metrics and checkpoints to `run_dir`.
 
-    Loss of one optimizer step = (sum of token CE over the grad_accum micro-batches) / (supervised
-    tokens in those micro-batches), so accumulation k x batch b equals one batch of k*b exactly.
-    `save_weights(model, dir)` writes the deliverable (PEFT adapter, or the full model) for keep-best.
+    `save_weights(model, dir)` writes the deliverable (used by keep-best). `hooks` replaces the default
+    set (tailor.train.hooks.default_hooks), `extra_hooks` runs after it. `wrap` wraps the loss module
+    (DDP, FSDP); `examples_for_this_process` picks this process's share of each batch's indices.
     """
     if not train_set:
         raise ValueError("no training examples")
     device = next(model.parameters()).device
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints_dir = run_dir / "checkpoints"
     total = total_steps_for(config, len(train_set))
     warmup = warmup_steps_for(total, config.warmup_steps, config.warmup_ratio)
     optimizer = make_optimizer(model, config)
-    config_dict = config.to_dict()
 
     state, resumed_from = TrainState(), None
     if config.resume:
-        for stale in checkpoints_dir.glob(".tmp-*"):  # a save interrupted by the kill
-            shutil.rmtree(stale, ignore_errors=True)
-        resumed_from = latest_checkpoint(checkpoints_dir)
+        remove_stale_temporaries(run_dir / "checkpoints")  # a save interrupted by the kill
+        resumed_from = latest_checkpoint(run_dir / "checkpoints")
         if resumed_from is not None:
             state = load_checkpoint(resumed_from, model, optimizer)
     stream = BatchStream([len(e.input_ids) for e in train_set], config.batch_size, config.seed,
                          config.group_by_length, state.epoch, state.batch_in_epoch)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resumed_from else None)
-    last_good = resumed_from
-
-    def checkpoint() -> None:
-        nonlocal last_good
-        last_good = save_checkpoint(checkpoints_dir, model, optimizer, state, config_dict,
-                                    keep=config.keep_checkpoints)
-
-    def evaluate() -> float | None:
-        val = validation_loss(model, val_set, config.batch_size, pad_id, config.precision,
-                              config.eval_batches, config.loss_chunk_size)
-        improved = val is not None and (state.best_val_loss is None or val < state.best_val_loss)
-        if improved and config.keep_best:
-            state.best_val_loss, state.best_step = val, state.step
-            save_weights(model, run_dir / "best")
-        return val
+    module = CausalLMLoss(model, config.loss_chunk_size, config.share_prefix)
+    module = wrap(module) if wrap else module
+    hooks = [*(default_hooks(config, save_weights) if hooks is None else hooks), *extra_hooks]
+    hooks = [h for h in hooks if is_main_process() or not h.main_process_only]
+    run = TrainingRun(config, model, optimizer, state, total, run_dir, val_set, pad_id, resumed_from,
+                      last_checkpoint=resumed_from)
+    pick = examples_for_this_process or (lambda indices: indices)
 
     model.train()
-    final_val: float | None = None
-    window_tokens, window_time = 0, 0.0
-    with progress_bar(config.progress, total, state.step) as update_bar:
-        try:
-            while state.step < total:
-                started = time.perf_counter()
-                lr = learning_rate(state.step, total, config.lr, warmup, config.schedule, config.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-
-                micro = [collate_batch([train_set[i] for i in stream.next()], pad_id, device)
-                         for _ in range(config.grad_accum)]
-                n_supervised = sum(count_supervised(b["labels"]) for b in micro)
-                n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-                loss_sum = torch.zeros((), device=device)
-                for batch in micro:
-                    with compute_context(device, config.precision):
-                        part, _ = supervised_loss(model, batch, config.loss_chunk_size, config.share_prefix)
-                    # divide by the window's token count so accumulation == one big batch
-                    (part / max(n_supervised, 1)).backward()
-                    loss_sum += part.detach()
-                loss = float(loss_sum) / max(n_supervised, 1)  # the one host sync per step
-
-                grad_norm = None
-                if config.max_grad_norm is not None:
-                    grad_norm = clip_gradients(model, config.max_grad_norm)
-                if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
-                    optimizer.zero_grad(set_to_none=True)
-                    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-                    kept = (f"the last good checkpoint is {last_good}" if last_good
-                            else "no checkpoint was saved yet")
-                    raise NonFiniteLossError(
-                        f"step {state.step + 1}: {what} is not finite; training stopped and {kept}. "
-                        f"Try a lower lr (now {config.lr:g}), max_grad_norm, or precision fp32."
-                    )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-                step_time = time.perf_counter() - started
-                state.step += 1
-                state.epoch, state.batch_in_epoch = stream.epoch, stream.batch_in_epoch
-                state.tokens += n_tokens
-                state.supervised_tokens += n_supervised
-                state.elapsed += step_time
-                window_tokens += n_tokens
-                window_time += step_time
-                tps = window_tokens / window_time if window_time else 0.0
-
-                val = None
-                last = state.step == total
-                if (config.eval_every and state.step % config.eval_every == 0) or last:
-                    val = evaluate()
-                    if last:
-                        final_val = val
-                if state.step % config.log_every == 0 or last or val is not None:
-                    record = {"step": state.step, "loss": round(loss, 6), "lr": lr, "tokens": state.tokens,
-                              "tokens_per_s": round(tps, 1), "elapsed": round(state.elapsed, 3)}
-                    if grad_norm is not None:
-                        record["grad_norm"] = round(grad_norm, 6)
-                    if val is not None:
-                        record["val_loss"] = round(val, 6)
-                    metrics.write(record)
-                    window_tokens, window_time = 0, 0.0
-                update_bar(state.step, loss=loss, lr=lr, tps=tps, val_loss=val)
-                if (config.save_every and state.step % config.save_every == 0) or last:
-                    checkpoint()
-        finally:
-            metrics.close()
-    return FitResult(state=state, final_val_loss=final_val, total_steps=total, resumed_from=resumed_from)
+    for hook in hooks:
+        hook.on_start(run)
+    try:
+        while state.step < total:
+            started = time.perf_counter()
+            lr = learning_rate(state.step, total, config.lr, warmup, config.schedule, config.min_lr_ratio)
+            micro = [collate_batch([train_set[i] for i in pick(stream.next())], pad_id, device)
+                     for _ in range(config.grad_accum)]
+            try:
+                loss, grad_norm, n_tokens, n_supervised = train_step(module, optimizer, micro, lr, config)
+            except NonFiniteLossError as error:
+                kept = (f"the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint
+                        else "no checkpoint was saved yet")
+                raise NonFiniteLossError(
+                    f"step {state.step + 1}: {error}; training stopped and {kept}. "
+                    f"Try a lower lr (now {config.lr:g}), max_grad_norm, or precision fp32.") from None
+            seconds = time.perf_counter() - started
+            state.step += 1
+            state.epoch, state.batch_in_epoch = stream.epoch, stream.batch_in_epoch
+            state.tokens += n_tokens
+            state.supervised_tokens += n_supervised
+            state.elapsed += seconds
+            record = StepRecord(state.step, loss, lr, grad_norm, n_tokens, n_supervised, seconds)
+            for hook in hooks:
+                hook.on_step(run, record)
+    finally:
+        for hook in hooks:
+            hook.on_end(run)
+    return FitResult(state=state, final_val_loss=run.final_val_loss, total_steps=total,
+                     resumed_from=resumed_from)
 
 
-__all__ = ["BatchStream", "FitResult", "IGNORE_INDEX", "NonFiniteLossError", "clip_gradients", "fit",
-           "make_optimizer",
-           "total_steps_for", "validation_loss"]
+__all__ = ["BatchStream", "FitResult", "NonFiniteLossError", "clip_gradients", "fit", "make_optimizer",
+           "total_steps_for", "train_step"]

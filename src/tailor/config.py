@@ -12,9 +12,10 @@ from typing import Any
 
 import yaml
 
+from tailor.methods import METHODS, method_spec
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # == tailor.models.DEFAULT_MODEL (kept here: no import cycle)
 
-METHODS = ("lora", "full")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("bf16", "fp32")
 OVERFLOWS = ("truncate", "drop")
@@ -29,7 +30,8 @@ class ConfigError(ValueError):
 class TrainConfig:
     # --- what to train -------------------------------------------------------------------------------
     method: str = "lora"
-    """lora: train a low-rank adapter on a frozen base; full: train every weight."""
+    """lora: a low-rank adapter on a frozen base; full: every weight; qlora-nf4 / qlora-int8: LoRA on a
+    4-bit / 8-bit quantized base."""
     model: str = DEFAULT_MODEL_NAME
     """Base model: a local HF directory, a name in the local HF cache, a .gguf file, or the default."""
     # --- data ------------------------------------------------------------------------------------------
@@ -67,8 +69,8 @@ class TrainConfig:
     """Examples per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
-    lr: float = 2e-4
-    """Peak learning rate of AdamW."""
+    lr: float | None = None
+    """Peak learning rate of AdamW (default: the method's, 2e-4 for LoRA and QLoRA, 2e-5 for full)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay (applied to matrices only, never to norms or biases)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -142,6 +144,8 @@ class TrainConfig:
         if problems:  # the range checks below assume the types are right
             raise ConfigError(_format_problems(problems))
         p = problems
+        if self.lr is None and self.method in METHODS:
+            self.lr = method_spec(self.method).default_lr  # resolved once: config.yaml records the value
 
         def choice(name: str, choices: tuple[str, ...]) -> None:
             if getattr(self, name) not in choices:

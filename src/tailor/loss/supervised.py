@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from tailor.data.tokenize import IGNORE_INDEX  # noqa: E402  (one definition, where labels are made)
 
 
 def transformer_body(model: nn.Module) -> nn.Module:
@@ -105,11 +105,13 @@ def body_hidden_states(
     if share_prefix and not activation_checkpointing_on(model):
         prefix = shared_prefix_length(input_ids, attention_mask)
     if prefix >= MIN_SHARED_PREFIX:
+        # transformers >= 5.24 names the KV cache `cache` (argument and output field); the old name
+        # `past_key_values` still works but raises a FutureWarning (removed in 5.40).
         head = body(input_ids=input_ids[:1, :prefix], use_cache=True)
         rows = input_ids.shape[0]
-        if _expand_cache_rows(head.past_key_values, rows):
+        if _expand_cache_rows(head.cache, rows):
             tail = body(input_ids=input_ids[:, prefix:], attention_mask=attention_mask,
-                        past_key_values=head.past_key_values, use_cache=True)
+                        cache=head.cache, use_cache=True)
             return torch.cat([head[0].expand(rows, -1, -1), tail[0]], dim=1)  # [B, T, H]
     inputs = {"input_ids": input_ids}
     if attention_mask is not None:

@@ -1,0 +1,49 @@
+"""LoRA: a trainable low-rank update on a frozen base (tailor.lora), delivered as a PEFT-format adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tailor.config import TrainConfig
+from tailor.lora import LoraConfig, add_lora, unload_lora
+from tailor.methods.base import TrainingMethod
+
+
+def lora_config_for(model: nn.Module, config: TrainConfig) -> LoraConfig:
+    """The LoraConfig a TrainConfig describes (PEFT's names; base recorded for the adapter_config.json)."""
+    return LoraConfig(
+        r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules, use_rslora=config.use_rslora,
+        base_model_name_or_path=getattr(model.config, "_name_or_path", None) or config.model,
+        task_type="CAUSAL_LM",
+    )
+
+
+class LoraMethod(TrainingMethod):
+    """Precision (why): the frozen base is *stored* in bf16 (half the memory, no per-step weight casts);
+    the adapter weights stay fp32 (they are the optimizer's master copy) and autocast runs their
+    matmuls in bf16."""
+
+    def adapt(self, model: nn.Module, config: TrainConfig) -> nn.Module:
+        if config.precision == "bf16":
+            model.to(torch.bfloat16)
+        add_lora(model, lora_config_for(model, config))
+        return model
+
+    def save(self, model: nn.Module, directory: Path, tokenizer: Any = None) -> Path:
+        from tailor.adapters import save_adapter
+
+        return save_adapter(model, directory)
+
+    def attach(self, base: nn.Module, directory: Path) -> nn.Module:
+        from tailor.adapters import load_adapter
+
+        load_adapter(base, directory)
+        return base
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        return unload_lora(model, merge=True)
