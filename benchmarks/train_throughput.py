@@ -352,13 +352,15 @@ def computed_share(train_set: list, batches: list[list[int]], share_prefix: bool
 
 
 def run_tailor(args: argparse.Namespace, name: str, device: str) -> dict[str, Any]:
-    """tailor's own path: train.run.prepare_model (precision policy + add_lora or unfreeze) and
-    train.fit (supervised_loss, AdamW, the loop), exactly as `tailor train` calls them."""
+    """tailor's own path: the method object's prepare (precision policy + add_lora or unfreeze) and
+    train.fit (the loss module, AdamW, the loop), exactly as `tailor train` calls them."""
     import torch
 
+    from tailor.methods import get_method
     from tailor.models import load_model
-    from tailor.train import fit, loop
-    from tailor.train.run import prepare_model, seed_everything
+    from tailor.train import fit
+    from tailor.train.hooks import Hook, MetricsHook
+    from tailor.train.run import seed_everything
 
     method = "full" if name == "tailor-full" else "lora"
     run_dir = tempfile.mkdtemp(prefix=f"tt-{name}-")
@@ -367,35 +369,31 @@ def run_tailor(args: argparse.Namespace, name: str, device: str) -> dict[str, An
     model, tokenizer = load_model(args.model, dtype=torch.float32, device=device)
     train_set, eval_set = load_data(args, tokenizer)
     seed_everything(args.seed)
-    model = prepare_model(config, model)
+    model = get_method(method).prepare(model, config)
     pad_id = tokenizer.pad_token_id
 
-    # The loop writes one metrics line per step (log_every=1); stamping the clocks there gives the same
-    # "end of step" marks as the PEFT loop, including the loop's own per-step work.
+    # A hook after the metrics line stamps the clocks: the same "end of step" marks as the PEFT loop,
+    # including the loop's own per-step work (no evaluation or checkpoint hooks: nothing to measure there).
     marks = [(time.perf_counter(), time.process_time(), 0, 0)]
-    last = {"tokens": 0, "loss": math.nan}
-    original_write = loop.MetricsLog.write
+    last = {"loss": math.nan}
 
-    def stamped_write(self, record: dict[str, Any]) -> None:
-        synchronize(device)
-        now = (time.perf_counter(), time.process_time())
-        tokens = record.get("tokens", 0)
-        marks.append((*now, tokens - last["tokens"], 0))
-        last.update(tokens=tokens, loss=record.get("loss", math.nan))
-        original_write(self, record)
+    class StepClock(Hook):
+        def on_step(self, run: Any, record: Any) -> None:
+            synchronize(device)
+            marks.append((time.perf_counter(), time.process_time(), record.tokens, 0))
+            last["loss"] = record.loss
 
     peak = TrainingPeak()
     peak.reset()
-    loop.MetricsLog.write = stamped_write
-    try:
-        fit(model, train_set, [], config, Path(run_dir), pad_id, lambda _model, _dir: None)
-    finally:
-        loop.MetricsLog.write = original_write
+    fit(model, train_set, [], config, Path(run_dir), pad_id, lambda _model, _dir: None,
+        hooks=[MetricsHook(), StepClock()])
     memory = {"peak_rss_mib": peak_rss_mib(), "train_peak_rss_mib": peak.read_mib()}  # before evaluation
     result = summarise(marks, args.warmup, device)
     # supervised tokens per step are not in the metrics line; replay the loop's batch order to count them
+    from tailor.train.loop import BatchStream
+
     lengths = [len(e) for e in train_set]
-    stream = loop.BatchStream(lengths, config.batch_size, config.seed, config.group_by_length)
+    stream = BatchStream(lengths, config.batch_size, config.seed, config.group_by_length)
     batches = [stream.next() for _ in range(args.warmup + args.steps)]
     supervised = sum(sum(1 for x in train_set[i].labels[1:] if x != -100)
                      for b in batches[args.warmup:] for i in b)
@@ -630,11 +628,9 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
               + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in goal.items() if isinstance(v, bool))
               + f" (loss compared with {goal['loss_compared_with']})")
     if args.json_path:
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
+        from tailor.files import atomic_write_json
+
+        atomic_write_json(args.json_path, report)
     return report
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     BertConfig,
@@ -21,6 +22,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from tailor.data import TokenizedExample
 from tailor.plan.catalogue import Architecture
 
 VOCAB = 128
@@ -173,3 +175,35 @@ def write_arithmetic_jsonl(path: Path, n: int = 48, offset: int = 0) -> Path:
                                   {"role": "assistant", "content": str(a + b)}]})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def prefixed_batch(prefix: int = 20, rows: int = 4, width: int = 30, seed: int = 0) -> dict:
+    """Right-padded rows that share their first `prefix` tokens (one system prompt), with labels."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (rows, width), generator=generator)
+    input_ids[:, :prefix] = input_ids[0, :prefix]  # e.g. the same system prompt in every row
+    input_ids[1:, prefix] = (input_ids[0, prefix] + torch.arange(1, rows)) % VOCAB  # then differ
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, width - 6:] = 0
+    attention_mask[2, width - 3:] = 0
+    labels = input_ids.clone()
+    labels[:, : prefix + 2] = -100
+    labels[attention_mask == 0] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def synthetic_examples(n: int = 24, seed: int = 0) -> list[TokenizedExample]:
+    """Prompt tokens (no loss) then an answer that is a fixed function of the prompt (learnable)."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(n):
+        prompt_len = 3 + i % 5
+        prompt = torch.randint(1, VOCAB, (prompt_len,), generator=generator).tolist()
+        answer = [(t * 7 + 3) % (VOCAB - 1) + 1 for t in prompt[:3]]
+        examples.append(TokenizedExample(prompt + answer, [-100] * prompt_len + answer, f"synthetic:{i}"))
+    return examples
+
+
+def save_state(model, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "w.safetensors"))

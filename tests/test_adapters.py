@@ -67,10 +67,12 @@ def test_crash_during_save_leaves_no_half_written_adapter(tmp_path, monkeypatch)
     model, path = saved(tmp_path)
     old_weights = (path / "adapter_model.safetensors").read_bytes()
 
-    def crash(*args, **kwargs):
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_format, "_move_into_place", crash)
+    monkeypatch.setattr(adapter_format, "save_file", crash)
     randomise_trainable(model, seed=3)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, path)
@@ -79,6 +81,12 @@ def test_crash_during_save_leaves_no_half_written_adapter(tmp_path, monkeypatch)
     assert (path / "adapter_model.safetensors").read_bytes() == old_weights  # old adapter intact
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # temp dir cleaned up
+    (path / "metrics.jsonl").write_text("{}\n")  # a shared directory: files are replaced one by one
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, path)
+    assert (path / "adapter_model.safetensors").read_bytes() == old_weights
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "metrics.jsonl"]
 
 
 def _mismatched_llama() -> LlamaForCausalLM:

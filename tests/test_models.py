@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import huggingface_hub.constants
@@ -14,6 +15,7 @@ from conftest import chat_tokenizer, tiny_chat_llama
 from tailor.models import (
     DEFAULT_MODEL,
     ModelNotFoundError,
+    gguf_cache,
     load_model,
     load_tokenizer,
     resolve_model,
@@ -112,6 +114,39 @@ def test_gguf_cache_is_reused_while_the_source_is_unchanged(tmp_path, monkeypatc
         cached_gguf_dir(gguf, cache_name="weights-fake")
     assert (target / "config.json").is_file()  # the failed conversion left the old copy alone
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]  # no staging dir left
+
+
+def test_gguf_conversion_replaces_a_stale_copy_whole_and_keeps_one_finished_meanwhile(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "weights.gguf"
+    gguf.write_bytes(b"stands in for a gguf")
+    tokenizer = chat_tokenizer()
+    monkeypatch.setattr(gguf_cache, "_dequantized_from_gguf",
+                        lambda path: (tiny_chat_llama(len(tokenizer), seed=5), tokenizer))
+    target = tmp_path / "cache" / "models" / "weights-fake"
+    target.mkdir(parents=True)
+    (target / "leftover.bin").write_text("from an older, incomplete conversion")
+
+    assert cached_gguf_dir(gguf, cache_name="weights-fake") == target
+    assert (target / "config.json").is_file() and not (target / "leftover.bin").exists()  # replaced whole
+    assert json.loads((target / SOURCE_RECORD).read_text()) == _source_record(gguf.resolve())
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
+
+    # Another process finishes the same conversion while this one is saving: its copy is kept.
+    shutil.rmtree(target)
+    real_save = type(tokenizer).save_pretrained
+
+    def save_and_meanwhile(self, directory, *args, **kwargs):
+        result = real_save(self, directory, *args, **kwargs)
+        shutil.copytree(directory, target)  # stands in for the other process's finished copy
+        (target / SOURCE_RECORD).write_text(json.dumps(_source_record(gguf.resolve())))
+        (target / "theirs").write_text("")
+        return result
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", save_and_meanwhile)
+    assert cached_gguf_dir(gguf, cache_name="weights-fake") == target
+    assert (target / "theirs").exists()
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.slow

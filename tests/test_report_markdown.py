@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tailor.report import render_report, write_report
 from tailor.config import TrainConfig, save_config
+from tailor.report import render_report, write_report
 
 
 def _run_dir(tmp_path, with_eval: bool):

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
-from safetensors.torch import load_file, save_file
+from conftest import save_state, synthetic_examples, tiny_llama
+from safetensors.torch import load_file
 
-from tailor.data import TokenizedExample
+from tailor.loss import collate_batch, supervised_loss
 from tailor.train import NonFiniteLossError, TrainConfig, fit
 from tailor.train.checkpoint import latest_checkpoint, list_checkpoints
-from tailor.loss import collate_batch
 from tailor.train.loop import clip_gradients, make_optimizer, total_steps_for
-from tailor.loss import supervised_loss
 
 PAD = 0
 
@@ -24,28 +22,11 @@ PAD = 0
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def synthetic_examples(n: int = 24, seed: int = 0) -> list[TokenizedExample]:
-    """Prompt tokens (no loss) then an answer that is a fixed function of the prompt (learnable)."""
-    generator = torch.Generator().manual_seed(seed)
-    examples = []
-    for i in range(n):
-        prompt_len = 3 + i % 5
-        prompt = torch.randint(1, VOCAB, (prompt_len,), generator=generator).tolist()
-        answer = [(t * 7 + 3) % (VOCAB - 1) + 1 for t in prompt[:3]]
-        examples.append(TokenizedExample(prompt + answer, [-100] * prompt_len + answer, f"synthetic:{i}"))
-    return examples
-
-
 def config_for(tmp_path: Path, **overrides) -> TrainConfig:
     values = dict(method="full", data="synthetic", precision="fp32", batch_size=4, max_steps=4, lr=1e-3,
                   max_grad_norm=None, progress=False, keep_best=False, out=str(tmp_path), seed=0)
     values.update(overrides)
     return TrainConfig(**values).validate()
-
-
-def save_state(model, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "w.safetensors"))
 
 
 def run(tmp_path: Path, model=None, examples=None, **overrides):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
+from conftest import VOCAB, prefixed_batch, tiny_gpt2, tiny_llama, tiny_qwen2
 
 from tailor.lora import LoraConfig, add_lora, lora_layers
-from tailor.loss import supervised_loss
-from tailor.loss import MIN_SHARED_PREFIX, count_supervised, shared_prefix_length
+from tailor.loss import MIN_SHARED_PREFIX, count_supervised, shared_prefix_length, supervised_loss
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -79,22 +78,8 @@ def test_head_runs_only_on_supervised_rows():
 # ------------------------------------------------------------------------------------------------------
 
 
-def _prefixed_batch(prefix: int = 20, rows: int = 4, width: int = 30, seed: int = 0) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, VOCAB, (rows, width), generator=generator)
-    input_ids[:, :prefix] = input_ids[0, :prefix]  # e.g. the same system prompt in every row
-    input_ids[1:, prefix] = (input_ids[0, prefix] + torch.arange(1, rows)) % VOCAB  # then differ
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, width - 6:] = 0
-    attention_mask[2, width - 3:] = 0
-    labels = input_ids.clone()
-    labels[:, : prefix + 2] = -100
-    labels[attention_mask == 0] = -100
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 def test_shared_prefix_length():
-    batch = _prefixed_batch(prefix=20)
+    batch = prefixed_batch(prefix=20)
     assert shared_prefix_length(batch["input_ids"], batch["attention_mask"]) == 20
     assert shared_prefix_length(batch["input_ids"][:1], batch["attention_mask"][:1]) == 0  # one row
     same = batch["input_ids"][:1].repeat(3, 1)
@@ -119,7 +104,7 @@ def test_shared_prefix_gives_the_transformers_loss_and_gradients(build):
     add_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     for layer in lora_layers(model).values():  # non-zero B, so the adapters change the output
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
-    batch = _prefixed_batch()
+    batch = prefixed_batch()
     seen = _body_rows_seen(model)
     loss_sum, n = supervised_loss(model, batch, share_prefix=True)
     assert seen == [(1, 20), (4, 10)]  # prefix once, then only the rows' own tokens
@@ -138,14 +123,14 @@ def test_shared_prefix_gives_the_transformers_loss_and_gradients(build):
 def test_shared_prefix_is_off_when_asked_short_or_checkpointing():
     model = tiny_llama()
     seen = _body_rows_seen(model)
-    supervised_loss(model, _prefixed_batch(), share_prefix=False)
-    supervised_loss(model, _prefixed_batch(prefix=MIN_SHARED_PREFIX - 1))
+    supervised_loss(model, prefixed_batch(), share_prefix=False)
+    supervised_loss(model, prefixed_batch(prefix=MIN_SHARED_PREFIX - 1))
     assert seen == [(4, 30), (4, 30)]
 
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     seen.clear()
-    batch = _prefixed_batch()
+    batch = prefixed_batch()
     loss_sum, n = supervised_loss(model, batch)
     assert seen[0] == (4, 30)  # transformers drops KV caches under checkpointing: no sharing
     model.eval()

@@ -83,13 +83,13 @@ def test_existing_run_refused_without_resume(tiny_dir, tmp_path):
 
 
 def test_demo_evaluation_writes_eval_json_and_report(tiny_dir, tmp_path):
-    from tailor.train.demo import evaluate_run
+    from tailor.eval import evaluate_run
 
     data = write_arithmetic_jsonl(tmp_path / "train.jsonl", n=16)
     out = tmp_path / "run"
     train(load_config(model=str(tiny_dir), data=str(data), out=str(out), max_steps=2, batch_size=4, rank=2,
                       progress=False, num_threads=1, max_seq_len=512))
-    result = evaluate_run(out, eval_n=3, batch_size=3)
+    result = evaluate_run(out, n=3, batch_size=3)
     saved = json.loads((out / "eval.json").read_text())
     assert saved["n"] == result["n"] == 3
     for side in ("base", "tuned"):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
+
 import typer
 
 app = typer.Typer(
@@ -18,51 +22,67 @@ app = typer.Typer(
 def _train_fail(error: Exception, code: int = 2) -> None:
     """Print a clear one-block error (no traceback) and exit."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+    # escaped: a path such as runs/[exp1] must print as given (and "[/x]" must not raise a MarkupError)
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True,
+                               soft_wrap=True)
     raise typer.Exit(code)
 
 
+def _config_flag(name: str, kind: object, doc: str) -> inspect.Parameter:
+    """A `--flag` for TrainConfig field `name`, typed from the field and documented by its doc line.
+    Every default is None: a flag overrides the YAML only when given."""
+    allowed = set(typing.get_args(kind)) - {type(None)} or {kind}
+    flag = "--" + name.replace("_", "-")
+    if allowed == {bool}:
+        option, annotation = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=doc), bool | None
+    else:
+        scalar = next(iter(allowed)) if len(allowed) == 1 and next(iter(allowed)) in (int, float) else str
+        option, annotation = typer.Option(None, flag, help=doc), scalar | None
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def _with_config_flags(function):
+    """Give `function(config, assignments, **fields)` one option per TrainConfig field (tailor.config)."""
+    from tailor.config import TrainConfig, field_help
+
+    hints, docs = typing.get_type_hints(TrainConfig), field_help()
+    fixed = list(inspect.signature(function).parameters.values())[:-1]  # all but **fields
+    flags = [_config_flag(f.name, hints[f.name], docs.get(f.name, ""))
+             for f in dataclasses.fields(TrainConfig)]
+    function.__signature__ = inspect.Signature([*fixed, *flags])
+    function.__annotations__ = {**{p.name: p.annotation for p in [*fixed, *flags]}, "return": None}
+    return function
+
+
+def _parse_flag(name: str, value: object) -> object:
+    """Flags that hold lists arrive as text: `q_proj,v_proj` and `0.9,0.95` (or YAML) become lists."""
+    import yaml
+
+    if not isinstance(value, str) or name not in ("target_modules", "adam_betas"):
+        return value
+    if name == "target_modules" and "," not in value and not value.lstrip().startswith("["):
+        return value
+    parsed = yaml.safe_load(value if value.lstrip().startswith("[") else f"[{value}]")
+    return [str(v).strip() if name == "target_modules" else v for v in parsed]
+
+
 @app.command("train")
+@_with_config_flags
 def train_command(
     config: str | None = typer.Argument(None, help="YAML file of TrainConfig fields (flags override it)"),
-    model: str | None = typer.Option(None, "--model", help="local HF dir, cached repo id, .gguf, or default"),
-    data: str | None = typer.Option(None, "--data", help="training JSONL/JSON file, or builtin:support"),
-    val_data: str | None = typer.Option(None, "--val-data", help="validation file (default: part of --data)"),
-    out: str | None = typer.Option(None, "--out", help="run directory (default runs/<name>)"),
-    name: str | None = typer.Option(None, "--name", help="run name"),
-    method: str | None = typer.Option(None, "--method", help="lora | full"),
-    max_steps: int | None = typer.Option(None, "--max-steps", help="optimizer steps (default: epochs)"),
-    epochs: float | None = typer.Option(None, "--epochs"),
-    batch_size: int | None = typer.Option(None, "--batch-size"),
-    grad_accum: int | None = typer.Option(None, "--grad-accum"),
-    lr: float | None = typer.Option(None, "--lr"),
-    rank: int | None = typer.Option(None, "--rank", help="LoRA rank r"),
-    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (scaling alpha/r)"),
-    target_modules: str | None = typer.Option(None, "--target-modules",
-                                              help="all-linear, a regex, or q_proj,v_proj"),
-    max_seq_len: int | None = typer.Option(None, "--max-seq-len"),
-    precision: str | None = typer.Option(None, "--precision", help="bf16 | fp32"),
-    seed: int | None = typer.Option(None, "--seed"),
-    eval_every: int | None = typer.Option(None, "--eval-every"),
-    save_every: int | None = typer.Option(None, "--save-every"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in the run dir"),
     assignments: list[str] | None = typer.Option(None, "--set", help="FIELD=VALUE for any TrainConfig field"),
+    **fields: object,
 ) -> None:
-    """Fine-tune a model on a JSONL file (LoRA by default); writes a run directory."""
+    """Fine-tune a model on a JSONL file (LoRA by default); writes a run directory. Every option is a
+    field of the training config (src/tailor/config.py), also settable in the YAML."""
     from tailor.config import parse_assignments
     from tailor.train import ConfigError, NonFiniteLossError, load_config, train
 
-    if target_modules and "," in target_modules:
-        target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]  # type: ignore[assignment]
-    flags = dict(model=model, data=data, val_data=val_data, out=out, name=name, method=method,
-                 max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                 rank=rank, lora_alpha=lora_alpha, target_modules=target_modules, max_seq_len=max_seq_len,
-                 precision=precision, seed=seed, eval_every=eval_every, save_every=save_every,
-                 resume=resume or None)
     try:
         overrides = parse_assignments(assignments or [])
-        overrides.update({k: v for k, v in flags.items() if v is not None})
+        overrides.update({k: _parse_flag(k, v) for k, v in fields.items() if v is not None})
         run_dir = train(load_config(config, **overrides))
     except NonFiniteLossError as error:
         _train_fail(error, code=3)
@@ -117,13 +137,11 @@ def _adapter_base_model(adapter: str | None) -> str | None:
 
 def _load_for_use(model_name: str | None, adapter: str | None, dtype: str):
     """Model (+ adapter when given) and tokenizer; model defaults to the adapter's base, else the default."""
-    from pathlib import Path
-
-    from tailor.adapters import load_adapter
+    from tailor.adapters import load_adapter, read_adapter_config
     from tailor.models import DEFAULT_MODEL, load_model, parse_dtype
 
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():  # before the slow model load
-        raise ValueError(f"{adapter} is not an adapter directory (no adapter_config.json in it).")
+    if adapter:
+        read_adapter_config(adapter)  # a wrong adapter path fails here, before the slow model load
     name = model_name or _adapter_base_model(adapter) or DEFAULT_MODEL
     model, tokenizer = load_model(name, dtype=parse_dtype(dtype))
     if adapter:
@@ -198,22 +216,9 @@ def chat_command(
         typer.echo(f"model> {answer}" if interactive else answer)
 
 
-def _run_config(run_dir: str) -> dict:
-    from pathlib import Path
-
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    try:
-        values = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    except yaml.YAMLError:
-        values = {}
-    return values if isinstance(values, dict) else {}
-
-
 @app.command("eval")
 def eval_command(
-    run_dir: str | None = typer.Argument(None, help="run directory (uses its adapter/ and config.yaml)"),
+    run_dir: str | None = typer.Argument(None, help="run directory (its adapter/ or model/, config.yaml)"),
     model: str | None = typer.Option(None, "--model", help=_MODEL_HELP + " (default: the run's)"),
     adapter: str | None = typer.Option(None, "--adapter", help="adapter dir (default: RUN_DIR/adapter)"),
     data: str = typer.Option("builtin:support:test", "--data", help="held-out data: file or builtin spec"),
@@ -226,82 +231,115 @@ def eval_command(
     dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """Base vs tuned on held-out data: task metrics, validation loss, capability retention -> eval.json."""
-    from pathlib import Path
-
     from rich.console import Console
 
-    from tailor.data import load_examples
-    from tailor.eval import compare_base_and_tuned, compare_models, render_comparison, write_eval_json
-    from tailor.eval.render import render_retention
-    from tailor.models import DEFAULT_MODEL, load_model, parse_dtype
+    from tailor.eval import evaluate_run, print_evaluation
 
-    config = _run_config(run_dir) if run_dir else {}
-    full_model = Path(run_dir) / "model" if run_dir and not adapter else None
-    if run_dir and not adapter and (Path(run_dir) / "adapter").is_dir():
-        adapter, full_model = str(Path(run_dir) / "adapter"), None
-    if not adapter and not (full_model and full_model.is_dir()):
-        _use_fail(ValueError(
-            f"nothing to compare: {'no adapter/ or model/ in ' + run_dir if run_dir else 'no RUN_DIR'}; "
-            "pass a run directory or --adapter DIR."))
-    base_name = model or config.get("model") or _adapter_base_model(adapter) or DEFAULT_MODEL
     console = Console()
     try:
-        examples = load_examples(data)[: n if n else None]
-        seq_len = max_seq_len or int(config.get("max_seq_len") or 1024)
-        settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_len=seq_len,
-                        retention=retention)
-        console.print(f"evaluating {base_name} vs {adapter or full_model} on {len(examples)} examples "
-                      f"of {data}", highlight=False)
-        if adapter:
-            loaded, tokenizer = _load_for_use(base_name, adapter, dtype)
-            result = compare_base_and_tuned(loaded, tokenizer, examples, **settings)
-        else:
-            base, tokenizer = load_model(base_name, dtype=parse_dtype(dtype))
-            tuned, _ = load_model(str(full_model), dtype=parse_dtype(dtype))
-            result = compare_models(base, tuned, tokenizer, examples, **settings)
+        console.print(f"evaluating {run_dir or adapter} on {data}", highlight=False, markup=False)
+        result = evaluate_run(run_dir, model=model, adapter=adapter, data=data, n=n, out=out,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_len=max_seq_len,
+                              retention=retention, dtype=dtype)
     except ValueError as error:
         _use_fail(error)
-    result.update(model=base_name, adapter=str(adapter or full_model), data=data)
-    target = Path(out) if out else (Path(run_dir) / "eval.json" if run_dir else Path("eval.json"))
-    write_eval_json(result, target)
-    if run_dir and target.resolve() == (Path(run_dir) / "eval.json").resolve():
-        from tailor.report import write_report
-
-        write_report(Path(run_dir))  # report.md picks up the new eval.json
-    console.print(render_comparison(result))
-    if result.get("retention"):
-        console.print(render_retention(result))
-    for sample in result["samples"][:1]:
-        console.print("example:", sample["prompt"], highlight=False, markup=False)
-        for side in ("base", "tuned", "reference"):
-            text = " ".join(sample[side].split())
-            console.print(f"  {side:>9}: {text[:200]}{'...' if len(text) > 200 else ''}", highlight=False,
-                          markup=False)
-    console.print(f"wrote {target}", highlight=False, markup=False)
+    print_evaluation(result, console)
 
 # --- end eval / generate / chat ---
 
 # --- plan / advise (owner: plan) -----------------------------------------------------------------------
 
+# `tailor plan`'s inputs when neither a flag nor a config gives them (TrainConfig names)
+_PLAN_DEFAULTS: dict = {
+    "model": "SmolLM2-135M", "method": "lora", "rank": 16, "lora_alpha": 32.0, "target_modules": "all-linear",
+    "batch_size": 1, "max_seq_len": 2048, "gradient_checkpointing": True, "precision": "bf16",
+    "adapter_dtype": "fp32", "lora_dropout": 0.0, "grad_accum": 1, "loss_chunk_tokens": None,
+}
+_PLAN_DEFAULT_TOKENS = 1e7
+_TOKENS_DEFAULT_BASIS = "default (--tokens 1e7); give --tokens, or max_steps in a config"
+
+
+def _method_names() -> str:
+    from tailor.methods import METHODS
+
+    return " | ".join(METHODS)
+
+
+def _plan_config_inputs(path: str):
+    """The TrainConfig a YAML describes, validated as `tailor train PATH` validates it (unknown keys are
+    refused with their line; fields the file leaves out take TrainConfig's defaults, as in training)."""
+    from tailor.config import load_config, read_yaml_config
+
+    given = read_yaml_config(path)
+    return load_config(path, data=None if given.get("data") else "builtin:support")  # plan needs no data
+
+
+def _resolve_plan_inputs(config: str | None, flags: dict, tokens: float | None) -> tuple[dict, float, str]:
+    """Flags over the config over plan's defaults -> (plan inputs, tokens, where the tokens come from)."""
+    from tailor.methods import METHOD_SPECS
+    from tailor.plan.planner import plan_precision, train_config_inputs
+
+    train_config = _plan_config_inputs(config) if config else None
+    from_config = train_config_inputs(train_config) if train_config else {}
+    values = {**_PLAN_DEFAULTS, **from_config, **{k: v for k, v in flags.items() if v is not None}}
+    if train_config is not None and flags.get("method") is not None:  # a flag changed the config's method
+        spec = METHOD_SPECS.get(values["method"])
+        if flags.get("precision") is None:
+            values["precision"] = plan_precision(train_config.precision, values["method"])
+        if flags.get("lora_dropout") is None and spec is not None and spec.trains_all_weights:
+            values["lora_dropout"] = 0.0  # train ignores lora_dropout when every weight trains
+    if tokens is not None:
+        return values, tokens, "given with --tokens"
+    max_steps = train_config.max_steps if train_config else None
+    if max_steps:
+        b, g, s = values["batch_size"], values["grad_accum"], values["max_seq_len"]
+        basis = (f"upper bound from the config's max_steps: {max_steps} steps x batch_size {b} x grad_accum "
+                 f"{g} x max_seq_len {s} (sequences shorter than max_seq_len make the run shorter)")
+        return values, float(max_steps * b * g * s), basis
+    return values, _PLAN_DEFAULT_TOKENS, _TOKENS_DEFAULT_BASIS
+
 
 @app.command("plan")
 def plan_command(
-    model: str = typer.Option("SmolLM2-135M", "--model", help="catalogue name, config.json, .gguf, 7B"),
-    method: str = typer.Option("lora", "--method", help="full | lora | qlora-nf4 | qlora-int8"),
-    rank: int = typer.Option(16, "--rank", help="LoRA rank r"),
-    alpha: float = typer.Option(32, "--alpha", help="LoRA alpha (scaling = alpha / r)"),
-    target_modules: str = typer.Option("all-linear", "--target-modules", help="all-linear | q_proj,v_proj"),
-    batch_size: int = typer.Option(1, "--batch-size"),
-    seq_len: int = typer.Option(2048, "--seq-len"),
-    gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    config: str | None = typer.Argument(
+        None, help="a TrainConfig YAML (what `tailor train CONFIG` runs) to plan; flags override it"
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="catalogue name, config.json, .gguf, 7B (default SmolLM2-135M)"
+    ),
+    method: str | None = typer.Option(None, "--method", help=f"{_method_names()} (default lora)"),
+    rank: int | None = typer.Option(None, "--rank", help="LoRA rank r (default 16)"),
+    lora_alpha: float | None = typer.Option(
+        None, "--lora-alpha", "--alpha", help="LoRA alpha, scaling = lora_alpha / r (default 32)"
+    ),
+    target_modules: str | None = typer.Option(
+        None, "--target-modules", help="all-linear | q_proj,v_proj (default all-linear)"
+    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="sequences per micro-batch (default 1)"),
+    max_seq_len: int | None = typer.Option(
+        None, "--max-seq-len", "--seq-len", help="tokens per sequence (default 2048)"
+    ),
+    gradient_checkpointing: bool | None = typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing", help="(default on)"
+    ),
     optimizer: str = typer.Option(
         "adamw", "--optimizer", help="adamw | adamw-8bit | adamw-paged | adamw-8bit-paged | sgd"
     ),
-    precision: str = typer.Option("bf16", "--precision", help="bf16 | fp16 | fp32 | bf16-mixed"),
-    adapter_dtype: str = typer.Option("fp32", "--adapter-dtype", help="LoRA weights+grads+state: fp32|bf16"),
-    lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="> 0 keeps a mask per adapted layer"),
+    precision: str | None = typer.Option(
+        None, "--precision",
+        help="bf16 | fp16 | fp32 | bf16-mixed (default bf16; a config's bf16 with method full is bf16-mixed: "
+        "fp32 master weights, bf16 compute)",
+    ),
+    adapter_dtype: str | None = typer.Option(
+        None, "--adapter-dtype", help="LoRA weights+grads+state: fp32|bf16 (default fp32)"
+    ),
+    lora_dropout: float | None = typer.Option(
+        None, "--lora-dropout", help="> 0 keeps a mask per adapted layer (default 0)"
+    ),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="NF4 4.127 or 4.5 bits"),
-    loss_chunk_tokens: int | None = typer.Option(None, "--loss-chunk-tokens", help="tokens per CE chunk"),
+    loss_chunk_tokens: int | None = typer.Option(
+        None, "--loss-chunk-tokens", help="tokens per CE chunk (a config's loss_chunk_size; default: one)"
+    ),
     compile_loss: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile'd cross-entropy"),
     loss_upcast: bool = typer.Option(True, "--loss-upcast/--no-loss-upcast", help="fp32 log-softmax"),
     optimizer_in_backward: bool = typer.Option(
@@ -313,13 +351,18 @@ def plan_command(
     quant_keeps_inputs: bool = typer.Option(
         False, "--quant-keeps-inputs", help="bitsandbytes < 0.43.2: 4-bit layers keep their inputs"
     ),
-    grad_accumulation: int = typer.Option(
-        1, "--grad-accumulation", help="micro-batches per step (>1: gradients alive during forward)"
+    grad_accum: int | None = typer.Option(
+        None, "--grad-accum", "--grad-accumulation",
+        help="micro-batches per step; > 1: gradients alive during forward (default 1)",
     ),
     optimizer_kernel: str = typer.Option(
         "fused", "--optimizer-kernel", help="AdamW kernel: fused | foreach | for-loop"
     ),
-    tokens: float = typer.Option(1e7, "--tokens", help="training tokens (all epochs) for time and cost"),
+    tokens: float | None = typer.Option(
+        None, "--tokens",
+        help="training tokens (all epochs) for time and cost (default: a config's max_steps x batch_size x "
+        "grad_accum x max_seq_len, else 1e7)",
+    ),
     gpu: str | None = typer.Option(None, "--gpu", help="GPU from the price table to cost on"),
     mfu: float = typer.Option(0.35, "--mfu", help="assumed model FLOPs utilisation (0-1)"),
     prices: str | None = typer.Option(None, "--prices", help="YAML/JSON file overriding the GPU price table"),
@@ -332,17 +375,30 @@ def plan_command(
     new_cost: float | None = typer.Option(None, "--new-cost", help="--cost: USD; default base + N adapters"),
     json_output: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
-    """Estimate memory, fit, time and cost of fine-tuning a model, from its configuration alone."""
+    """Estimate memory, fit, time and cost of fine-tuning a model, from its configuration alone. With
+    CONFIG (a `tailor train` YAML) it plans that run; flags override the file."""
     import json
 
+    from tailor.config import ConfigError
     from tailor.plan import BusinessInputs, PlanError, StackOptions, plan
     from tailor.plan.render import render_plan
 
-    options = StackOptions(adapter_dtype=adapter_dtype, lora_dropout=lora_dropout, double_quant=double_quant,
-                           loss_chunk_tokens=loss_chunk_tokens, compile=compile_loss, loss_upcast=loss_upcast,
+    flags = dict(model=model, method=method, rank=rank, lora_alpha=lora_alpha, target_modules=target_modules,
+                 batch_size=batch_size, max_seq_len=max_seq_len,
+                 gradient_checkpointing=gradient_checkpointing, precision=precision,
+                 adapter_dtype=adapter_dtype, lora_dropout=lora_dropout, grad_accum=grad_accum,
+                 loss_chunk_tokens=loss_chunk_tokens)
+    try:
+        v, tokens, tokens_basis = _resolve_plan_inputs(config, flags, tokens)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    options = StackOptions(adapter_dtype=v["adapter_dtype"], lora_dropout=v["lora_dropout"],
+                           double_quant=double_quant, loss_chunk_tokens=v["loss_chunk_tokens"],
+                           compile=compile_loss, loss_upcast=loss_upcast,
                            optimizer_in_backward=optimizer_in_backward,
                            activation_offloading=activation_offloading, quant_keeps_inputs=quant_keeps_inputs,
-                           grad_accumulation=grad_accumulation, optimizer_kernel=optimizer_kernel)
+                           grad_accum=v["grad_accum"], optimizer_kernel=optimizer_kernel)
 
     business = None
     if cost:
@@ -354,10 +410,11 @@ def plan_command(
                                   implementation_cost=implementation_cost, baseline_cost=baseline_cost,
                                   new_cost=new_cost)
     try:
-        result = plan(model, method=method, rank=rank, alpha=alpha, target_modules=target_modules,
-                      batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
-                      optimizer=optimizer, precision=precision, tokens=tokens, gpu=gpu, mfu=mfu,
-                      prices=prices, business=business, options=options)
+        result = plan(v["model"], method=v["method"], rank=v["rank"], lora_alpha=v["lora_alpha"],
+                      target_modules=v["target_modules"], batch_size=v["batch_size"],
+                      max_seq_len=v["max_seq_len"], gradient_checkpointing=v["gradient_checkpointing"],
+                      optimizer=optimizer, precision=v["precision"], tokens=tokens, gpu=gpu, mfu=mfu,
+                      prices=prices, business=business, options=options, tokens_basis=tokens_basis)
     except PlanError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -365,6 +422,12 @@ def plan_command(
         typer.echo(json.dumps(result, indent=2))
     else:
         render_plan(result)
+
+
+def _default_model_name() -> str:
+    from tailor.config import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME
 
 
 @app.command("advise")
@@ -376,20 +439,27 @@ def advise_command(
                                                 help="gap is facts from documents"),
     examples: int | None = typer.Option(None, "--examples", help="labelled examples you have"),
     large_shift: bool | None = typer.Option(None, "--large-shift/--small-shift", help="far-off domain"),
-    model: str = typer.Option("SmolLM2-135M", "--model"),
+    model: str = typer.Option(
+        _default_model_name(), "--model", help="the model to train (catalogue name, config.json, .gguf, 7B)"
+    ),
     gpu_memory_gb: float = typer.Option(24, "--gpu-memory", help="GB of GPU memory you have"),
-    seq_len: int = typer.Option(1024, "--seq-len"),
+    max_seq_len: int = typer.Option(1024, "--max-seq-len", "--seq-len", help="tokens per sequence"),
+    out: str | None = typer.Option(
+        None, "--out", help="write the recipe as a TrainConfig YAML: tailor train FILE --data ... runs it"
+    ),
     json_output: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Prompting, few-shot, tools, retrieval, LoRA or full fine-tune? And a LoRA recipe that fits."""
+    """Prompting, few-shot, tools, retrieval, LoRA or full fine-tune? And a LoRA recipe that fits, in
+    TrainConfig's field names (--out writes it as a config for `tailor train` and `tailor plan`)."""
     import json
     import sys
 
+    from tailor.files import atomic_write_text
     from tailor.plan import AdviceInputs, PlanError, advise
-    from tailor.plan.advise import QUESTIONS
+    from tailor.plan.advise import QUESTIONS, recipe_yaml
 
     inputs = AdviceInputs(prompting_works, few_shot_works, needs_actions, needs_knowledge, examples,
-                          large_shift, model, gpu_memory_gb, seq_len)
+                          large_shift, model, gpu_memory_gb, max_seq_len)
     if sys.stdin.isatty() and not json_output:
         for name, question in QUESTIONS.items():
             if getattr(inputs, name) is None:
@@ -401,23 +471,34 @@ def advise_command(
                                             or inputs.needs_actions or inputs.needs_knowledge):
             inputs.examples = typer.prompt("How many labelled examples do you have?", type=int, default=500)
     try:
-        result = advise(inputs).to_dict()
+        advice = advise(inputs)
     except PlanError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    result = advice.to_dict()
     if json_output:
         typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(f"Escalation order: {' -> '.join(result['escalation_order'])}")
+        typer.echo(f"Answer: {result['answer']}")
+        for reason in result["reasons"]:
+            typer.echo(f"  - {reason}")
+        for item in result["assumed"]:
+            typer.echo(f"  (not answered: {item})")
+        if result["recipe"]:
+            typer.echo("Starting recipe (TrainConfig fields):")
+            for key, value in result["recipe"].items():
+                typer.echo(f"  {key}: {value}")
+            typer.echo(f"  (planned peak {result['planned_peak_gib']:.1f} GiB)")
+    if out is None:
         return
-    typer.echo(f"Escalation order: {' -> '.join(result['escalation_order'])}")
-    typer.echo(f"Answer: {result['answer']}")
-    for reason in result["reasons"]:
-        typer.echo(f"  - {reason}")
-    for item in result["assumed"]:
-        typer.echo(f"  (not answered: {item})")
-    if result["recipe"]:
-        typer.echo("Starting recipe:")
-        for key, value in result["recipe"].items():
-            typer.echo(f"  {key}: {value}")
+    try:
+        atomic_write_text(out, recipe_yaml(advice, inputs))
+    except (PlanError, OSError) as e:
+        typer.echo(f"error: --out {out}: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote the recipe to {out}: train it with `tailor train {out} --data YOUR_DATA.jsonl`, "
+               f"plan it with `tailor plan {out}`", err=json_output)
 
 # --- end plan / advise ---
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from tailor.files import atomic_write_text
 from tailor.methods import METHODS, method_spec
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # == tailor.models.DEFAULT_MODEL (kept here: no import cycle)
@@ -221,20 +222,28 @@ def field_help() -> dict[str, str]:
 def read_yaml_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping of TrainConfig fields; unknown keys are refused with their line numbers."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror}).") from exc
+    text = _read_config_text(path)
     try:
         root = yaml.compose(text)
         values = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        fix = "one `field: value` per line; quote values with ':', '#', '[' or '{'." + _data_hint(path)
+        raise ConfigError(f"{where}: not valid YAML ({what}). Fix the syntax there: {fix}") from None
     if values is None:
-        return {}
+        raise ConfigError(f"{path}: the config file is empty (no settings). Write TrainConfig fields in it "
+                          "(e.g. `data: my.jsonl`, see examples/lora.yaml), or leave the config argument out "
+                          "and use flags.")
     if not isinstance(values, dict):
         kind = type(values).__name__
-        raise ConfigError(f"{path}: the config must be a mapping of field: value, not a {kind}")
+        raise ConfigError(f"{path}: the config must be a mapping of field: value, not a {kind}. "
+                          f"Write one `field: value` per line (see examples/lora.yaml).{_data_hint(path)}")
+    if "model_type" in values or "architectures" in values:
+        raise ConfigError(f"{path} is a model's config.json, not a training config. Pass the model's "
+                          f"directory with --model {path.parent}, and a YAML of TrainConfig fields (or "
+                          "none).")
     lines = {}
     if isinstance(root, yaml.MappingNode):
         lines = {k.value: k.start_mark.line + 1 for k, _ in root.value}
@@ -242,8 +251,35 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
     unknown = [k for k in values if k not in valid]
     if unknown:
         where = "; ".join(f"{path}:{lines.get(k, '?')}: unknown key {k!r}{_did_you_mean(k)}" for k in unknown)
-        raise ConfigError(f"{where}\nvalid keys: {', '.join(field_names())}")
+        raise ConfigError(f"{where}\nvalid keys: {', '.join(field_names())}{_data_hint(path)}")
     return {k: (v if not isinstance(v, list) or k != "adam_betas" else tuple(v)) for k, v in values.items()}
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of a config file, or a ConfigError that names the path, what is wrong and the fix."""
+    fix = "Give the path of a YAML file of TrainConfig fields (e.g. examples/lora.yaml)."
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.y*ml"))[:3]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise ConfigError(f"{path}: is a directory, not a config file{hint}. {fix}")
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found. Check the spelling and the working directory. "
+                          + fix)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text ({exc.reason} at byte {exc.start}). "
+                          f"Save it as UTF-8 YAML.{_data_hint(path)}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc}). Check that you may "
+                          f"read it (ls -l). {fix}") from None
+
+
+def _data_hint(path: Path) -> str:
+    """A pointer to --data when the file looks like training data passed where the config goes."""
+    if path.suffix.lower() in (".jsonl", ".json", ".csv", ".txt", ".parquet"):
+        return f" If {path.name} is training data, pass it with --data {path}."
+    return ""
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
@@ -277,9 +313,7 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
 
 def save_config(config: TrainConfig, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ from .format import (
     config_from_peft_dict,
     config_to_peft_dict,
     load_adapter,
+    read_adapter_config,
     save_adapter,
 )
 
 __all__ = [
     "AdapterFormatError", "AdapterShapeError", "adapter_state_dict", "config_from_peft_dict",
-    "config_to_peft_dict", "load_adapter", "save_adapter",
+    "config_to_peft_dict", "load_adapter", "read_adapter_config", "save_adapter",
 ]

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from tailor.files import atomic_output, atomic_write_text
 from tailor.lora import LoraConfig, LoraConfigError, add_lora, delete_adapter, lora_configs, plan_lora
 from tailor.lora.inject import _wrappers, lora_layers
 from tailor.lora.layer import LoraLayer, adapter_shapes, adapter_tensors
@@ -99,36 +98,83 @@ def config_from_peft_dict(data: dict[str, Any], source: str = CONFIG_NAME) -> Lo
         raise AdapterFormatError(f"{source}: {exc}") from exc
 
 
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    """The LoraConfig of the adapter saved in `directory`, checked without a model (cheap: call it before
+    loading a base model, so that a wrong adapter path fails in a second, not after the model load).
+
+    Raises:
+        AdapterFormatError: the directory is missing, a file, empty, not an adapter (a run directory or a
+            model directory: the message says what to pass instead), or its adapter_config.json is
+            unreadable, empty, not JSON, or not a LoRA config.
+    """
+    return _read_config(Path(directory))
+
+
 def _read_config(directory: Path) -> LoraConfig:
+    shown = str(directory)
+    if not directory.exists():
+        raise AdapterFormatError(f"Adapter directory {shown!r} does not exist. Check the path; an adapter "
+                                 f"directory holds {CONFIG_NAME} and {WEIGHTS_NAME} (tailor train writes "
+                                 "one to RUN_DIR/adapter).")
     if not directory.is_dir():
-        raise AdapterFormatError(f"Adapter directory {str(directory)!r} does not exist (or is a file).")
+        hint = f" Pass the directory that holds it: {str(directory.parent)!r}." \
+            if directory.name in ADAPTER_FILES else ""
+        raise AdapterFormatError(f"{shown!r} is a file, not an adapter directory (one that holds "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME}).{hint}")
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise AdapterFormatError(
-            f"{str(path)!r} is missing: {str(directory)!r} is not a saved adapter; save_adapter writes one."
-        )
+        raise AdapterFormatError(f"{str(path)!r} is missing: {shown!r} is not a saved adapter. "
+                                 f"{_not_an_adapter_hint(directory)}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise AdapterFormatError(f"{path}: not UTF-8 JSON text ({exc.reason} at byte {exc.start}); the file "
+                                 "is corrupt: save the adapter again or restore the file.") from None
+    except OSError as exc:
+        raise AdapterFormatError(f"{path}: cannot be read ({exc.strerror or exc}); check that you may read "
+                                 "it (ls -l).") from None
+    if not text.strip():
+        raise AdapterFormatError(f"{path}: the file is empty (an interrupted copy?); save the adapter again "
+                                 "or restore the file.")
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno}, column {exc.colno}"
-        raise AdapterFormatError(f"{path}: not valid JSON ({where}: {exc.msg}).") from exc
+        raise AdapterFormatError(f"{path}: not valid JSON ({where}: {exc.msg}); the file is corrupt: save "
+                                 "the adapter again or fix the JSON there.") from exc
     if not isinstance(data, dict):
-        raise AdapterFormatError(f"{path}: expected a JSON object, got {type(data).__name__}.")
+        raise AdapterFormatError(f"{path}: expected a JSON object, got {type(data).__name__}; save the "
+                                 "adapter again.")
     return config_from_peft_dict(data, str(path))
+
+
+def _not_an_adapter_hint(directory: Path) -> str:
+    """What to pass instead of `directory`, judged from what it holds."""
+    if (directory / "adapter" / CONFIG_NAME).is_file():
+        return f"It is a run directory: pass its adapter, {str(directory / 'adapter')!r}."
+    if (directory / "config.json").is_file():
+        return "It looks like a model directory: pass it as the model (--model), not as an adapter."
+    if directory.is_dir() and not any(directory.iterdir()):
+        return "The directory is empty: pass the directory that save_adapter or tailor train wrote."
+    return f"Pass a directory that holds {CONFIG_NAME} and {WEIGHTS_NAME} (save_adapter writes one)."
 
 
 # ---------------------------------------------------------------------------------------------- weights
 def _read_weights(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
+    if path.exists() and not path.is_file():
+        raise AdapterFormatError(f"{path} is not a file (a directory?); it must be the safetensors file of "
+                                 "the adapter weights: copy the adapter directory again, or save it again.")
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+                weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         except Exception as exc:  # safetensors raises several types for truncated/garbled files
             raise AdapterFormatError(
                 f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); it is corrupt or "
                 "truncated: save the adapter again."
             ) from exc
+        return _check_finite(weights, path)
     pickled = directory / PICKLE_WEIGHTS_NAME
     if pickled.is_file():
         if not allow_pickle:
@@ -140,13 +186,32 @@ def _read_weights(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor
         try:
             state = torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise AdapterFormatError(f"{pickled} could not be loaded with weights_only=True: {exc}") from exc
+            raise AdapterFormatError(f"{pickled} could not be loaded with weights_only=True: {exc}; it is "
+                                     "corrupt, or not a weights file: save the adapter again.") from exc
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise AdapterFormatError(f"{pickled} does not hold a {{name: tensor}} state dict.")
-        return state
+            raise AdapterFormatError(f"{pickled} does not hold a {{name: tensor}} state dict; save the "
+                                     "adapter again (as adapter_model.safetensors).")
+        return _check_finite(state, pickled)
     raise AdapterFormatError(
-        f"{str(directory)!r} has {CONFIG_NAME} but no {WEIGHTS_NAME}: the adapter weights are missing."
+        f"{str(directory)!r} has {CONFIG_NAME} but no {WEIGHTS_NAME} file: the adapter weights are missing. "
+        "Copy the whole adapter directory again, or save the adapter again."
     )
+
+
+def _check_finite(weights: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """Refuse weights holding NaN or infinity: loaded, they would turn every output into NaN."""
+    for key, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = tensor.detach().float()
+            what = ", ".join(f"{int(n)} {label}" for label, n in (
+                ("NaN", torch.isnan(bad).sum()), ("+inf", torch.isposinf(bad).sum()),
+                ("-inf", torch.isneginf(bad).sum())) if n)
+            raise AdapterFormatError(
+                f"{source}: tensor {key!r} is not finite ({what} of {tensor.numel()} values); the adapter "
+                "is broken (training diverged, or the file was damaged). Use an earlier checkpoint or "
+                "retrain (a lower learning rate helps). The model was not changed."
+            )
+    return weights
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -178,40 +243,35 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter `name` in PEFT's format, atomically.
 
-    Files are written into a temporary directory next to `directory`, which is then renamed into place;
-    an existing adapter directory is swapped out as a whole. If `directory` holds other files too, each
-    adapter file is replaced atomically on its own. A crash never leaves a half-written adapter.
+    Files are written into a temporary directory next to `directory`, which is then renamed into place
+    (tailor.files.atomic_output); an existing adapter directory is swapped out as a whole. If `directory`
+    holds other files too, each adapter file is replaced atomically on its own. A crash never leaves a
+    half-written adapter.
     """
     directory = Path(directory)
     state = adapter_state_dict(model, name)
-    config = config_to_peft_dict(lora_configs(model)[name])
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _move_into_place(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
-def _move_into_place(tmp: Path, directory: Path) -> None:
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    if not directory.is_dir():
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:  # such a file could not be loaded back (load_adapter refuses it): keep what is there instead
+        raise AdapterFormatError(
+            f"Adapter {name!r} was not saved to {directory}: tensor {broken[0]!r} holds NaN or infinity "
+            f"({len(broken)} tensor(s) in all); training diverged. Whatever was at {directory} is left as "
+            "it is. Retrain with a lower learning rate, or save an earlier checkpoint."
+        )
+    config_text = json.dumps(config_to_peft_dict(lora_configs(model)[name]), indent=2, sort_keys=True) + "\n"
+    if directory.exists() and not directory.is_dir():
         raise AdapterFormatError(f"{str(directory)!r} exists and is not a directory.")
-    if {p.name for p in directory.iterdir()} <= ADAPTER_FILES:  # only an old adapter there: swap whole dirs
-        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-        os.replace(directory, old / directory.name)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    # Shared directory (e.g. a run folder): replace the weights, then the config, each atomically.
-    (directory / PICKLE_WEIGHTS_NAME).unlink(missing_ok=True)
-    os.replace(tmp / WEIGHTS_NAME, directory / WEIGHTS_NAME)
-    os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
+    if directory.is_dir() and not {p.name for p in directory.iterdir()} <= ADAPTER_FILES:
+        # Shared directory (e.g. a run folder): replace the weights, then the config, each atomically;
+        # then drop pickled weights of an older save, which the new safetensors file supersedes.
+        with atomic_output(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        atomic_write_text(directory / CONFIG_NAME, config_text)
+        (directory / PICKLE_WEIGHTS_NAME).unlink(missing_ok=True)
+        return directory
+    with atomic_output(directory, directory=True) as tmp:  # none there, or only an old adapter: swap whole
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(config_text, encoding="utf-8")
+    return directory
 
 
 # ---------------------------------------------------------------------------------------------- load

@@ -9,7 +9,8 @@
 
 from tailor.data.batching import batch_indices, collate, split_examples
 from tailor.data.errors import DataError, DataIssue
-from tailor.data.load import FORMATS, Example, detect_format, load_examples
+from tailor.data.example import Example
+from tailor.data.load import FORMATS, detect_format, load_examples
 from tailor.data.tokenize import (
     FALLBACK_CHAT_TEMPLATE,
     IGNORE_INDEX,

@@ -14,11 +14,12 @@ Every problem in a file is collected and raised as one DataError naming file, li
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Any
 
 from tailor.data.errors import DataError, DataIssue
+from tailor.data.example import Example
 
 __all__ = ["Example", "FORMATS", "ROLES", "detect_format", "load_examples", "read_records"]
 
@@ -39,33 +40,6 @@ _EXAMPLE_RECORD = {
     "prompt_completion": '{"prompt": "2+2=", "completion": "4"}',
     "text": '{"text": "Once upon a time..."}',
 }
-
-
-@dataclass
-class Example:
-    """One training example: a conversation (``messages``) or plain text (``text``), never both.
-
-    source is where it came from, "file.jsonl:12" (1-based line), so later errors can point back to it.
-    """
-
-    messages: list[dict[str, str]] | None
-    text: str | None
-    source: str
-
-    @property
-    def prompt(self) -> list[dict[str, str]]:
-        """The conversation up to (not including) the last assistant message: what a model is asked."""
-        if self.messages is None:
-            return []
-        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
-        return self.messages[:last]
-
-    @property
-    def reference(self) -> str | None:
-        """The reference answer: the content of the last assistant message (None for plain text)."""
-        if self.messages is None:
-            return None
-        return [m for m in self.messages if m["role"] == "assistant"][-1]["content"]
 
 
 def _fields_doc(fmt: str) -> str:
@@ -95,6 +69,10 @@ def read_records(path: Path) -> tuple[list[tuple[int, Any]], list[DataIssue]]:
     except UnicodeDecodeError as err:
         return [], [DataIssue(name, f"is not UTF-8 text ({err.reason} at byte {err.start}).",
                               "save the file as UTF-8 JSONL.")]
+    except OSError as err:  # permission denied, a directory, an I/O error: say which, never a traceback
+        return [], [DataIssue(name, f"cannot be read ({err.strerror or err}).",
+                              "check that the file exists and that you may read it (ls -l), or give "
+                              "another file.")]
     if content.lstrip().startswith("["):
         return _read_json_array(name, content)
     records, issues = [], []
@@ -256,9 +234,7 @@ def load_examples(path_or_spec: str | Path, format: str = "auto") -> list[Exampl
         return _load_builtin(spec)
     path = Path(spec).expanduser()
     if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "not found"
-        raise DataError(DataIssue(spec, f"{what}.", "give the path to a .jsonl or .json file, or a built-in "
-                                  "dataset such as builtin:support."))
+        raise DataError(_not_a_data_file(spec, path))
     records, issues = read_records(path)
     if not records and not issues:
         raise DataError(DataIssue(spec, "the file is empty (no JSON records).",
@@ -290,6 +266,20 @@ def load_examples(path_or_spec: str | Path, format: str = "auto") -> list[Exampl
     if issues:
         raise DataError(issues)
     return examples
+
+
+def _not_a_data_file(spec: str, path: Path) -> DataIssue:
+    """Why `path` (which is not a regular file) cannot be read as data, and what to give instead."""
+    fix = "give the path to a .jsonl or .json file, or a built-in dataset such as builtin:support."
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".jsonl", ".json"))[:5] \
+            if os.access(path, os.R_OK | os.X_OK) else []
+        if inside:
+            fix = f"give one file in it ({', '.join(inside)}), e.g. {path / inside[0]}."
+        return DataIssue(spec, "is a directory, not a data file.", fix)
+    if path.exists():  # a FIFO, a socket, a device: reading it could block forever
+        return DataIssue(spec, "is not a regular file (a pipe, socket or device).", fix)
+    return DataIssue(spec, "not found.", fix.rstrip(".") + " (check the spelling and the working directory).")
 
 
 def _load_builtin(spec: str) -> list[Example]:

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
-from tailor.data.load import Example
+from tailor.data.example import Example
+from tailor.files import atomic_write_text
 
 __all__ = ["INTENTS", "PRODUCTS", "SENTIMENTS", "SPLITS", "SPLIT_SIZES", "SUPPORT_FIELDS", "SYSTEM_PROMPT",
            "URGENCIES", "build_support_split", "support_label", "write_support_jsonl"]
@@ -340,13 +339,4 @@ def write_support_jsonl(path: str | Path, split: str, n: int | None = None, form
         else:
             record = {"prompt": f"{system}\n\n{user}", "completion": answer}
         lines.append(json.dumps(record, ensure_ascii=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tailor.data.errors import DataError, DataIssue
-from tailor.data.load import Example
+from tailor.data.example import Example
 
 __all__ = ["FALLBACK_CHAT_TEMPLATE", "IGNORE_INDEX", "OVERFLOW_POLICIES", "TokenizeStats", "TokenizedExample",
            "chat_template_for", "render_chat", "tokenize_examples"]

@@ -10,8 +10,9 @@ from tailor.eval.evaluate import (
     write_eval_json,
 )
 from tailor.eval.generate import generate, stop_token_ids
-from tailor.eval.render import render_comparison, render_retention
+from tailor.eval.render import print_evaluation, render_comparison, render_retention
 from tailor.eval.retention import RETENTION_ITEMS, RetentionItem, retention_check
+from tailor.eval.run import evaluate_run
 from tailor.eval.structured import parse_json_object, score_structured
 
 __all__ = [
@@ -20,8 +21,10 @@ __all__ = [
     "compare_base_and_tuned",
     "compare_models",
     "evaluate_model",
+    "evaluate_run",
     "generate",
     "parse_json_object",
+    "print_evaluation",
     "render_comparison",
     "render_retention",
     "retention_check",

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +16,7 @@ from tailor.data import Example
 from tailor.eval.generate import generate
 from tailor.eval.retention import retention_check
 from tailor.eval.structured import parse_json_object, score_structured
+from tailor.files import atomic_write_json
 
 N_SAMPLES = 3
 
@@ -179,17 +177,5 @@ def _comparison(examples: list[Example], base_side: tuple, tuned_side: tuple) ->
 
 
 def write_eval_json(result: dict[str, Any], path: str | Path) -> Path:
-    """Write `result` as indented JSON, atomically (temp file in the same directory + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(result, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write `result` as indented JSON, atomically (tailor.files.atomic_write_json)."""
+    return atomic_write_json(path, result)

@@ -82,3 +82,18 @@ def render_retention(result: dict[str, Any]) -> Table | str:
 
 def _verdict(ok: bool) -> str:
     return "[green]ok[/green]" if ok else "[red]wrong[/red]"
+
+
+def print_evaluation(result: dict[str, Any], console: Any, title: str | None = None) -> None:
+    """The comparison table, the retention table and one example answered by both sides."""
+    console.print(render_comparison(result, title=title))
+    if result.get("retention"):
+        console.print(render_retention(result))
+    for sample in result.get("samples", [])[:1]:
+        console.print("example:", sample["prompt"], highlight=False, markup=False)
+        for side in ("base", "tuned", "reference"):
+            text = " ".join(sample[side].split())
+            console.print(f"  {side:>9}: {text[:200]}{'...' if len(text) > 200 else ''}", highlight=False,
+                          markup=False)
+    if result.get("eval_json"):
+        console.print(f"wrote {result['eval_json']}", highlight=False, markup=False)

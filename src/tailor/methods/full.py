@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from tailor.config import TrainConfig
 from tailor.files import atomic_output
 from tailor.methods.base import TrainingMethod, set_trainable
+
+if TYPE_CHECKING:
+    from tailor.config import TrainConfig
 
 
 class FullMethod(TrainingMethod):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from tailor.config import TrainConfig
 from tailor.lora import LoraConfig, add_lora, unload_lora
 from tailor.methods.base import TrainingMethod
+
+if TYPE_CHECKING:
+    from tailor.config import TrainConfig
 
 
 def lora_config_for(model: nn.Module, config: TrainConfig) -> LoraConfig:

@@ -4,6 +4,7 @@ from tailor.models.gguf_cache import GGUFConversionError, cached_gguf_dir, tailo
 from tailor.models.load import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_REPO,
+    ModelLoadError,
     ModelNotFoundError,
     ResolvedModel,
     default_device,
@@ -18,6 +19,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_MODEL_REPO",
     "GGUFConversionError",
+    "ModelLoadError",
     "ModelNotFoundError",
     "ResolvedModel",
     "cached_gguf_dir",

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from tailor.files import OutputPathError, atomic_output
 
 SOURCE_RECORD = "tailor_source.json"
 
@@ -54,8 +54,31 @@ def cached_gguf_dir(gguf_path: str | Path, cache_name: str | None = None) -> Pat
     record = _source_record(gguf_path)
     if _is_complete(target, record):
         return target
-    convert_gguf(gguf_path, target, record)
+    try:
+        convert_gguf(gguf_path, target, record)
+    except OutputPathError as error:
+        raise GGUFConversionError(f"{error} (tailor's cache for converted models is {tailor_cache_dir()}; "
+                                  "set TAILOR_CACHE to a directory you can write to)") from None
     return target
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def _check_gguf_header(gguf_path: Path) -> None:
+    """Refuse at once a file that is unreadable, empty or not a GGUF file at all (no magic bytes)."""
+    try:
+        with open(gguf_path, "rb") as handle:
+            head = handle.read(len(GGUF_MAGIC))
+    except OSError as error:
+        raise GGUFConversionError(f"Could not load {gguf_path} as a causal language model: it cannot be "
+                                  f"read ({error.strerror or error}); check that you may read it (ls -l).") \
+            from None
+    if head != GGUF_MAGIC:
+        what = "it is empty" if not head else f"it does not start with the GGUF magic bytes ({head!r})"
+        raise GGUFConversionError(f"Could not load {gguf_path} as a causal language model: {what}, so it is "
+                                  "not a GGUF file (an interrupted download?). Fix: download or copy the "
+                                  ".gguf file again, or pass a model directory.")
 
 
 class GGUFConversionError(ValueError):
@@ -67,6 +90,7 @@ def _dequantized_from_gguf(gguf_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     directory, filename = str(gguf_path.parent), gguf_path.name
+    _check_gguf_header(gguf_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(
@@ -76,10 +100,14 @@ def _dequantized_from_gguf(gguf_path: Path):
             # Unpack every weight into a dense tensor: a packed GGUF layer cannot be saved or trained.
             quantization_config=GgufConfig(gguf_file=str(gguf_path), dequantize=True),
         )
-    except (ValueError, OSError, KeyError, RuntimeError) as error:
+    except Exception as error:  # a truncated or foreign file fails in the reader in many ways (struct, ...)
+        if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+            raise
+        detail = " ".join(str(error).split())[:300].rstrip(".")
         raise GGUFConversionError(
-            f"Could not load {gguf_path} as a causal language model: {error}. Pass a GGUF of an "
-            "architecture transformers supports (llama, qwen2, mistral, ...), or a model directory."
+            f"Could not load {gguf_path} as a causal language model ({type(error).__name__}: {detail}). "
+            "It is truncated or corrupt (download it again), or of an architecture transformers does not "
+            "support: pass a GGUF of llama, qwen2, mistral, ..., or a model directory."
         ) from error
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:  # older loaders dequantize but still tag the model as quantized
@@ -92,28 +120,27 @@ def _dequantized_from_gguf(gguf_path: Path):
 def convert_gguf(gguf_path: Path, target: Path, record: dict | None = None) -> None:
     """Write `target` (config, safetensors weights, tokenizer, source record) atomically.
 
-    The files go to a temporary sibling directory that is renamed into place, so a killed conversion
-    leaves no half-written model behind; if another process finished first, its copy is kept.
+    The files go to a temporary sibling directory (tailor.files.atomic_output) that is renamed into place, so
+    a killed conversion leaves no half-written model behind; a stale `target` (another source file, or
+    incomplete) is replaced whole; if another process finished first, its copy is kept.
     """
     # A one-time wait of tens of seconds: say what is happening and that it will not happen again.
     print(f"tailor: converting {gguf_path.name} once to {target} (later loads use it)", file=sys.stderr)
     model, tokenizer = _dequantized_from_gguf(gguf_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    record = record or _source_record(gguf_path)
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        record = record or _source_record(gguf_path)
-        (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2))
-        if _is_complete(target, record):  # another process converted it meanwhile
-            return
-        if target.exists():  # stale (another source file, or incomplete): replace it
-            shutil.rmtree(target)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        with atomic_output(target, directory=True) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2))
+            if _is_complete(target, record):  # another process converted it meanwhile: keep its copy
+                raise _FinishedElsewhere
+    except _FinishedElsewhere:
+        pass
+    except OSError:  # e.g. another process renamed its copy in between our check and our rename
+        if not _is_complete(target, record):
+            raise
+
+
+class _FinishedElsewhere(Exception):
+    """Abandons a conversion (its temporary is deleted) when another process already wrote the target."""

@@ -11,10 +11,12 @@ Anything else raises `ModelNotFoundError`, which says how to make the model avai
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tailor.models.gguf_cache import cached_gguf_dir
@@ -28,6 +30,17 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelNotFoundError(ValueError):
     """A model name or path that does not resolve to anything on this machine."""
+
+
+class ModelLoadError(ValueError):
+    """A model that resolves to a local directory which cannot be loaded: config.json unreadable, not JSON
+    or without model_type, weights missing or corrupt, tokenizer missing or corrupt. Names the path."""
+
+
+# Weight files `from_pretrained` looks for, in its order (an index file names the shards).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+_RESAVE = "re-save the model with save_pretrained, or copy the model directory again"
 
 
 @dataclass(frozen=True)
@@ -84,14 +97,23 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return ResolvedModel(cached_gguf_dir(path), str(path.resolve()))
+        hint = f" It is inside a model directory: pass {path.parent}." \
+            if (path.parent / "config.json").is_file() else ""
         raise ModelNotFoundError(
             f"{path} is a file but not a .gguf file. Pass a model directory (with config.json) "
-            f"or a .gguf file."
+            f"or a .gguf file.{hint}"
         )
+    if path.exists():  # a FIFO, socket or device
+        raise ModelNotFoundError(f"{path} is neither a directory nor a file (a pipe, socket or device). Pass "
+                                 "a model directory (with config.json) or a .gguf file.")
     if is_default_model(name):
         return ResolvedModel(cached_gguf_dir(default_gguf_path(), cache_name=DEFAULT_MODEL), DEFAULT_MODEL)
     if _looks_like_path(name):
-        raise ModelNotFoundError(f"No such file or directory: {path}. {_how_to_make_available(name)}")
+        raise ModelNotFoundError(
+            f"No such file or directory: {path}. Check the path (and the working directory); pass a local "
+            "model directory with config.json + weights, a .gguf file, or the default model "
+            f"{DEFAULT_MODEL}. tailor never downloads at run time."
+        )
     snapshot = _hf_cache_snapshot(name)
     if snapshot is not None:
         if (snapshot / "config.json").is_file():
@@ -168,13 +190,50 @@ def parse_dtype(name: str, device: str | None = None) -> torch.dtype:
     return DTYPES[key]
 
 
+def check_model_dir(directory: Path) -> None:
+    """Refuse, with the path and the fix, a model directory `from_pretrained` would fail on with a traceback:
+    config.json unreadable, empty, not JSON or without model_type, or no weight file."""
+    config = directory / "config.json"
+    try:
+        text = config.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ModelLoadError(f"{config}: cannot be read ({why}). Check that you may read it (ls -l), or "
+                             f"{_RESAVE}.") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        problem = "the file is empty" if not text.strip() else \
+            f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        raise ModelLoadError(f"{config}: {problem}; the model's configuration is corrupt. Fix: {_RESAVE}.") \
+            from None
+    if not isinstance(values, dict) or "model_type" not in values:
+        got = "has no model_type" if isinstance(values, dict) else f"is a JSON {type(values).__name__}"
+        raise ModelLoadError(f"{config}: {got}, so it is not a transformers model config. Fix: {_RESAVE}.")
+    present = [name for name in WEIGHT_FILES if (directory / name).exists()]
+    if not present and not any(directory.glob("*.safetensors")):
+        raise ModelLoadError(f"{directory} has config.json but no weights ({', '.join(WEIGHT_FILES)}). Fix: "
+                             f"copy the weight files too, or {_RESAVE}.")
+    for name in present:
+        if not (directory / name).is_file() or (directory / name).stat().st_size == 0:
+            raise ModelLoadError(f"{directory / name}: the weights file is empty or not a file (an "
+                                 f"interrupted copy?). Fix: {_RESAVE}.")
+
+
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     """The model's tokenizer with a pad token (eos when it has none)."""
     return _load_tokenizer_from(resolve_model(name_or_path))
 
 
 def _load_tokenizer_from(resolved: ResolvedModel) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolved.directory, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.directory, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError, ValueError, JSON and tokenizers errors here
+        raise ModelLoadError(
+            f"{resolved.directory}: the tokenizer cannot be loaded ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}). Fix: copy the tokenizer files (tokenizer.json, "
+            f"tokenizer_config.json) from the original model into it, or {_RESAVE}."
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -192,9 +251,19 @@ def load_model(
     name or a repo id) rather than a cache path where there is one.
     """
     resolved = resolve_model(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        resolved.directory, dtype=dtype or torch.float32, local_files_only=True
-    )
+    check_model_dir(resolved.directory)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.directory, dtype=dtype or torch.float32, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        raise ModelLoadError(
+            f"{resolved.directory}: the model cannot be loaded ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}). The weights or config are corrupt or incomplete, or not "
+            f"a causal language model. Fix: {_RESAVE}."
+        ) from None
     model.config.name_or_path = model.name_or_path = resolved.display_name
     model.to(device or default_device())
     model.eval()

@@ -7,11 +7,12 @@ ran) so the report can be regenerated at any time with `write_report(run_dir)`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tailor.files import atomic_write_text
 
 CONFIG_KEYS = ("method", "model", "data", "val_data", "max_seq_len", "rank", "lora_alpha", "lora_dropout",
                "target_modules", "use_rslora", "max_steps", "epochs", "batch_size", "grad_accum", "lr",
@@ -156,8 +157,4 @@ def _quote(text: str) -> str:
 
 def write_report(run_dir: Path) -> Path:
     """Render report.md into the run directory (atomically) and return its path."""
-    path = Path(run_dir) / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(run_dir))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(run_dir) / "report.md", render_report(run_dir))

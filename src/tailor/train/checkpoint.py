@@ -5,14 +5,14 @@ A checkpoint is a directory checkpoints/step-000050/ holding
   optimizer.pt           AdamW state (moments, step counts)
   rng.pt                 torch / python / numpy (/ CUDA) RNG states
   state.json             step, data position (epoch, batch), best validation loss, elapsed time, config
-It is written into a temporary sibling directory and renamed into place (os.replace), so a SIGKILL
-at any moment leaves either the previous checkpoint or the new one, never half of one.
+It is written with tailor.files.atomic_output: into a temporary sibling directory (.step-000050.tmp-*),
+flushed to disk and renamed into place, so a SIGKILL at any moment leaves either the previous checkpoint or
+the new one, never half of one (remove_stale_temporaries clears the leftover temporary on resume).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from tailor.files import atomic_output
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -72,21 +74,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(checkpoints_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: TrainState, config: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoints/step-<step>/ atomically, then drop all but the `keep` newest checkpoints."""
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{state.step:06d}"
-    tmp = checkpoints_dir / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"state": asdict(state), "config": config}, indent=1))
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving a step (e.g. resumed and killed again): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(checkpoints_dir)
+    # Files are fsynced before the rename; re-saving a step (resumed and killed again) replaces it whole.
+    with atomic_output(final, directory=True) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"state": asdict(state), "config": config}, indent=1))
     for old in list_checkpoints(checkpoints_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -108,7 +102,7 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
     """Restore trainable weights, optimizer and RNG state in place; return the saved TrainState."""
-    saved = load_file(str(path / "trainable.safetensors"))
+    saved, optimizer_state, rng, state = _read_checkpoint(path)
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(saved) != expected:
@@ -120,22 +114,25 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return TrainState(**json.loads((path / "state.json").read_text())["state"])
+    optimizer.load_state_dict(optimizer_state)
+    set_rng_state(rng)
+    return TrainState(**state)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flush the files of `path` and the directory entry itself, so a rename after it is durable."""
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict, dict[str, Any]]:
+    """A checkpoint's four files, or a ValueError naming the checkpoint and how to go on without it."""
     try:
-        for child in path.iterdir():
-            if child.is_file():
-                with open(child, "rb") as handle:
-                    os.fsync(handle.fileno())
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
-        pass
+        saved = load_file(str(path / "trainable.safetensors"))
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        state = json.loads((path / "state.json").read_text())["state"]
+        TrainState(**state)
+    except Exception as exc:  # safetensors, pickle, JSON and OS errors all mean: this checkpoint is unusable
+        older = [p.name for p in list_checkpoints(path.parent) if p != path]
+        fallback = (f"delete {path} to resume from {older[-1]}, or " if older else "")
+        raise ValueError(
+            f"{path}: the checkpoint cannot be read ({type(exc).__name__}: {exc}); it is corrupt or "
+            f"incomplete. To go on, {fallback}start a new run with another --out. The checkpoint is left "
+            "as it is."
+        ) from None
+    return saved, optimizer_state, rng, state

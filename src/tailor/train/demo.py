@@ -33,8 +33,16 @@ DEMO_RECIPE: dict[str, Any] = {
 EVAL_MAX_NEW_TOKENS = 64  # the reference JSON answers are ~40 tokens
 
 
-def _looks_like_run(path: Path) -> bool:
-    return (path / "config.yaml").exists() and (path / "metrics.jsonl").exists()
+def _is_previous_demo(path: Path) -> bool:
+    """A run directory `tailor demo` wrote (its config.yaml names the demo's run and data): the only kind
+    of directory the demo replaces. Any other run, or other files, stay untouched."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and all(config.get(k) == DEMO_RECIPE[k] for k in ("name", "data"))
 
 
 def run_demo(out: str | Path = "runs/demo", max_steps: int | None = None, eval_n: int | None = None,
@@ -44,60 +52,28 @@ def run_demo(out: str | Path = "runs/demo", max_steps: int | None = None, eval_n
     from rich.console import Console
 
     from tailor.config import load_config
+    from tailor.files import check_output_path
     from tailor.train.run import train
 
     console = Console()
     out = Path(out)
     recipe = {**DEMO_RECIPE, "out": str(out), "max_steps": max_steps or DEMO_RECIPE["max_steps"]}
     config = load_config(**recipe)
-    if out.exists() and any(out.iterdir()):
-        if not _looks_like_run(out):
-            raise ValueError(f"{out} exists and is not a tailor run directory; choose another --out")
+    check_output_path(out, directory=True)  # a file there (or as a parent) is refused, and left alone
+    if out.is_dir() and any(out.iterdir()):
+        if not _is_previous_demo(out):
+            raise ValueError(f"{out} is not empty and holds no previous demo run; nothing there is touched. "
+                             "Choose another --out (the demo replaces only a run `tailor demo` wrote).")
         shutil.rmtree(out)  # a previous demo: the demo always starts fresh
     console.print(f"[bold]tailor demo[/]: LoRA r={config.rank} on {config.data}, {config.max_steps} steps "
                   f"of {config.batch_size} examples -> {out}")
     run_dir = train(config)
 
-    return evaluate_run(run_dir, eval_n=eval_n, batch_size=batch_size, console=console)
+    from tailor.eval import evaluate_run, print_evaluation
 
-
-def evaluate_run(run_dir: str | Path, eval_n: int | None = None, batch_size: int = 16,
-                 console: Any = None) -> dict[str, Any]:
-    """Base vs tuned (the run's adapter) on the built-in held-out test split: eval.json, report.md,
-    and the table plus one example printed."""
-    import torch
-    from rich.console import Console
-
-    from tailor.adapters import load_adapter
-    from tailor.config import load_config
-    from tailor.data import load_examples
-    from tailor.eval import compare_base_and_tuned, render_comparison, write_eval_json
-    from tailor.models import load_model
-    from tailor.report import write_report
-
-    console = console or Console()
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
     console.print("[bold]evaluating[/] base vs tuned on the held-out test split ...")
-    # bf16 weights: generation is matmul-bound and bf16 matmuls are several times faster (AMX / GPUs)
-    model, tokenizer = load_model(config.model, dtype=torch.bfloat16, device=config.device)
-    load_adapter(model, run_dir / "adapter")
-    model.eval()
-    test = load_examples("builtin:support:test")
-    if eval_n:
-        test = test[:eval_n]
-    with torch.no_grad():
-        result = compare_base_and_tuned(model, tokenizer, test, max_new_tokens=EVAL_MAX_NEW_TOKENS,
-                                        batch_size=batch_size, max_seq_len=config.max_seq_len)
-    write_eval_json(result, run_dir / "eval.json")
-    write_report(run_dir)
-
-    console.print(render_comparison(result, title=f"base vs tuned on {result['n']} held-out tickets"))
-    if result.get("samples"):
-        sample = result["samples"][0]
-        console.print("\n[bold]customer:[/] " + sample["prompt"], highlight=False)
-        console.print("[bold]reference:[/] " + sample["reference"], highlight=False)
-        console.print("[bold red]base:[/] " + sample["base"].strip(), highlight=False)
-        console.print("[bold green]tuned:[/] " + sample["tuned"].strip(), highlight=False)
+    result = evaluate_run(run_dir, data="builtin:support:test", n=eval_n, batch_size=batch_size,
+                          max_new_tokens=EVAL_MAX_NEW_TOKENS)
+    print_evaluation(result, console, title=f"base vs tuned on {result['n']} held-out tickets")
     console.print(f"\nrun directory: {run_dir} (report.md, eval.json, adapter/)")
     return result

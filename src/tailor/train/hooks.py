@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from torch import nn
 
+from tailor.files import atomic_write_text
 from tailor.loss import validation_loss
 from tailor.train.checkpoint import save_checkpoint
 
@@ -125,12 +126,15 @@ class MetricsHook(Hook):
 
     def on_start(self, run: TrainingRun) -> None:
         path = run.run_dir / "metrics.jsonl"
-        if run.resumed_from is None:
-            path.write_text("")
-        elif path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= run.state.step]
-            path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        if run.resumed_from is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= run.state.step:
+                        kept.append(line)
+                except ValueError:  # a line cut short by the kill: the checkpoint's steps come before it
+                    break
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
         self._handle = path.open("a")
 
     def on_step(self, run: TrainingRun, record: StepRecord) -> None:

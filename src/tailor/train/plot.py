@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from tailor.files import atomic_output
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
@@ -28,8 +29,9 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    tmp = png_path.with_name(png_path.name + ".tmp.png")
-    figure.savefig(tmp)
-    plt.close(figure)
-    os.replace(tmp, png_path)
-    return png_path
+    try:
+        with atomic_output(png_path) as tmp:
+            figure.savefig(tmp, format="png")  # the temporary's name has no .png to infer the format from
+    finally:
+        plt.close(figure)
+    return Path(png_path)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tailor.config import ConfigError, TrainConfig, save_config
-from tailor.files import atomic_output, atomic_write_json, directory_size
+from tailor.files import OutputPathError, atomic_output, atomic_write_json, check_output_path, directory_size
 from tailor.methods import get_method
 from tailor.train.distributed import is_main_process
 from tailor.train.hooks import Hook
@@ -53,9 +53,9 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def prepare_data(config: TrainConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
-    """Load, split and tokenize train/validation examples; returns (train, val, stats)."""
-    from tailor.data import load_examples, split_examples, tokenize_examples
+def load_data(config: TrainConfig) -> tuple[list, list]:
+    """Load and split the train/validation examples (no tokenizer needed): bad data is found here, early."""
+    from tailor.data import load_examples, split_examples
 
     train_examples = load_examples(config.data, config.format)
     if config.val_data:
@@ -67,6 +67,16 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> tuple[list, list, dict[
         train_examples, val_examples = split_examples(train_examples, config.val_fraction, config.seed)
     else:
         val_examples = []
+    return train_examples, val_examples
+
+
+def prepare_data(config: TrainConfig, tokenizer: Any,
+                 examples: tuple[list, list] | None = None) -> tuple[list, list, dict[str, Any]]:
+    """Load (unless `examples` = load_data's result is given), split and tokenize train/validation
+    examples; returns (train, val, stats)."""
+    from tailor.data import tokenize_examples
+
+    train_examples, val_examples = examples if examples is not None else load_data(config)
     train_set, train_stats = tokenize_examples(train_examples, tokenizer, config.max_seq_len, config.overflow)
     val_set, val_stats = tokenize_examples(val_examples, tokenizer, config.max_seq_len, config.overflow) \
         if val_examples else ([], None)
@@ -89,19 +99,20 @@ def train(config: TrainConfig, extra_hooks: Sequence[Hook] = ()) -> Path:
     method = get_method(config.method)
     run_dir = config.run_dir()
     check_run_dir(run_dir, config.resume)
+    examples = load_data(config)  # bad data stops the run here: before the model load, nothing written
     main = is_main_process()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
     torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
     seed_everything(config.seed)
 
     started = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=torch.float32, device=config.device)
     load_seconds = time.perf_counter() - started
-    train_set, val_set, data_stats = prepare_data(config, tokenizer)
+    train_set, val_set, data_stats = prepare_data(config, tokenizer, examples)
     seed_everything(config.seed)  # adapter init independent of how much randomness data prep used
     model = method.prepare(model, config)
+    if main:  # only now, with the data, the model and the method known good, is the run directory written
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
 
     def save_weights(trained: nn.Module, directory: Path) -> Path:
         return method.save(trained, directory, tokenizer)
@@ -137,8 +148,10 @@ def train(config: TrainConfig, extra_hooks: Sequence[Hook] = ()) -> Path:
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse a run directory that would lose or mix what is there (a file, another run, other files)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"out: {run_dir} is a file; give a directory for the run (--out DIR)")
+    try:  # a file where the run directory (or one of its parents) goes; no permission to write there
+        check_output_path(run_dir, directory=True)
+    except OutputPathError as error:
+        raise ConfigError(f"out: {error} (--out DIR)") from None
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return
     holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "config.yaml").exists()

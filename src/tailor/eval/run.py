@@ -1,0 +1,89 @@
+"""Evaluate a run: its base model against what training delivered, on held-out data -> eval.json.
+
+The one way to do it, used by `tailor eval` and by `tailor demo`. The run's method (tailor.methods) knows
+how to put its deliverable on a freshly loaded base: an adapter is attached to the base itself (the base
+side is then the same weights with the adapter switched off), a full fine-tune is loaded beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tailor.config import ConfigError, read_yaml_config
+from tailor.eval.evaluate import compare_base_and_tuned, compare_models, write_eval_json
+
+DEFAULT_EVAL_DATA = "builtin:support:test"
+
+
+def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
+                 adapter: str | Path | None = None, data: str = DEFAULT_EVAL_DATA, n: int | None = None,
+                 out: str | Path | None = None,
+                 max_new_tokens: int = 64, batch_size: int = 16, max_seq_len: int | None = None,
+                 retention: bool = True, dtype: str = "auto") -> dict[str, Any]:
+    """Base vs tuned for `run_dir` (its config.yaml and adapter/ or model/), or for `adapter` alone.
+
+    Writes eval.json (`out`, default run_dir/eval.json) and, for a run, refreshes its report.md.
+    Returns the eval.json dict (see tailor.eval.compare_base_and_tuned) plus model, adapter and data.
+    """
+    from tailor.data import load_examples
+    from tailor.files import check_output_path  # a wrong --out fails before the evaluation, not after it
+    from tailor.methods import get_method
+    from tailor.models import DEFAULT_MODEL, load_model, parse_dtype
+
+    run = Path(run_dir) if run_dir is not None else None
+    config = _run_config(run) if run is not None else {}
+    method = get_method(config.get("method", "lora") if adapter is None else "lora")
+    deliverable = Path(adapter) if adapter is not None else method.deliverable_dir(run) if run else None
+    if deliverable is None or not deliverable.is_dir():
+        missing = deliverable if adapter is not None or run is None or run.is_dir() else run
+        where = (f"{missing} {'is a file, not a directory' if missing.exists() else 'does not exist'}"
+                 if missing else "no run directory or --adapter given")
+        raise ValueError(f"nothing to compare: {where}; pass a run directory that holds adapter/ or model/, "
+                         "or --adapter DIR.")
+    base_name = model or config.get("model") or _adapter_base_model(deliverable) or DEFAULT_MODEL
+    examples = load_examples(data)[: n if n else None]
+    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, retention=retention,
+                    max_seq_len=max_seq_len or int(config.get("max_seq_len") or 1024))
+    target = check_output_path(Path(out) if out else (run / "eval.json" if run else Path("eval.json")))
+
+    base, tokenizer = load_model(base_name, dtype=parse_dtype(dtype), device=config.get("device"))
+    tuned = method.attach(base, deliverable)
+    base.eval()
+    tuned.eval()
+    if tuned is base:
+        result = compare_base_and_tuned(base, tokenizer, examples, **settings)
+    else:
+        result = compare_models(base, tuned, tokenizer, examples, **settings)
+    result.update(model=base_name, adapter=str(deliverable), data=data)
+
+    write_eval_json(result, target)
+    if run is not None and target.resolve() == (run / "eval.json").resolve():
+        from tailor.report import write_report
+
+        write_report(run)  # report.md picks up the new eval.json
+    result["eval_json"] = str(target)
+    return result
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        return read_yaml_config(path)
+    except ConfigError as error:
+        raise ValueError(f"{path}: cannot read the run's config ({error}); evaluate with --model and "
+                         "--adapter instead.") from None
+
+
+def _adapter_base_model(directory: Path) -> str | None:
+    """The base model an adapter was trained on (adapter_config.json's base_model_name_or_path)."""
+    try:
+        return json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+
+
+__all__ = ["DEFAULT_EVAL_DATA", "evaluate_run"]
