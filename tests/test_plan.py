@@ -11,6 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from tailor.cli import app
+from tailor.config import TrainConfig
+from tailor.methods import METHODS
 from tailor.plan import (
     CATALOGUE,
     AdviceInputs,
@@ -86,10 +88,12 @@ def test_memory_ordering_qlora_lora_full():
 
 def test_memory_monotonic_in_batch_seq_and_checkpointing():
     arch = CATALOGUE["SmolLM2-360M"]
-    base = estimate_memory(arch, TrainingSetup(batch_size=1, seq_len=512)).total
-    assert estimate_memory(arch, TrainingSetup(batch_size=2, seq_len=512)).total > base
-    assert estimate_memory(arch, TrainingSetup(batch_size=1, seq_len=1024)).total > base
-    no_ckpt = estimate_memory(arch, TrainingSetup(batch_size=1, seq_len=512, gradient_checkpointing=False))
+    base = estimate_memory(arch, TrainingSetup(batch_size=1, max_seq_len=512)).total
+    assert estimate_memory(arch, TrainingSetup(batch_size=2, max_seq_len=512)).total > base
+    assert estimate_memory(arch, TrainingSetup(batch_size=1, max_seq_len=1024)).total > base
+    no_ckpt = estimate_memory(
+        arch, TrainingSetup(batch_size=1, max_seq_len=512, gradient_checkpointing=False)
+    )
     assert no_ckpt.total > base
     sgd = estimate_memory(arch, TrainingSetup(method="full", optimizer="sgd")).optimizer_state
     adam8 = estimate_memory(arch, TrainingSetup(method="full", optimizer="adamw-8bit")).optimizer_state
@@ -115,13 +119,13 @@ def test_cli_plan_json_shape():
         "lora",
         "--rank",
         "16",
-        "--alpha",
+        "--lora-alpha",
         "32",
         "--target-modules",
         "all-linear",
         "--batch-size",
         "1",
-        "--seq-len",
+        "--max-seq-len",
         "2048",
         "--json",
     ]
@@ -192,7 +196,7 @@ def test_bad_input_lists_all_problems():
     msg = str(err.value)
     for fragment in (
         "--method 'loraa'",
-        "full, lora, qlora-nf4, qlora-int8",
+        ", ".join(METHODS),
         "--rank 0",
         "--batch-size -1",
         "--optimizer 'adam'",
@@ -268,16 +272,18 @@ def test_advise_recipe_fits_the_hardware(model, gpu_gb, method):
     assert advice.answer == "lora"
     r = advice.recipe
     assert r["method"] == method
-    setup = TrainingSetup(
+    setup = TrainingSetup(  # the run `tailor train` makes with the recipe (its loss in 1024-row chunks)
         method=r["method"],
         rank=r["rank"],
-        alpha=r["alpha"],
+        lora_alpha=r["lora_alpha"],
         batch_size=r["batch_size"],
-        seq_len=r["seq_len"],
-        gradient_checkpointing=True,
+        max_seq_len=r["max_seq_len"],
+        gradient_checkpointing=r["gradient_checkpointing"],
+        grad_accum=r["grad_accum"],
+        loss_chunk_tokens=TrainConfig().loss_chunk_size,
     )
     assert estimate_memory(CATALOGUE[model], setup).total <= gpu_gb * 2**30
-    assert r["learning_rate"] > 0 and advice.reasons
+    assert r["lr"] > 0 and advice.reasons
 
 
 def test_advise_cli_flags():
@@ -313,13 +319,13 @@ def test_advise_cli_flags():
 
 def test_json_breakdown_is_the_peak_moment_and_accumulation_keeps_gradients_alive():
     def full(*extra):
-        args = ["plan", "--model", "SmolLM2-135M", "--method", "full", "--batch-size", "4", "--seq-len",
+        args = ["plan", "--model", "SmolLM2-135M", "--method", "full", "--batch-size", "4", "--max-seq-len",
                 "512", "--no-gradient-checkpointing", "--json", *extra]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         return json.loads(result.output)
 
-    single, accumulated = full(), full("--grad-accumulation", "4")
+    single, accumulated = full(), full("--grad-accum", "4")
     for plan_json in (single, accumulated):
         parts = {k: v for k, v in plan_json["memory_gib"].items() if k != "total"}
         assert sum(parts.values()) == pytest.approx(plan_json["memory_gib"]["total"])
@@ -331,7 +337,7 @@ def test_json_breakdown_is_the_peak_moment_and_accumulation_keeps_gradients_aliv
 
 
 def test_bad_accumulation_and_kernel_are_refused_together():
-    result = runner.invoke(app, ["plan", "--model", "SmolLM2-135M", "--grad-accumulation", "0",
+    result = runner.invoke(app, ["plan", "--model", "SmolLM2-135M", "--grad-accum", "0",
                                  "--optimizer-kernel", "turbo"])
     assert result.exit_code == 2
-    assert "--grad-accumulation 0" in result.output and "fused, foreach, for-loop" in result.output
+    assert "--grad-accum 0" in result.output and "fused, foreach, for-loop" in result.output

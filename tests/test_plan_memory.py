@@ -64,7 +64,7 @@ def test_activation_formula_matches_saved_tensors(precision, method, targets, ad
         rank=16,
         target_modules=targets if isinstance(targets, str) else tuple(targets),
         batch_size=BATCH,
-        seq_len=SEQ,
+        max_seq_len=SEQ,
         gradient_checkpointing=False,
         precision=precision,
         adapter_dtype=adapter_dtype,
@@ -121,7 +121,7 @@ def _phase_peaks(arch: Architecture, setup: TrainingSetup, kernel: str) -> dict[
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, **kwargs)
     existing = [*model.parameters(), *model.buffers()]
     weights = sum(t.numel() * t.element_size() for t in existing)
-    ids = torch.randint(0, arch.vocab_size, (setup.batch_size, setup.seq_len))
+    ids = torch.randint(0, arch.vocab_size, (setup.batch_size, setup.max_seq_len))
     peaks = {}
     with LiveBytes(existing) as live:
         for _ in range(2):
@@ -160,7 +160,7 @@ def test_phase_peaks_match_live_tensor_bytes(method, tied, batch, seq, checkpoin
         method=method,
         rank=16,
         batch_size=batch,
-        seq_len=seq,
+        max_seq_len=seq,
         gradient_checkpointing=checkpointing,
         precision="fp32",
         optimizer_kernel=kernel,

@@ -122,7 +122,7 @@ def _upcast_ce(logits, labels):
 
 def test_chunked_eager_loss_keeps_fp32_log_softmax_of_every_chunk():
     tokens, chunk = 256, 64
-    setup = TrainingSetup(precision="bf16", batch_size=1, seq_len=tokens, loss_chunk_tokens=chunk)
+    setup = TrainingSetup(precision="bf16", batch_size=1, max_seq_len=tokens, loss_chunk_tokens=chunk)
     kept = loss_bytes(ARCH, setup) - chunk * 8 * ARCH.vocab_size  # minus the backward transient
     measured = _saved_loss_bytes(_upcast_ce, tokens, chunk)
     assert kept == pytest.approx(measured, rel=0.02)
@@ -133,7 +133,7 @@ def test_compiled_loss_keeps_compute_dtype_logits():
     """torch.compile (inductor, CPU) of upcast + cross-entropy keeps the bf16 logits and two fp32 per row
     instead of the fp32 log-softmax; ~15 s of compilation."""
     tokens, chunk = 256, 64
-    setup = TrainingSetup(batch_size=1, seq_len=tokens, loss_chunk_tokens=chunk, compile=True)
+    setup = TrainingSetup(batch_size=1, max_seq_len=tokens, loss_chunk_tokens=chunk, compile=True)
     kept = loss_bytes(ARCH, setup) - chunk * 2 * ARCH.vocab_size
     measured = _saved_loss_bytes(torch.compile(_upcast_ce), tokens, chunk)
     assert kept == pytest.approx(measured, rel=0.02)
@@ -144,13 +144,13 @@ def test_compiled_loss_keeps_compute_dtype_logits():
 def test_activation_offloading_moves_kept_blocks_to_host():
     arch = CATALOGUE["Llama-3.1-8B"]
     for checkpointing in (True, False):
-        setup = TrainingSetup(batch_size=2, seq_len=2048, gradient_checkpointing=checkpointing)
+        setup = TrainingSetup(batch_size=2, max_seq_len=2048, gradient_checkpointing=checkpointing)
         kept = estimate_memory(arch, setup)
         off = estimate_memory(arch, replace(setup, activation_offloading=True))
         assert off.activations + off.host_activations == pytest.approx(kept.activations)
         assert off.host_activations > 0
     # with checkpointing the blocks keep their inputs (bf16, H per token); all but two go to the host
-    setup = TrainingSetup(batch_size=2, seq_len=2048, activation_offloading=True)
+    setup = TrainingSetup(batch_size=2, max_seq_len=2048, activation_offloading=True)
     host = estimate_memory(arch, setup).host_activations
     assert host == (arch.num_layers - OFFLOAD_RESIDENT_BLOCKS) * 2 * 2048 * 2 * arch.hidden_size
 
@@ -158,7 +158,7 @@ def test_activation_offloading_moves_kept_blocks_to_host():
 def test_old_bitsandbytes_inputs_and_the_dequantised_weight():
     arch = CATALOGUE["Llama-2-7B"]
     base = dict(rank=8, target_modules=("q_proj", "v_proj"), adapter_dtype="bf16", batch_size=1,
-                seq_len=1024, gradient_checkpointing=False)
+                max_seq_len=1024, gradient_checkpointing=False)
     lora = estimate_memory(arch, TrainingSetup(method="lora", **base)).activations
     qlora = estimate_memory(arch, TrainingSetup(method="qlora-nf4", **base)).activations
     old_setup = TrainingSetup(method="qlora-nf4", quant_keeps_inputs=True, **base)

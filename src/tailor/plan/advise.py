@@ -5,15 +5,23 @@ LoRA -> full fine-tuning. Each step is taken only when the one before cannot clo
 reasons are printed with the answer. When LoRA is the answer we search a small grid (LoRA, then QLoRA;
 batch 8 down to 1; gradient checkpointing on) with the planner and return the first recipe that fits the
 user's GPU memory.
+
+A recipe is a mapping of TrainConfig fields (tailor.config): `tailor advise --out recipe.yaml` writes it
+and `tailor train recipe.yaml --data ...` runs it as is; `tailor plan recipe.yaml` plans that same run.
+Each recipe is planned the way `tailor train` runs it (TrainConfig precision bf16: for LoRA a bf16 base
+with fp32 adapters, for full fine-tuning fp32 master weights with bf16 compute; torch AdamW).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tailor.plan.catalogue import PlanError, resolve_model
-from tailor.plan.memory import TrainingSetup, estimate_memory
+from tailor.config import DEFAULT_MODEL_NAME
+from tailor.methods import ADAPTER_METHODS, method_spec
+from tailor.plan.catalogue import Architecture, PlanError, resolve_model
+from tailor.plan.memory import estimate_memory
 from tailor.plan.params import block_linears
+from tailor.plan.planner import train_config_setup
 
 STEPS = ("prompting", "few-shot", "tools", "retrieval", "lora", "full fine-tune")
 MIN_EXAMPLES_LORA = 100  # below this, few-shot or collecting data beats training (LIMA used 1,000)
@@ -30,9 +38,9 @@ class AdviceInputs:
     needs_knowledge: bool | None = None  # is the gap facts that live in documents or change over time?
     examples: int | None = None  # labelled input->output examples available
     large_shift: bool | None = None  # new language/domain far from the base model's training data?
-    model: str = "SmolLM2-135M"
+    model: str = DEFAULT_MODEL_NAME  # what `tailor train` trains by default
     gpu_memory_gb: float = 24
-    seq_len: int = 1024
+    max_seq_len: int = 1024
 
 
 QUESTIONS = {
@@ -48,8 +56,9 @@ QUESTIONS = {
 class Advice:
     answer: str  # one of STEPS
     reasons: list[str] = field(default_factory=list)
-    recipe: dict | None = None
+    recipe: dict | None = None  # TrainConfig fields (see recipe_yaml)
     assumed: list[str] = field(default_factory=list)  # unanswered questions and the default taken
+    planned_peak_gib: float | None = None  # the planner's peak training memory for the recipe
 
     def to_dict(self) -> dict:
         return {
@@ -57,6 +66,7 @@ class Advice:
             "escalation_order": list(STEPS),
             "reasons": self.reasons,
             "recipe": self.recipe,
+            "planned_peak_gib": self.planned_peak_gib,
             "assumed": self.assumed,
         }
 
@@ -65,11 +75,11 @@ def advise(inputs: AdviceInputs) -> Advice:
     """Walk the escalation order; stop at the first step that closes the gap."""
     if (
         inputs.gpu_memory_gb <= 0
-        or inputs.seq_len < 1
+        or inputs.max_seq_len < 1
         or (inputs.examples is not None and inputs.examples < 0)
     ):
         raise PlanError(
-            f"advise: gpu memory {inputs.gpu_memory_gb} GB, seq len {inputs.seq_len}, "
+            f"advise: gpu memory {inputs.gpu_memory_gb} GB, max_seq_len {inputs.max_seq_len}, "
             f"examples {inputs.examples}: all must be positive"
         )
     assumed = []
@@ -139,7 +149,8 @@ def advise(inputs: AdviceInputs) -> Advice:
         reasons.append(f"{n:,} examples and a large domain shift: full fine-tuning can use the capacity")
         recipe = _full_recipe(inputs)
         if recipe is not None:
-            return Advice("full fine-tune", reasons, recipe, assumed)
+            peak = recipe.pop("planned_peak_gib")
+            return Advice("full fine-tune", [*reasons, *recipe.pop("reasons")], recipe, assumed, peak)
         reasons.append("but full fine-tuning does not fit the GPU memory given; LoRA instead")
     reasons.append(
         f"{n:,} examples are enough for a LoRA adapter (LoRA matches full fine-tuning on "
@@ -152,84 +163,109 @@ def advise(inputs: AdviceInputs) -> Advice:
             [
                 *reasons,
                 f"no LoRA/QLoRA recipe fits {inputs.gpu_memory_gb:g} GB for "
-                f"{inputs.model} at seq len {inputs.seq_len}: choose a smaller model or a "
+                f"{inputs.model} at max_seq_len {inputs.max_seq_len}: choose a smaller model or a "
                 "bigger GPU (see `tailor plan`)",
             ],
             None,
             assumed,
         )
-    return Advice("lora", [*reasons, *recipe.pop("reasons")], recipe, assumed)
+    peak = recipe.pop("planned_peak_gib")
+    return Advice("lora", [*reasons, *recipe.pop("reasons")], recipe, assumed, peak)
+
+
+def planned_peak_gib(arch: Architecture, recipe: dict) -> float:
+    """Planned peak training memory (GiB) of a recipe run as `tailor train` runs it: the figure
+    `tailor plan RECIPE.yaml` prints (fields the recipe leaves out take TrainConfig's defaults)."""
+    from tailor.config import TrainConfig
+
+    return estimate_memory(arch, train_config_setup(TrainConfig(**recipe))).total / 2**30
 
 
 def lora_recipe(inputs: AdviceInputs) -> dict | None:
-    """First (method, batch) on the grid whose planned peak memory fits `gpu_memory_gb`."""
+    """First (method, batch) on the grid whose planned peak memory fits `gpu_memory_gb`: TrainConfig fields,
+    plus `planned_peak_gib` and `reasons` (which `advise` takes out)."""
     arch = resolve_model(inputs.model)
-    capacity = inputs.gpu_memory_gb * 2**30
     targets = "all-linear"
     n_targets = len(block_linears(arch))
-    for method in ("lora", "qlora-nf4"):
+    # LoRA on a bf16 base first, then on a quantised base, fewest bits first (QLoRA's NF4): more bits never
+    # fit where fewer do not, so the grid is effectively LoRA, then QLoRA-NF4
+    grid = sorted(ADAPTER_METHODS, key=lambda m: method_spec(m).quantized_bits or 0)
+    for method in grid:
+        spec = method_spec(method)
         for batch in (8, 4, 2, 1):
-            setup = TrainingSetup(
-                method=method,
-                rank=16,
-                alpha=32,
-                target_modules=targets,
-                batch_size=batch,
-                seq_len=inputs.seq_len,
-                gradient_checkpointing=True,
-                grad_accumulation=max(1, 16 // batch),
-            )
-            mem = estimate_memory(arch, setup)
-            if mem.total <= capacity:
-                accumulation = setup.grad_accumulation
+            recipe = {
+                "model": inputs.model,
+                "method": method,
+                "rank": 16,
+                "lora_alpha": 32.0,
+                "target_modules": targets,
+                "lr": spec.default_lr,
+                "batch_size": batch,
+                "grad_accum": max(1, 16 // batch),
+                "max_seq_len": inputs.max_seq_len,
+                "gradient_checkpointing": True,
+                "precision": "bf16",
+                "epochs": 2.0,
+            }
+            peak = planned_peak_gib(arch, recipe)
+            if peak <= inputs.gpu_memory_gb:
+                quantised = f" (bf16 LoRA did not fit: the base is quantised to {spec.quantized_bits} bits)"
                 reasons = [
-                    f"{method}: planned peak {mem.total / 2**30:.1f} GiB <= {inputs.gpu_memory_gb:g} GB"
-                    + (
-                        ""
-                        if method == "lora"
-                        else " (bf16 LoRA did not fit, so the base is quantised to NF4)"
-                    ),
-                    f"rank 16, alpha 32 on all {n_targets} kinds of block linear: all-linear "
+                    f"{method}: planned peak {peak:.1f} GiB <= {inputs.gpu_memory_gb:g} GB"
+                    + ("" if spec.quantized_bits is None else quantised),
+                    f"rank 16, lora_alpha 32 on all {n_targets} kinds of block linear: all-linear "
                     "targeting matters more than rank (QLoRA paper, sec. 4); "
-                    "alpha = 2 x rank keeps the update scale steady",
-                    f"lr 2e-4 is the usual LoRA starting point (QLoRA paper: 2e-4 for 7B/13B); "
-                    f"batch {batch} x {accumulation} gradient accumulation = effective 16 sequences",
+                    "lora_alpha = 2 x rank keeps the update scale steady",
+                    f"lr {spec.default_lr:g}, the usual LoRA starting point (QLoRA paper: 2e-4 for 7B/13B); "
+                    f"batch_size {batch} x grad_accum {recipe['grad_accum']} = effective 16 sequences",
                     "gradient checkpointing on: trades ~1/3 more compute for most activation memory",
                 ]
-                return {
-                    "method": method,
-                    "rank": 16,
-                    "alpha": 32,
-                    "target_modules": targets,
-                    "learning_rate": 2e-4,
-                    "batch_size": batch,
-                    "gradient_accumulation": accumulation,
-                    "seq_len": inputs.seq_len,
-                    "gradient_checkpointing": True,
-                    "epochs": 2,
-                    "planned_peak_gib": mem.total / 2**30,
-                    "model": arch.name,
-                    "reasons": reasons,
-                }
+                return {**recipe, "planned_peak_gib": peak, "reasons": reasons}
     return None
 
 
 def _full_recipe(inputs: AdviceInputs) -> dict | None:
+    """Full fine-tuning as `tailor train --method full` runs it: fp32 master weights with bf16 compute
+    (TrainConfig precision bf16, the planner's bf16-mixed) and torch AdamW."""
     arch = resolve_model(inputs.model)
     for batch in (8, 4, 2, 1):
-        setup = TrainingSetup(method="full", batch_size=batch, seq_len=inputs.seq_len, optimizer="adamw-8bit",
-                              grad_accumulation=max(1, 16 // batch))
-        mem = estimate_memory(arch, setup)
-        if mem.total <= inputs.gpu_memory_gb * 2**30:
-            return {
-                "method": "full",
-                "learning_rate": 1e-5,
-                "batch_size": batch,
-                "optimizer": "adamw-8bit",
-                "gradient_accumulation": max(1, 16 // batch),
-                "seq_len": inputs.seq_len,
-                "gradient_checkpointing": True,
-                "planned_peak_gib": mem.total / 2**30,
-                "model": arch.name,
-            }
+        recipe = {
+            "model": inputs.model,
+            "method": "full",
+            "lr": 1e-5,
+            "batch_size": batch,
+            "grad_accum": max(1, 16 // batch),
+            "max_seq_len": inputs.max_seq_len,
+            "gradient_checkpointing": True,
+            "precision": "bf16",
+            "epochs": 2.0,
+        }
+        peak = planned_peak_gib(arch, recipe)
+        if peak <= inputs.gpu_memory_gb:
+            reasons = [
+                f"full: planned peak {peak:.1f} GiB <= {inputs.gpu_memory_gb:g} GB "
+                "(fp32 master weights and AdamW state, bf16 compute)",
+                "lr 1e-05: full fine-tuning moves every weight, so a tenth of LoRA's rate or less; "
+                f"batch_size {batch} x grad_accum {recipe['grad_accum']} = effective 16 sequences",
+            ]
+            return {**recipe, "planned_peak_gib": peak, "reasons": reasons}
     return None
+
+
+def recipe_yaml(advice: Advice, inputs: AdviceInputs) -> str:
+    """The recipe as a TrainConfig YAML that `tailor train FILE --data ...` runs as is."""
+    import yaml
+
+    from tailor.config import field_names
+
+    if advice.recipe is None:
+        raise PlanError(f"no recipe to write: the answer is {advice.answer}, which needs no training")
+    unknown = [k for k in advice.recipe if k not in field_names()]
+    if unknown:  # pragma: no cover - the recipes above use TrainConfig's names only
+        raise PlanError(f"recipe keys {unknown} are not TrainConfig fields")
+    peak = "" if advice.planned_peak_gib is None else f"planned peak {advice.planned_peak_gib:.1f} GiB, "
+    header = (
+        f"# tailor advise: {advice.answer} for {inputs.model} ({peak}{inputs.gpu_memory_gb:g} GB GPU)\n"
+        "# train it: tailor train THIS_FILE --data YOUR_DATA.jsonl   plan it: tailor plan THIS_FILE\n"
+    )
+    return header + yaml.safe_dump(advice.recipe, sort_keys=False)

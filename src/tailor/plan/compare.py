@@ -70,7 +70,8 @@ _LITGPT = "https://github.com/Lightning-AI/litgpt/blob/main/tutorials/resource-t
 # torchtune README rows: batch 2, packed to 2048, torch.compile on (the README's note); recipe configs
 # llama3_1/8B_*_single_device.yaml at 30b8519e8: bf16, activation checkpointing, CEWithChunkedOutputLoss
 # (8 chunks along the sequence: 2 x 256 = 512 tokens each)
-_TT_8B = dict(batch_size=2, seq_len=2048, gradient_checkpointing=True, loss_chunk_tokens=512, compile=True)
+_TT_8B = dict(batch_size=2, max_seq_len=2048, gradient_checkpointing=True, loss_chunk_tokens=512,
+              compile=True)
 _TT_8B_SETTINGS = (
     "batch 2 x 2048 packed, compile (README note); bf16, activation checkpointing, chunked CE in 8 chunks "
     "(recipes/configs/llama3_1/8B_{}_single_device.yaml at 30b8519e8); {}"
@@ -85,22 +86,22 @@ _OFFLOAD_ASSUMED = (
 _TT_TUTORIAL_LORA = TrainingSetup(
     method="lora",
     rank=8,
-    alpha=16,
+    lora_alpha=16,
     target_modules=_QV,
     batch_size=2,
-    seq_len=512,
+    max_seq_len=512,
     gradient_checkpointing=True,
     adapter_dtype="bf16",
-    grad_accumulation=64,
+    grad_accum=64,
 )
 # LitGPT resource-table rows: finetune/lora.py at 8641822, first step on the longest Alpaca example
 _LITGPT_LORA = TrainingSetup(
     method="lora",
     rank=8,
-    alpha=16,
+    lora_alpha=16,
     target_modules=_QV,
     batch_size=1,
-    seq_len=1304,
+    max_seq_len=1304,
     gradient_checkpointing=False,
     loss_chunk_tokens=128,
     loss_upcast=False,
@@ -153,7 +154,7 @@ PUBLISHED = [
         TrainingSetup(
             method="lora",
             rank=8,
-            alpha=16,
+            lora_alpha=16,
             target_modules=_QV,
             adapter_dtype="bf16",
             activation_offloading=True,
@@ -172,7 +173,7 @@ PUBLISHED = [
         TrainingSetup(
             method="qlora-nf4",
             rank=8,
-            alpha=16,
+            lora_alpha=16,
             target_modules=_ALL,
             adapter_dtype="bf16",
             activation_offloading=True,
@@ -217,15 +218,15 @@ PUBLISHED = [
         TrainingSetup(
             method="qlora-nf4",
             rank=64,
-            alpha=16,
+            lora_alpha=16,
             batch_size=4,  # per_device_train_batch_size 4 in finetune_guanaco_65b.sh
-            seq_len=528,
+            max_seq_len=528,
             gradient_checkpointing=True,
             optimizer="adamw-paged",
             lora_dropout=0.05,
             adapter_dtype="bf16",
             quant_keeps_inputs=True,
-            grad_accumulation=4,
+            grad_accum=4,
         ),
         48,
         "GB",

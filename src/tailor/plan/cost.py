@@ -104,7 +104,7 @@ def gpus_needed(memory: MemoryBreakdown, gpu: GPU) -> int | None:
 
 def training_flops_per_token(arch: Architecture, setup: TrainingSetup, trainable: int) -> float:
     n = count_parameters(arch).total
-    attention = 12 * arch.num_layers * arch.num_heads * arch.head_dim * setup.seq_len
+    attention = 12 * arch.num_layers * arch.num_heads * arch.head_dim * setup.max_seq_len
     flops = 4 * n + 6 * trainable + attention if setup.is_lora else 6 * n + attention
     if setup.gradient_checkpointing:
         flops += 2 * n + attention / 3

@@ -165,9 +165,9 @@ def setup_for(case: dict):
     return TrainingSetup(
         method=case["method"],
         rank=16,
-        alpha=32,
+        lora_alpha=32,
         batch_size=case["batch"],
-        seq_len=case["seq"],
+        max_seq_len=case["seq"],
         gradient_checkpointing=case["ckpt"],
         precision="bf16" if case["dtype"] == "bf16" else "fp32",
         optimizer_kernel="fused",

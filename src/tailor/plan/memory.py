@@ -77,7 +77,7 @@ Every part is bytes = (number of elements) x (bytes per element); the choices be
   the gradients of the parameters forward used last (the output head or tied embedding, the final norm)
   plus one block's; at the bottom, every gradient and one block's activations. The old rule (every
   gradient beside every activation) is what a step sees only when gradients already exist at forward:
-  with gradient accumulation, micro-batches after the first (`grad_accumulation` > 1). LoRA's gradients
+  with gradient accumulation, micro-batches after the first (`grad_accum` > 1). LoRA's gradients
   are tiny either way; full fine-tuning without checkpointing peaks in backward, with checkpointing (few
   activations) at the end of backward or the step. A tied, trained embedding has one AccumulateGrad node
   for head and lookup: the head's gradient waits in the engine's input buffer and is summed out of place
@@ -101,11 +101,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tailor.methods import METHODS, method_spec
 from tailor.plan.catalogue import Architecture
 from tailor.plan.params import block_linears, count_parameters, lora_parameters, resolve_targets
 
 GIB = 1024**3
-METHODS = ("full", "lora", "qlora-nf4", "qlora-int8")
 OPTIMIZERS = ("adamw", "adamw-8bit", "adamw-paged", "adamw-8bit-paged", "sgd")
 PRECISIONS = ("bf16", "fp16", "fp32", "bf16-mixed")
 ADAPTER_DTYPES = ("fp32", "bf16")
@@ -141,14 +141,17 @@ _INPUT_OF = {
 
 @dataclass(frozen=True)
 class TrainingSetup:
-    """What is being trained and how (validated by tailor.plan.planner before it gets here)."""
+    """What is being trained and how (validated by tailor.plan.planner before it gets here). Fields that
+    TrainConfig also has carry its names (method, rank, lora_alpha, target_modules, batch_size,
+    max_seq_len, gradient_checkpointing, lora_dropout, grad_accum); `precision` is the planner's, finer
+    than train's (tailor.plan.planner.train_config_setup maps a TrainConfig onto a TrainingSetup)."""
 
-    method: str = "lora"
+    method: str = "lora"  # a name of tailor.methods.METHODS
     rank: int = 16
-    alpha: float = 32
+    lora_alpha: float = 32
     target_modules: str | tuple[str, ...] = "all-linear"
     batch_size: int = 1
-    seq_len: int = 2048
+    max_seq_len: int = 2048
     gradient_checkpointing: bool = True
     optimizer: str = "adamw"
     precision: str = "bf16"
@@ -162,20 +165,28 @@ class TrainingSetup:
     lora_dropout: float = 0.0
     quant_keeps_inputs: bool = False  # bitsandbytes < 0.43.2: every 4-bit linear keeps its input
     optimizer_kernel: str = "fused"  # torch AdamW: fused (tailor), foreach (default on CUDA), for-loop (CPU)
-    grad_accumulation: int = 1  # micro-batches per optimizer step; later ones run with gradients alive
+    grad_accum: int = 1  # micro-batches per optimizer step; later ones run with gradients alive
 
     def __post_init__(self) -> None:
         problems = []
+        if self.method not in METHODS:
+            problems.append(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.optimizer_kernel not in OPTIMIZER_KERNELS:
             problems.append(f"optimizer_kernel {self.optimizer_kernel!r}: choose one of {OPTIMIZER_KERNELS}")
-        if self.grad_accumulation < 1:
-            problems.append(f"grad_accumulation {self.grad_accumulation}: must be >= 1")
+        if self.grad_accum < 1:
+            problems.append(f"grad_accum {self.grad_accum}: must be >= 1")
         if problems:
             raise ValueError("TrainingSetup: " + "; ".join(problems))
 
     @property
     def is_lora(self) -> bool:
-        return self.method != "full"
+        """An adapter on a frozen (maybe quantised) base, as opposed to training every weight."""
+        return not method_spec(self.method).trains_all_weights
+
+    @property
+    def quantized_bits(self) -> int | None:
+        """Bits per frozen block-linear weight (None: the base is not quantised)."""
+        return method_spec(self.method).quantized_bits
 
 
 @dataclass(frozen=True)
@@ -263,10 +274,10 @@ def _targets(setup: TrainingSetup) -> str | list[str]:
 def frozen_weight_bytes(arch: Architecture, setup: TrainingSetup) -> float:
     counts = count_parameters(arch)
     weight_bytes = _PRECISION_BYTES[setup.precision][0]
-    if setup.method in ("full", "lora"):
+    if setup.quantized_bits is None:
         return counts.total * weight_bytes
     rest = (counts.total - counts.block_linear) * weight_bytes
-    if setup.method == "qlora-nf4":
+    if setup.quantized_bits == 4:  # qlora-nf4
         bits = NF4_BITS_DOUBLE_QUANT if setup.double_quant else NF4_BITS
         return rest + counts.block_linear * bits / 8
     # qlora-int8: one int8 per weight plus an fp32 scale per output row
@@ -352,7 +363,7 @@ def loss_bytes(arch: Architecture, setup: TrainingSetup) -> float:
     """Peak bytes of the logits and the cross-entropy (module docstring, "Loss")."""
     a = _PRECISION_BYTES[setup.precision][1]
     v = arch.vocab_size
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.batch_size * setup.max_seq_len
     chunk = tokens if setup.loss_chunk_tokens is None else min(tokens, setup.loss_chunk_tokens)
     if setup.compile:
         # the fused upcast + cross-entropy keeps its compute-dtype input and a max and a log-sum-exp per row
@@ -372,7 +383,7 @@ def activation_bytes(arch: Architecture, setup: TrainingSetup, device: str = "cu
 def _activations(arch: Architecture, setup: TrainingSetup, device: str = "cuda") -> tuple[float, float]:
     """(device bytes, host bytes) of activations."""
     a = _PRECISION_BYTES[setup.precision][1]
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.batch_size * setup.max_seq_len
     layer = tokens * _layer_bytes_per_token(arch, setup, device)
     checkpoint = tokens * a * arch.hidden_size  # a checkpointed block keeps only its input
     kept_per_block = checkpoint if setup.gradient_checkpointing else layer
@@ -386,7 +397,7 @@ def _activations(arch: Architecture, setup: TrainingSetup, device: str = "cuda")
     h = arch.hidden_size
     on_device += tokens * (4 * h + (0 if setup.is_lora else 2 * a * h))  # final norm
     on_device += loss_bytes(arch, setup)
-    if setup.method in ("qlora-nf4", "qlora-int8"):
+    if setup.quantized_bits is not None:
         on_device += a * max(lin.weight_params for lin in block_linears(arch))  # one dequantised weight
     return on_device, host
 
@@ -395,7 +406,7 @@ def _held_logits_bytes(arch: Architecture, setup: TrainingSetup) -> float:
     """Logits the caller still holds after forward (unchunked loss: transformers returns them)."""
     if setup.loss_chunk_tokens is not None or setup.compile:
         return 0.0
-    return setup.batch_size * setup.seq_len * _PRECISION_BYTES[setup.precision][1] * arch.vocab_size
+    return setup.batch_size * setup.max_seq_len * _PRECISION_BYTES[setup.precision][1] * arch.vocab_size
 
 
 def optimizer_temporary_bytes(arch: Architecture, setup: TrainingSetup, state_bytes: int) -> float:
@@ -474,8 +485,8 @@ def phase_parts(
         return {"backward": (largest + step_temporary, acts)}
     top, per_block = _gradient_bytes_by_stage(arch, setup, state_bytes)
     # set_to_none: the first micro-batch starts with no gradients; later ones find all of them alive
-    early = all_grads if setup.grad_accumulation > 1 else top + per_block
-    tokens = setup.batch_size * setup.seq_len
+    early = all_grads if setup.grad_accum > 1 else top + per_block
+    tokens = setup.batch_size * setup.max_seq_len
     first_block = tokens * _layer_bytes_per_token(arch, setup, device)
     if setup.gradient_checkpointing:
         first_block += tokens * _PRECISION_BYTES[setup.precision][1] * arch.hidden_size

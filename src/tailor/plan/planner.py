@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
+from tailor.methods import METHOD_SPECS, METHODS, method_spec
 from tailor.plan.catalogue import Architecture, PlanError, resolve_model
 from tailor.plan.cost import (
     PriceTable,
@@ -16,7 +18,6 @@ from tailor.plan.cost import (
 from tailor.plan.memory import (
     ADAPTER_DTYPES,
     GIB,
-    METHODS,
     OPTIMIZER_KERNELS,
     OPTIMIZERS,
     PRECISIONS,
@@ -27,7 +28,11 @@ from tailor.plan.memory import (
 )
 from tailor.plan.params import count_parameters, resolve_targets
 
+if TYPE_CHECKING:
+    from tailor.config import TrainConfig
+
 COMMON_SIZES_GB = (8, 12, 16, 24, 40, 48, 80, 141)
+TOKENS_GIVEN = "given with --tokens (all epochs)"
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class StackOptions:
     optimizer_in_backward: bool = False  # step and free each gradient in backward
     activation_offloading: bool = False  # kept activations in pinned CPU memory
     quant_keeps_inputs: bool = False  # bitsandbytes < 0.43.2: 4-bit layers keep their inputs
-    grad_accumulation: int = 1  # micro-batches per step; after the first, all gradients are alive in forward
+    grad_accum: int = 1  # micro-batches per step; after the first, all gradients are alive in forward
     optimizer_kernel: str = "fused"  # torch AdamW kernel: fused (tailor's trainer), foreach, for-loop
 
 
@@ -63,9 +68,9 @@ class BusinessInputs:
 def validate(
     method: str,
     rank: int,
-    alpha: float,
+    lora_alpha: float,
     batch_size: int,
-    seq_len: int,
+    max_seq_len: int,
     optimizer: str,
     precision: str,
     mfu: float = 0.35,
@@ -75,12 +80,14 @@ def validate(
     """Every problem with the numeric/choice inputs, as readable lines (empty when all is well)."""
     problems = []
     o = options
+    spec = METHOD_SPECS.get(method)  # None: an unknown method, reported below with the valid names
+    trains_all_weights = spec is not None and spec.trains_all_weights
     if o.adapter_dtype not in ADAPTER_DTYPES:
         problems.append(f"--adapter-dtype {o.adapter_dtype!r} is unknown; valid: {', '.join(ADAPTER_DTYPES)}")
     if not 0 <= o.lora_dropout < 1:
         problems.append(f"--lora-dropout {o.lora_dropout}: a probability in [0, 1) (0.05-0.1 is usual)")
-    if o.grad_accumulation < 1:
-        problems.append(f"--grad-accumulation {o.grad_accumulation}: must be >= 1 (1 = no accumulation)")
+    if o.grad_accum < 1:
+        problems.append(f"--grad-accum {o.grad_accum}: must be >= 1 (1 = no accumulation)")
     if o.optimizer_kernel not in OPTIMIZER_KERNELS:
         problems.append(f"--optimizer-kernel {o.optimizer_kernel!r} is unknown; valid: "
                         f"{', '.join(OPTIMIZER_KERNELS)}")
@@ -89,39 +96,93 @@ def validate(
     if o.quant_keeps_inputs and method != "qlora-nf4":
         problems.append(f"--quant-keeps-inputs describes bitsandbytes' 4-bit layers; use it with qlora-nf4, "
                         f"not {method}")
-    if method == "full" and o.lora_dropout > 0:
-        problems.append("--lora-dropout with --method full: there is no adapter to drop out")
+    if trains_all_weights and o.lora_dropout > 0:
+        problems.append(f"--lora-dropout with --method {method}: there is no adapter to drop out")
     if method not in METHODS:
         problems.append(f"--method {method!r} is unknown; valid: {', '.join(METHODS)}")
     if optimizer not in OPTIMIZERS:
         problems.append(f"--optimizer {optimizer!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
     if precision not in PRECISIONS:
         problems.append(f"--precision {precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
-    if method != "full" and rank < 1:
+    if not trains_all_weights and rank < 1:
         problems.append(f"--rank {rank}: the LoRA rank must be a positive integer (8, 16, 32 are usual)")
-    if alpha <= 0:
-        problems.append(f"--alpha {alpha}: must be > 0 (commonly 2 x rank)")
+    if lora_alpha <= 0:
+        problems.append(f"--lora-alpha {lora_alpha}: must be > 0 (commonly 2 x rank)")
     if batch_size < 1:
         problems.append(f"--batch-size {batch_size}: must be >= 1")
-    if seq_len < 1:
-        problems.append(f"--seq-len {seq_len}: must be >= 1")
+    if max_seq_len < 1:
+        problems.append(f"--max-seq-len {max_seq_len}: must be >= 1")
     if not 0 < mfu <= 1:
         problems.append(f"--mfu {mfu}: a utilisation between 0 and 1 (0.3-0.5 is typical)")
     if tokens <= 0:
         problems.append(f"--tokens {tokens}: must be > 0")
-    if method in ("qlora-nf4", "qlora-int8") and precision in ("fp32", "bf16-mixed"):
+    if spec is not None and spec.quantized_bits and precision in ("fp32", "bf16-mixed"):
         problems.append(f"--precision {precision} with {method}: QLoRA computes in bf16 or fp16")
     return problems
+
+
+def plan_precision(train_precision: str, method: str) -> str:
+    """TrainConfig's precision in the planner's terms. Train's bf16 is a bf16 frozen base with fp32
+    adapters for adapter methods (planner: bf16, adapter_dtype fp32) and fp32 master weights with bf16
+    autocast for full fine-tuning (planner: bf16-mixed); fp32 is fp32 throughout."""
+    spec = METHOD_SPECS.get(method)
+    if train_precision == "bf16" and spec is not None and spec.trains_all_weights:
+        return "bf16-mixed"
+    return train_precision
+
+
+def train_config_inputs(config: TrainConfig) -> dict:
+    """The planner's inputs (plan()'s keyword names, which are TrainConfig's) for the run `tailor train`
+    makes with `config`: its shapes, precision in the planner's terms, fp32 adapters, the trainer's
+    chunked loss (loss_chunk_size rows of the output head at a time) and torch AdamW (fused)."""
+    targets = config.target_modules
+    trains_all = config.method in METHOD_SPECS and method_spec(config.method).trains_all_weights
+    return dict(
+        model=config.model,
+        method=config.method,
+        rank=config.rank,
+        lora_alpha=config.lora_alpha,
+        target_modules=targets if isinstance(targets, str) else ",".join(targets),
+        batch_size=config.batch_size,
+        max_seq_len=config.max_seq_len,
+        gradient_checkpointing=config.gradient_checkpointing,
+        precision=plan_precision(config.precision, config.method),
+        adapter_dtype="fp32",
+        lora_dropout=0.0 if trains_all else config.lora_dropout,  # train ignores it when every weight trains
+        grad_accum=config.grad_accum,
+        loss_chunk_tokens=config.loss_chunk_size,
+    )
+
+
+def train_config_setup(config: TrainConfig) -> TrainingSetup:
+    """The TrainingSetup of the run `tailor train` makes with `config` (unvalidated: for recipes)."""
+    inputs = train_config_inputs(config)
+    targets = inputs["target_modules"]
+    trains_all = method_spec(config.method).trains_all_weights
+    return TrainingSetup(
+        method=config.method,
+        rank=0 if trains_all else inputs["rank"],
+        lora_alpha=inputs["lora_alpha"],
+        target_modules=targets if targets == "all-linear" else tuple(targets.split(",")),
+        batch_size=inputs["batch_size"],
+        max_seq_len=inputs["max_seq_len"],
+        gradient_checkpointing=inputs["gradient_checkpointing"],
+        precision=inputs["precision"],
+        adapter_dtype=inputs["adapter_dtype"],
+        lora_dropout=inputs["lora_dropout"],
+        grad_accum=inputs["grad_accum"],
+        loss_chunk_tokens=inputs["loss_chunk_tokens"],
+    )
 
 
 def make_setup(
     arch: Architecture,
     method: str = "lora",
     rank: int = 16,
-    alpha: float = 32,
+    lora_alpha: float = 32,
     target_modules: str = "all-linear",
     batch_size: int = 1,
-    seq_len: int = 2048,
+    max_seq_len: int = 2048,
     gradient_checkpointing: bool = True,
     optimizer: str = "adamw",
     precision: str = "bf16",
@@ -129,11 +190,12 @@ def make_setup(
     tokens: float = 1e7,
     options: StackOptions = StackOptions(),
 ) -> TrainingSetup:
-    problems = validate(method, rank, alpha, batch_size, seq_len, optimizer, precision, mfu, tokens, options)
+    problems = validate(method, rank, lora_alpha, batch_size, max_seq_len, optimizer, precision, mfu, tokens,
+                        options)
     targets: str | tuple[str, ...] = target_modules
     if target_modules != "all-linear":
         targets = tuple(t.strip() for t in target_modules.split(",") if t.strip())
-    if method != "full":
+    if method in METHODS and not method_spec(method).trains_all_weights:
         try:
             resolve_targets(arch, targets if isinstance(targets, str) else list(targets))
         except PlanError as e:
@@ -142,11 +204,11 @@ def make_setup(
         raise PlanError("cannot plan:\n  " + "\n  ".join(problems))
     return TrainingSetup(
         method=method,
-        rank=rank if method != "full" else 0,
-        alpha=alpha,
+        rank=rank if not method_spec(method).trains_all_weights else 0,
+        lora_alpha=lora_alpha,
         target_modules=targets,
         batch_size=batch_size,
-        seq_len=seq_len,
+        max_seq_len=max_seq_len,
         gradient_checkpointing=gradient_checkpointing,
         optimizer=optimizer,
         precision=precision,
@@ -158,10 +220,10 @@ def plan(
     model: str,
     method: str = "lora",
     rank: int = 16,
-    alpha: float = 32,
+    lora_alpha: float = 32,
     target_modules: str = "all-linear",
     batch_size: int = 1,
-    seq_len: int = 2048,
+    max_seq_len: int = 2048,
     gradient_checkpointing: bool = True,
     optimizer: str = "adamw",
     precision: str = "bf16",
@@ -171,25 +233,28 @@ def plan(
     prices: str | None = None,
     business: BusinessInputs | None = None,
     options: StackOptions = StackOptions(),
+    tokens_basis: str | None = None,
 ) -> dict:
-    """The whole plan as a JSON-ready dict (see docs/planning.md for every field)."""
+    """The whole plan as a JSON-ready dict (see docs/planning.md for every field). `tokens_basis` says
+    where `tokens` comes from (default: given with --tokens)."""
     try:
         arch = resolve_model(model)
     except PlanError as e:
         # report the model problem together with every other bad value, not one at a time
         problems = [
             f"--model: {e}",
-            *validate(method, rank, alpha, batch_size, seq_len, optimizer, precision, mfu, tokens, options),
+            *validate(method, rank, lora_alpha, batch_size, max_seq_len, optimizer, precision, mfu, tokens,
+                      options),
         ]
         raise PlanError("cannot plan:\n  " + "\n  ".join(problems)) from None
     setup = make_setup(
         arch,
         method,
         rank,
-        alpha,
+        lora_alpha,
         target_modules,
         batch_size,
-        seq_len,
+        max_seq_len,
         gradient_checkpointing,
         optimizer,
         precision,
@@ -200,7 +265,8 @@ def plan(
     table = load_price_table(prices)
     if gpu is not None and gpu not in table.gpus:
         raise PlanError(f"--gpu {gpu!r} is not in the price table; valid: {', '.join(table.gpus)}")
-    return plan_for(arch, setup, table, tokens=tokens, gpu=gpu, mfu=mfu, business=business)
+    return plan_for(arch, setup, table, tokens=tokens, gpu=gpu, mfu=mfu, business=business,
+                    tokens_basis=tokens_basis)
 
 
 def plan_for(
@@ -211,6 +277,7 @@ def plan_for(
     gpu: str | None = None,
     mfu: float = 0.35,
     business: BusinessInputs | None = None,
+    tokens_basis: str | None = None,
 ) -> dict:
     counts = count_parameters(arch)
     trainable = trainable_parameters(arch, setup)
@@ -253,6 +320,7 @@ def plan_for(
         "full_copy_gib": counts.total * 2 / GIB,
         "flops_per_token": flops,
         "tokens": tokens,
+        "tokens_basis": tokens_basis or TOKENS_GIVEN,
         "mfu": mfu,
         "gpus": fits,
         "gpus_needed_by_memory_size": by_size,
@@ -293,7 +361,7 @@ def business_view(
     """Training cost per run, storage, serving N customisations two ways, and ROI with its inputs."""
     if chosen is None:
         raise PlanError(
-            "--cost: no GPU in the price table holds this run; lower --batch-size/--seq-len, "
+            "--cost: no GPU in the price table holds this run; lower --batch-size/--max-seq-len, "
             "use qlora-nf4, or add a bigger GPU with --prices"
         )
     gpu = table.gpus[chosen["gpu"]]

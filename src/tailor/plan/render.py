@@ -5,20 +5,25 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from tailor.methods import method_spec
+
 _PARTS = ("frozen_weights", "adapter_weights", "gradients", "optimizer_state", "activations", "overhead")
 
 
 def render_plan(result: dict, console: Console | None = None) -> None:
     console = console or Console()
     s = result["setup"]
+    adapter = not method_spec(s["method"]).trains_all_weights
     console.print(
         f"[bold]{result['model']}[/bold] ({result['model_source']}): {result['total_params']:,} parameters"
     )
     if result["assumption"]:
         console.print(f"[yellow]assumed shape:[/yellow] {result['assumption']}")
-    rank = f" r={s['rank']} alpha={s['alpha']} targets={s['target_modules']}" if s["method"] != "full" else ""
+    rank = ""
+    if adapter:
+        rank = f" rank={s['rank']} lora_alpha={s['lora_alpha']:g} targets={s['target_modules']}"
     console.print(
-        f"{s['method']}{rank}, batch {s['batch_size']} x {s['seq_len']} tokens, "
+        f"{s['method']}{rank}, batch {s['batch_size']} x {s['max_seq_len']} tokens, "
         f"{s['precision']}, {s['optimizer']}, gradient checkpointing "
         f"{'on' if s['gradient_checkpointing'] else 'off'}"
     )
@@ -32,15 +37,15 @@ def render_plan(result: dict, console: Console | None = None) -> None:
         )
         if s.get(key)
     ]
-    if s.get("grad_accumulation", 1) > 1:
-        stack.append(f"{s['grad_accumulation']} micro-batches per step")
+    if s.get("grad_accum", 1) > 1:
+        stack.append(f"grad_accum {s['grad_accum']} (micro-batches per step)")
     if s.get("optimizer_kernel", "fused") != "fused":
         stack.append(f"{s['optimizer_kernel']} AdamW")
     if s.get("loss_chunk_tokens"):
         stack.append(f"loss in chunks of {s['loss_chunk_tokens']} tokens")
     if not s.get("loss_upcast", True):
         stack.append("loss without fp32 upcast")
-    if s["method"] != "full":
+    if adapter:
         dropout = f", dropout {s['lora_dropout']:g}" if s["lora_dropout"] else ""
         stack.append(f"{s['adapter_dtype']} adapters{dropout}")
     if stack:
@@ -50,7 +55,7 @@ def render_plan(result: dict, console: Console | None = None) -> None:
         + (
             f"; adapter file {result['adapter_file_mib']:.1f} MiB vs full copy "
             f"{result['full_copy_gib']:.1f} GiB (bf16)"
-            if s["method"] != "full"
+            if adapter
             else ""
         )
     )
@@ -80,6 +85,8 @@ def render_plan(result: dict, console: Console | None = None) -> None:
             "-" if n is None else f"{f['cost_usd']:.2f}",
         )
     console.print(gpus)
+    if result.get("tokens_basis"):
+        console.print(f"tokens: {result['tokens']:,.0f}, {result['tokens_basis']}", highlight=False)
     c = result["chosen_gpu"]
     if c:
         console.print(
