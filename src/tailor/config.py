@@ -289,7 +289,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(field_names())}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    values = {k: _coerce(k, v) for k, v in values.items()}
+    values = {k: coerce_field(k, v) for k, v in values.items()}
     try:
         config = TrainConfig(**values)
     except TypeError as exc:  # pragma: no cover - unknown keys are caught above
@@ -319,7 +319,7 @@ def save_config(config: TrainConfig, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
-def _coerce(name: str, value: Any) -> Any:
+def coerce_field(name: str, value: Any) -> Any:
     """Accept what YAML 1.1 and shells hand us: `2e-4` arrives as a string, ints where floats go."""
     kind = _field_types()[name]
     allowed = _allowed(kind)
@@ -390,5 +390,5 @@ def _format_problems(problems: list[str]) -> str:
     return "invalid training config:\n" + "\n".join(f"  - {p}" for p in problems)
 
 
-__all__ = ["ConfigError", "TrainConfig", "field_help", "field_names", "load_config", "parse_assignments",
-           "read_yaml_config", "save_config"]
+__all__ = ["ConfigError", "TrainConfig", "coerce_field", "field_help", "field_names", "load_config",
+           "parse_assignments", "read_yaml_config", "save_config"]

@@ -26,9 +26,9 @@ class OutputPathError(FileExistsError, ValueError):
     reports it as one line with the fix."""
 
 
-def check_output_path(path: str | os.PathLike, directory: bool = False) -> Path:
-    """Refuse, before any work is done, an output `path` that `atomic_output` would refuse (see there) or
-    could not write (no permission in the nearest existing directory)."""
+def check_output_path(path: str | os.PathLike, directory: bool = False, writable: bool = True) -> Path:
+    """Refuse, before any work is done, an output `path` that `atomic_output` would refuse (see there) or,
+    with `writable`, could not write (os.access: no permission in the nearest existing directory)."""
     path = Path(path)
     if path.exists() and path.is_dir() != directory:
         kind = "a directory" if path.is_dir() else "a file"
@@ -39,7 +39,7 @@ def check_output_path(path: str | os.PathLike, directory: bool = False) -> Path:
         raise OutputPathError(f"{path} cannot be written: {blocker} is a file, not a directory. Choose "
                               "another path or move the file away; it is left as it is.")
     nearest = next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
-    if not os.access(nearest, os.W_OK | os.X_OK):
+    if writable and not os.access(nearest, os.W_OK | os.X_OK):
         raise OutputPathError(f"{path} cannot be written: no permission to write in {nearest}. Choose a path "
                               "you can write to.")
     return path
@@ -53,9 +53,13 @@ def atomic_output(path: str | os.PathLike, directory: bool = False) -> Iterator[
     swapped out whole (old moved aside, new renamed in, old deleted). Refuses to replace a file with a
     directory or the reverse: that is almost always a wrong path, and the user's file would be lost.
     """
-    path = check_output_path(path, directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_sibling(path, "tmp", directory)
+    path = check_output_path(path, directory, writable=False)  # the OS says whether writing is allowed
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_sibling(path, "tmp", directory)
+    except PermissionError as error:
+        raise OutputPathError(f"{path} cannot be written: {error.strerror} ({error.filename}). Choose a path "
+                              "you can write to.") from None
     try:
         yield tmp
         _fsync_tree(tmp)

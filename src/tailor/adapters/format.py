@@ -259,7 +259,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         )
     config_text = json.dumps(config_to_peft_dict(lora_configs(model)[name]), indent=2, sort_keys=True) + "\n"
     if directory.exists() and not directory.is_dir():
-        raise AdapterFormatError(f"{str(directory)!r} exists and is not a directory.")
+        raise AdapterFormatError(f"{str(directory)!r} exists and is a file, not a directory; the adapter was "
+                                 "not saved and the file is left as it is. Choose another path.")
     if directory.is_dir() and not {p.name for p in directory.iterdir()} <= ADAPTER_FILES:
         # Shared directory (e.g. a run folder): replace the weights, then the config, each atomically;
         # then drop pickled weights of an older save, which the new safetensors file supersedes.

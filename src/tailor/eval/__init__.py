@@ -2,7 +2,6 @@
 
 from tailor.eval.evaluate import (
     compare_base_and_tuned,
-    compare_models,
     evaluate_model,
     score_answers,
     split_prompt_and_reference,
@@ -19,7 +18,6 @@ __all__ = [
     "RETENTION_ITEMS",
     "RetentionItem",
     "compare_base_and_tuned",
-    "compare_models",
     "evaluate_model",
     "evaluate_run",
     "generate",

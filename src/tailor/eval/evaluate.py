@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +92,6 @@ def evaluate_model(
     return result
 
 
-AdapterSwitch = Callable[[nn.Module], contextlib.AbstractContextManager]
-
-
-def _default_adapter_switch() -> AdapterSwitch:
-    from tailor.lora import disable_adapters
-
-    return disable_adapters
-
-
 def compare_base_and_tuned(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -110,39 +100,22 @@ def compare_base_and_tuned(
     batch_size: int = 16,
     max_seq_len: int = 1024,
     retention: bool = True,
-    adapters_disabled: AdapterSwitch | None = None,
+    base_model: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `model` (with its LoRA adapter) against the same weights with the adapter switched off.
-
-    adapters_disabled(model) is a context manager inside which the model computes as its base;
-    default `tailor.lora.disable_adapters`. Returns the eval.json structure:
+    """Evaluate the tuned `model` against its base: `base_model` when given (e.g. beside a fully
+    fine-tuned copy), else the same weights with the LoRA adapters switched off
+    (`tailor.lora.disable_adapters`). Returns the eval.json structure:
       {"n": N, "base": {...}, "tuned": {...}, "retention": {"base": {...}, "tuned": {...}} | None,
        "samples": [{"source", "prompt", "reference", "base", "tuned"}, ...]}
     where base/tuned hold the `evaluate_model` metrics (without per-example predictions) plus
     retention_accuracy.
     """
-    switch = adapters_disabled or _default_adapter_switch()
+    from tailor.lora import disable_adapters
+
     settings = (max_new_tokens, batch_size, max_seq_len, retention)
-    with switch(model):
-        base = _evaluate_side(model, tokenizer, examples, *settings)
+    with disable_adapters(model) if base_model is None else contextlib.nullcontext():
+        base = _evaluate_side(model if base_model is None else base_model, tokenizer, examples, *settings)
     tuned = _evaluate_side(model, tokenizer, examples, *settings)
-    return _comparison(examples, base, tuned)
-
-
-def compare_models(
-    base_model: nn.Module,
-    tuned_model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: list[Example],
-    max_new_tokens: int = 128,
-    batch_size: int = 16,
-    max_seq_len: int = 1024,
-    retention: bool = True,
-) -> dict[str, Any]:
-    """Like `compare_base_and_tuned`, for two separate models (e.g. a fully fine-tuned copy)."""
-    settings = (max_new_tokens, batch_size, max_seq_len, retention)
-    base = _evaluate_side(base_model, tokenizer, examples, *settings)
-    tuned = _evaluate_side(tuned_model, tokenizer, examples, *settings)
     return _comparison(examples, base, tuned)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tailor.config import ConfigError, read_yaml_config
-from tailor.eval.evaluate import compare_base_and_tuned, compare_models, write_eval_json
+from tailor.eval.evaluate import compare_base_and_tuned, write_eval_json
 
 DEFAULT_EVAL_DATA = "builtin:support:test"
 
@@ -52,10 +52,8 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
     tuned = method.attach(base, deliverable)
     base.eval()
     tuned.eval()
-    if tuned is base:
-        result = compare_base_and_tuned(base, tokenizer, examples, **settings)
-    else:
-        result = compare_models(base, tuned, tokenizer, examples, **settings)
+    result = compare_base_and_tuned(tuned, tokenizer, examples, **settings,
+                                    base_model=None if tuned is base else base)
     result.update(model=base_name, adapter=str(deliverable), data=data)
 
     write_eval_json(result, target)

@@ -55,6 +55,10 @@ class TrainingMethod:
             model.config.use_cache = False
         return model
 
+    def frozen_weight_bytes(self, model: nn.Module) -> int:
+        """Bytes the frozen weights occupy (a quantized base overrides this to count its packed storage)."""
+        return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+
     def deliverable_dir(self, run_dir: Path) -> Path:
         """Where a run of this method keeps its result: run_dir/adapter or run_dir/model."""
         return Path(run_dir) / self.spec.deliverable

@@ -104,8 +104,9 @@ def _dequantized_from_gguf(gguf_path: Path):
         if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
             raise
         detail = " ".join(str(error).split())[:300].rstrip(".")
+        kind = type(error).__name__ if type(error).__name__ != "error" else f"{type(error).__module__}.error"
         raise GGUFConversionError(
-            f"Could not load {gguf_path} as a causal language model ({type(error).__name__}: {detail}). "
+            f"Could not load {gguf_path} as a causal language model ({kind}: {detail}). "
             "It is truncated or corrupt (download it again), or of an architecture transformers does not "
             "support: pass a GGUF of llama, qwen2, mistral, ..., or a model directory."
         ) from error

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tailor.models.gguf_cache import cached_gguf_dir
+from tailor.models.gguf_cache import cached_gguf_dir, tailor_cache_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # The hub id people know the default model by; it means the same shipped GGUF here.
@@ -40,7 +40,13 @@ class ModelLoadError(ValueError):
 # Weight files `from_pretrained` looks for, in its order (an index file names the shards).
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-_RESAVE = "re-save the model with save_pretrained, or copy the model directory again"
+
+
+def _resave(directory: Path) -> str:
+    """The fix for a damaged model directory: a converted GGUF in tailor's cache is simply converted again."""
+    if tailor_cache_dir().resolve() in directory.resolve().parents:
+        return f"delete {directory} (tailor's converted copy of a .gguf file): the next run converts it again"
+    return "re-save the model with save_pretrained, or copy the model directory again"
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,7 @@ def _looks_like_path(name: str) -> bool:
     # A hub id is "name" or "org/name"; anything else that names a missing file is a path typo.
     return (
         name.startswith(("/", ".", "~"))
+        or name.endswith("/")
         or name.lower().endswith(".gguf")
         or name.count("/") > 1
         or "\\" in name
@@ -193,31 +200,36 @@ def parse_dtype(name: str, device: str | None = None) -> torch.dtype:
 def check_model_dir(directory: Path) -> None:
     """Refuse, with the path and the fix, a model directory `from_pretrained` would fail on with a traceback:
     config.json unreadable, empty, not JSON or without model_type, or no weight file."""
-    config = directory / "config.json"
+    config, fix = directory / "config.json", _resave(directory)
     try:
         text = config.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ModelLoadError(f"{config}: cannot be read ({why}). Check that you may read it (ls -l), or "
-                             f"{_RESAVE}.") from None
+                             f"{fix}.") from None
     try:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
         problem = "the file is empty" if not text.strip() else \
             f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        raise ModelLoadError(f"{config}: {problem}; the model's configuration is corrupt. Fix: {_RESAVE}.") \
-            from None
+        raise ModelLoadError(f"{config}: {problem}; the model config is corrupt. Fix: {fix}.") from None
     if not isinstance(values, dict) or "model_type" not in values:
         got = "has no model_type" if isinstance(values, dict) else f"is a JSON {type(values).__name__}"
-        raise ModelLoadError(f"{config}: {got}, so it is not a transformers model config. Fix: {_RESAVE}.")
+        raise ModelLoadError(f"{config}: {got}, so it is not a transformers model config. Fix: {fix}.")
     present = [name for name in WEIGHT_FILES if (directory / name).exists()]
     if not present and not any(directory.glob("*.safetensors")):
         raise ModelLoadError(f"{directory} has config.json but no weights ({', '.join(WEIGHT_FILES)}). Fix: "
-                             f"copy the weight files too, or {_RESAVE}.")
+                             f"copy the weight files too, or {fix}.")
     for name in present:
         if not (directory / name).is_file() or (directory / name).stat().st_size == 0:
             raise ModelLoadError(f"{directory / name}: the weights file is empty or not a file (an "
-                                 f"interrupted copy?). Fix: {_RESAVE}.")
+                                 f"interrupted copy?). Fix: {fix}.")
+
+
+def _short(exc: Exception, limit: int = 400) -> str:
+    """An exception as one line for an error message: its type and its text, cut at `limit` characters."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text if len(text) <= limit else text[:limit].rstrip() + ' ...'}"
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
@@ -230,9 +242,9 @@ def _load_tokenizer_from(resolved: ResolvedModel) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(resolved.directory, local_files_only=True)
     except Exception as exc:  # transformers raises OSError, ValueError, JSON and tokenizers errors here
         raise ModelLoadError(
-            f"{resolved.directory}: the tokenizer cannot be loaded ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]}). Fix: copy the tokenizer files (tokenizer.json, "
-            f"tokenizer_config.json) from the original model into it, or {_RESAVE}."
+            f"{resolved.directory}: the tokenizer cannot be loaded ({_short(exc)}). Fix: copy the tokenizer "
+            "files (tokenizer.json, tokenizer_config.json) from the original model into it, or "
+            f"{_resave(resolved.directory)}."
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -260,9 +272,8 @@ def load_model(
         if isinstance(exc, torch.OutOfMemoryError):
             raise
         raise ModelLoadError(
-            f"{resolved.directory}: the model cannot be loaded ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]}). The weights or config are corrupt or incomplete, or not "
-            f"a causal language model. Fix: {_RESAVE}."
+            f"{resolved.directory}: the model cannot be loaded ({_short(exc)}). The weights or config are "
+            f"corrupt or incomplete, or not a causal language model. Fix: {_resave(resolved.directory)}."
         ) from None
     model.config.name_or_path = model.name_or_path = resolved.display_name
     model.to(device or default_device())

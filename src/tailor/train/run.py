@@ -55,7 +55,7 @@ def peak_memory() -> dict[str, float]:
 
 def load_data(config: TrainConfig) -> tuple[list, list]:
     """Load and split the train/validation examples (no tokenizer needed): bad data is found here, early."""
-    from tailor.data import load_examples, split_examples
+    from tailor.data import DataError, DataIssue, load_examples, split_examples
 
     train_examples = load_examples(config.data, config.format)
     if config.val_data:
@@ -64,7 +64,13 @@ def load_data(config: TrainConfig) -> tuple[list, list]:
         name = str(config.data).split(":")[1]
         val_examples = load_examples(f"builtin:{name}:validation", config.format)
     elif config.val_fraction > 0:
-        train_examples, val_examples = split_examples(train_examples, config.val_fraction, config.seed)
+        try:
+            train_examples, val_examples = split_examples(train_examples, config.val_fraction, config.seed)
+        except ValueError:  # too few examples to hold some out: name the file
+            problem = (f"{len(train_examples)} example(s) are too few to hold out a validation split "
+                       f"(val_fraction={config.val_fraction}).")
+            fix = "add examples, or pass --val-data FILE (or set val_fraction=0)."
+            raise DataError(DataIssue(str(config.data), problem, fix)) from None
     else:
         val_examples = []
     return train_examples, val_examples
@@ -118,6 +124,7 @@ def train(config: TrainConfig, extra_hooks: Sequence[Hook] = ()) -> Path:
         return method.save(trained, directory, tokenizer)
 
     trainable, total = trainable_parameters(model)
+    frozen_bytes = method.frozen_weight_bytes(model)
     cpu_started = time.process_time()
     result = fit(model, train_set, val_set, config, run_dir, tokenizer.pad_token_id, save_weights,
                  extra_hooks=extra_hooks)
@@ -137,7 +144,7 @@ def train(config: TrainConfig, extra_hooks: Sequence[Hook] = ()) -> Path:
         save_weights(model, out_dir)
 
     summary = build_summary(config, result, data_stats, trainable, total, out_dir, load_seconds, use_best)
-    summary["cpu_seconds"] = round(cpu_seconds, 1)
+    summary.update(cpu_seconds=round(cpu_seconds, 1), frozen_weight_bytes=frozen_bytes)
     atomic_write_json(run_dir / "summary.json", summary)
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     from tailor.report import write_report
