@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import warnings
 from collections.abc import Iterator
@@ -390,6 +391,10 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, shared ones once (as PEFT's get_nb_trainable_parameters)."""
     trainable = total = 0
     for p in model.parameters():
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        # A packed quantized weight (bitsandbytes 4-bit: two values per byte) counts the elements of the
+        # weight it stands for, from its quant state's shape (PEFT doubles Params4bit's numel: the same).
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        n = math.prod(shape) if shape is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total

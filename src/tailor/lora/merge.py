@@ -34,8 +34,17 @@ def merge_lora(model: nn.Module, safe: bool = False, adapter_names: list[str] | 
 
     Raises:
         UnsafeMergeError: safe merge found non-finite values (model untouched).
+        ValueError: a base weight is not a float tensor (a quantized layer; model untouched).
     """
     layers = lora_layers(model)
+    for key, layer in layers.items():
+        weight = layer.base_layer.weight
+        if _to_merge(layer, adapter_names) and not weight.is_floating_point():
+            raise ValueError(
+                f"Cannot merge into {key!r}: its base weight is stored as {weight.dtype} "
+                f"({type(layer.base_layer).__name__}, a quantized layer). Dequantize the base first (for "
+                "bitsandbytes layers: tailor.quant.dequantize_model), then merge. Nothing was merged."
+            )
     if safe:
         for key, layer in layers.items():
             for name in _to_merge(layer, adapter_names):
