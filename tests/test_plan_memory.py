@@ -8,6 +8,7 @@ import torch
 from conftest import TINY_PLAN_ARCH
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tailor.methods.base import enable_activation_checkpointing
 from tailor.plan.catalogue import Architecture
 from tailor.plan.compare import compare_published
 from tailor.plan.memory import TrainingSetup, activation_bytes
@@ -113,7 +114,7 @@ def _phase_peaks(arch: Architecture, setup: TrainingSetup, kernel: str) -> dict[
     if setup.is_lora:
         model = get_peft_model(model, LoraConfig(r=setup.rank, target_modules="all-linear"))
     if setup.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         if setup.is_lora:
             model.enable_input_require_grads()
     model.train()

@@ -106,7 +106,8 @@ def body_hidden_states(
         prefix = shared_prefix_length(input_ids, attention_mask)
     if prefix >= MIN_SHARED_PREFIX:
         # transformers >= 5.24 names the KV cache `cache` (argument and output field); the old name
-        # `past_key_values` still works but raises a FutureWarning (removed in 5.40).
+        # `past_key_values` still works but warns (a FutureWarning as an argument, a log line as an output
+        # field) and goes in 5.40.
         head = body(input_ids=input_ids[:1, :prefix], use_cache=True)
         rows = input_ids.shape[0]
         if _expand_cache_rows(head.cache, rows):

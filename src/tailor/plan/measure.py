@@ -121,6 +121,8 @@ def _child(case: dict) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from tailor.methods.base import enable_activation_checkpointing
+
     torch.manual_seed(0)
     baseline = _peak_rss_bytes()
     arch = _architecture(case["model"])
@@ -135,7 +137,7 @@ def _child(case: dict) -> dict:
             if p.requires_grad:
                 p.data = p.data.float()
     if case["ckpt"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         if case["method"] == "lora":
             model.enable_input_require_grads()
     model.train()
