@@ -232,7 +232,7 @@ def _full_recipe(inputs: AdviceInputs) -> dict | None:
         recipe = {
             "model": inputs.model,
             "method": "full",
-            "lr": 1e-5,
+            "lr": method_spec("full").default_lr,
             "batch_size": batch,
             "grad_accum": max(1, 16 // batch),
             "max_seq_len": inputs.max_seq_len,
@@ -245,7 +245,7 @@ def _full_recipe(inputs: AdviceInputs) -> dict | None:
             reasons = [
                 f"full: planned peak {peak:.1f} GiB <= {inputs.gpu_memory_gb:g} GB "
                 "(fp32 master weights and AdamW state, bf16 compute)",
-                "lr 1e-05: full fine-tuning moves every weight, so a tenth of LoRA's rate or less; "
+                f"lr {recipe['lr']:g}: full fine-tuning moves every weight, so a tenth of LoRA's rate or less; "
                 f"batch_size {batch} x grad_accum {recipe['grad_accum']} = effective 16 sequences",
             ]
             return {**recipe, "planned_peak_gib": peak, "reasons": reasons}
