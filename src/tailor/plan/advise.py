@@ -245,7 +245,7 @@ def _full_recipe(inputs: AdviceInputs) -> dict | None:
             reasons = [
                 f"full: planned peak {peak:.1f} GiB <= {inputs.gpu_memory_gb:g} GB "
                 "(fp32 master weights and AdamW state, bf16 compute)",
-                f"lr {recipe['lr']:g}: full fine-tuning moves every weight, so a tenth of LoRA's rate or less; "
+                f"lr {recipe['lr']:g}: full fine-tuning moves every weight, a tenth of LoRA's rate or less; "
                 f"batch_size {batch} x grad_accum {recipe['grad_accum']} = effective 16 sequences",
             ]
             return {**recipe, "planned_peak_gib": peak, "reasons": reasons}
