@@ -83,9 +83,18 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def cast_weights(model: nn.Module, dtype) -> nn.Module:
+    """Parameters to `dtype`, buffers left as they are. Why not `model.to(dtype)`: it also rounds the
+    rotary `inv_freq` buffer, which transformers keeps in fp32 when it loads a model in bf16, so a model
+    trained after `.to(bf16)` would see other positions than the same model at inference."""
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return model
+
+
 def set_trainable(model: nn.Module, trainable: bool) -> None:
     for parameter in model.parameters():
         parameter.requires_grad_(trainable)
 
 
-__all__ = ["TrainingMethod", "enable_activation_checkpointing", "set_trainable"]
+__all__ = ["TrainingMethod", "cast_weights", "enable_activation_checkpointing", "set_trainable"]

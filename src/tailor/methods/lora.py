@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tailor.lora import LoraConfig, add_lora, unload_lora
-from tailor.methods.base import TrainingMethod
+from tailor.methods.base import TrainingMethod, cast_weights
 
 if TYPE_CHECKING:
     from tailor.config import TrainConfig
@@ -32,7 +32,7 @@ class LoraMethod(TrainingMethod):
 
     def adapt(self, model: nn.Module, config: TrainConfig) -> nn.Module:
         if config.precision == "bf16":
-            model.to(torch.bfloat16)
+            cast_weights(model, torch.bfloat16)
         add_lora(model, lora_config_for(model, config))
         return model
 
