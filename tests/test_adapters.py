@@ -60,7 +60,7 @@ def test_saving_into_a_shared_directory_keeps_other_files(tmp_path):
     (run_dir / "metrics.jsonl").write_text("{}\n")
     save_adapter(model, run_dir)
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "metrics.jsonl"]
+        "adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "tailor_metadata.json"]
 
 
 def test_crash_during_save_leaves_no_half_written_adapter(tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_crash_during_save_leaves_no_half_written_adapter(tmp_path, monkeypatch)
         save_adapter(model, path)
     assert (path / "adapter_model.safetensors").read_bytes() == old_weights
     assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                      "metrics.jsonl"]
+                                                      "metrics.jsonl", "tailor_metadata.json"]
 
 
 def _mismatched_llama() -> LlamaForCausalLM:

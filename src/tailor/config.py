@@ -55,6 +55,8 @@ class TrainConfig:
     """Run directory; default runs/<name>."""
     name: str | None = None
     """Run name (default: <method>-<data stem>)."""
+    register: str | None = None
+    """Add the trained adapter to the adapter store as the next version of this name ($TAILOR_ADAPTERS)."""
     device: str | None = None
     """cuda or cpu; default cuda when available."""
     num_threads: int | None = None
@@ -190,6 +192,16 @@ class TrainConfig:
             p.append(f"device: {self.device!r} is not cpu or cuda")
         if not self.target_modules:
             p.append("target_modules: empty; use all-linear, a regex, or a list of module names")
+        if self.register is not None:
+            from tailor.adapters.store import StoreError, check_name
+
+            try:
+                check_name(self.register)
+            except StoreError as error:
+                p.append(f"register: {error}")
+            if self.method in METHODS and method_spec(self.method).trains_all_weights:
+                p.append(f"register: method {self.method} delivers a whole model, not an adapter; the store "
+                         "keeps adapters (train a LoRA method, or leave register out)")
         if problems:
             raise ConfigError(_format_problems(problems))
         return self

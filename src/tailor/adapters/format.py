@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from tailor.adapters.metadata import (
+    METADATA_NAME,
+    AdapterMetadataError,
+    check_base,
+    metadata_text,
+    new_metadata,
+    read_metadata,
+)
 from tailor.files import atomic_output, atomic_write_text
 from tailor.lora import LoraConfig, LoraConfigError, add_lora, delete_adapter, lora_configs, plan_lora
 from tailor.lora.inject import _wrappers, lora_layers
@@ -32,7 +41,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, "README.md"}
+ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, "README.md", METADATA_NAME}
 
 # PEFT config keys that carry no meaning for loading plain LoRA weights.
 INFORMATIONAL_KEYS = {
@@ -214,6 +223,12 @@ def _check_finite(weights: dict[str, torch.Tensor], source: Path) -> dict[str, t
     return weights
 
 
+def read_adapter_weights(directory: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under their on-disk keys, checked finite, without a model (the server reads
+    adapters so). Raises AdapterFormatError as `load_adapter` does for missing, corrupt or pickled files."""
+    return _read_weights(Path(directory), allow_pickle)
+
+
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors under PEFT's on-disk keys (detached CPU copies)."""
     configs = lora_configs(model)
@@ -240,8 +255,11 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
 
 # ---------------------------------------------------------------------------------------------- save
-def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` in PEFT's format, atomically.
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default",
+                 metadata: dict[str, Any] | None = None) -> Path:
+    """Write adapter `name` in PEFT's format, atomically, with tailor's metadata beside it
+    (tailor_metadata.json: base fingerprint, precision, creation time, plus the `metadata` fields given;
+    tailor.adapters.metadata).
 
     Files are written into a temporary directory next to `directory`, which is then renamed into place
     (tailor.files.atomic_output); an existing adapter directory is swapped out as a whole. If `directory`
@@ -258,6 +276,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
             "it is. Retrain with a lower learning rate, or save an earlier checkpoint."
         )
     config_text = json.dumps(config_to_peft_dict(lora_configs(model)[name]), indent=2, sort_keys=True) + "\n"
+    meta_text = metadata_text(new_metadata(model, **(metadata or {})))
     if directory.exists() and not directory.is_dir():
         raise AdapterFormatError(f"{str(directory)!r} exists and is a file, not a directory; the adapter was "
                                  "not saved and the file is left as it is. Choose another path.")
@@ -267,11 +286,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         with atomic_output(directory / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
         atomic_write_text(directory / CONFIG_NAME, config_text)
+        atomic_write_text(directory / METADATA_NAME, meta_text)
         (directory / PICKLE_WEIGHTS_NAME).unlink(missing_ok=True)
         return directory
     with atomic_output(directory, directory=True) as tmp:  # none there, or only an old adapter: swap whole
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(config_text, encoding="utf-8")
+        (tmp / METADATA_NAME).write_text(meta_text, encoding="utf-8")
     return directory
 
 
@@ -333,10 +354,13 @@ def _check_fit(model: nn.Module, config: LoraConfig, weights: dict[str, torch.Te
 
 def load_adapter(
     model: nn.Module, directory: str | os.PathLike, name: str | None = None, allow_pickle: bool = False,
+    force: bool = False,
 ) -> str:
     """Add the adapter saved in `directory` (tailor or PEFT) to `model` as `name`; it becomes active.
 
-    All or nothing: config, files and every tensor shape are checked before the model is touched.
+    All or nothing: config, files and every tensor shape are checked before the model is touched; so is
+    the base, when the adapter carries tailor's metadata: another base model than it was trained on is
+    an error unless `force=True`, another dtype a warning (AdapterDtypeWarning).
     Returns the adapter name ("default" unless given).
 
     Raises:
@@ -344,6 +368,8 @@ def load_adapter(
             weights without ``allow_pickle=True``.
         AdapterShapeError: the tensors do not fit the model (first module and both shapes named).
         LoraTargetError: the adapter's target modules do not exist in the model.
+        AdapterBaseMismatchError: the model is not the base the adapter was trained on (see `force`).
+        AdapterMetadataError: tailor_metadata.json is unreadable (ignored with a warning when forced).
     """
     directory = Path(directory)
     name = "default" if name is None else name
@@ -353,6 +379,7 @@ def load_adapter(
     raw = _read_weights(directory, allow_pickle)
     weights = {k.removeprefix(PREFIX): v for k, v in raw.items()}
     _, extras = _check_fit(model, config, weights, str(directory))
+    _check_metadata(model, directory, force)
     add_lora(model, config, name)
     try:
         _copy_weights(model, name, weights, extras)
@@ -360,6 +387,17 @@ def load_adapter(
         delete_adapter(model, name)
         raise
     return name
+
+
+def _check_metadata(model: nn.Module, directory: Path, force: bool) -> None:
+    try:
+        metadata = read_metadata(directory)
+    except AdapterMetadataError as error:
+        if not force:
+            raise
+        warnings.warn(f"{error} Loaded without the base check (forced).", UserWarning, stacklevel=3)
+        return
+    check_base(model, metadata, str(directory), force)
 
 
 @torch.no_grad()

@@ -88,7 +88,8 @@ def cast_weights(model: nn.Module, dtype) -> nn.Module:
     rotary `inv_freq` buffer, which transformers keeps in fp32 when it loads a model in bf16, so a model
     trained after `.to(bf16)` would see other positions than the same model at inference."""
     for parameter in model.parameters():
-        parameter.data = parameter.data.to(dtype)
+        if parameter.is_floating_point():  # packed quantized weights (uint8/int8) stay as they are
+            parameter.data = parameter.data.to(dtype)
     return model
 
 

@@ -106,6 +106,7 @@ def train(config: TrainConfig, extra_hooks: Sequence[Hook] = ()) -> Path:
     run_dir = config.run_dir()
     check_run_dir(run_dir, config.resume)
     examples = load_data(config)  # bad data stops the run here: before the model load, nothing written
+    data_record = data_fingerprint(config, examples)
     main = is_main_process()
     torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
     seed_everything(config.seed)
@@ -145,12 +146,53 @@ def train(config: TrainConfig, extra_hooks: Sequence[Hook] = ()) -> Path:
 
     summary = build_summary(config, result, data_stats, trainable, total, out_dir, load_seconds, use_best)
     summary.update(cpu_seconds=round(cpu_seconds, 1), frozen_weight_bytes=frozen_bytes)
+    if method.spec.deliverable == "adapter":  # the adapter carries what made it (tailor_metadata.json)
+        from tailor.adapters.metadata import update_metadata
+
+        metrics = {k: summary[k] for k in METADATA_METRICS if summary.get(k) is not None}
+        update_metadata(out_dir, train_config=config.to_dict(), data=data_record, metrics=metrics)
+        if config.register:
+            from tailor.adapters.store import AdapterStore
+
+            store = AdapterStore()
+            summary["registered_as"], _ = store.add(config.register, out_dir)
+            print(f"registered {out_dir} as {summary['registered_as']} (store {store.root})", flush=True)
     atomic_write_json(run_dir / "summary.json", summary)
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     from tailor.report import write_report
 
     write_report(run_dir)
     return run_dir
+
+
+METADATA_METRICS = ("final_train_loss", "final_val_loss", "best_val_loss", "best_step", "steps", "tokens",
+                    "train_seconds", "tokens_per_s", "trainable_params")
+
+
+def data_fingerprint(config: TrainConfig, examples: tuple[list, list]) -> dict[str, Any]:
+    """What the run trains on: per source the sha256 of the file's bytes (what `sha256sum FILE` prints),
+    or of the examples of a built-in set; `sha256` combines the sources."""
+    import dataclasses
+    import hashlib
+
+    combined, sources = hashlib.sha256(), []
+    for role, spec in (("data", config.data), ("val_data", config.val_data)):
+        if not spec:
+            continue
+        path, digest = Path(str(spec)), hashlib.sha256()
+        if path.is_file():
+            with open(path, "rb") as handle:
+                for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                    digest.update(block)
+            source = {"role": role, "path": str(path.resolve()), "bytes": path.stat().st_size}
+        else:  # builtin:...: the examples themselves (train and validation split)
+            rows = [dataclasses.asdict(e) for part in examples for e in part]
+            digest.update(json.dumps(rows, sort_keys=True, default=str).encode())
+            source = {"role": role, "spec": str(spec), "examples": len(rows)}
+        sources.append({**source, "sha256": digest.hexdigest()})
+        combined.update(f"{role}:{digest.hexdigest()};".encode())
+    return {"sha256": combined.hexdigest(), "sources": sources,
+            "examples": {"train": len(examples[0]), "validation": len(examples[1])}}
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
