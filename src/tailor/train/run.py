@@ -151,6 +151,7 @@ def train(config: TrainConfig, extra_hooks: Sequence[Hook] = ()) -> Path:
 
         metrics = {k: summary[k] for k in METADATA_METRICS if summary.get(k) is not None}
         update_metadata(out_dir, train_config=config.to_dict(), data=data_record, metrics=metrics)
+        summary["weights_bytes"] = directory_size(out_dir)  # the artifact as shipped, metadata included
         if config.register:
             from tailor.adapters.store import AdapterStore
 
