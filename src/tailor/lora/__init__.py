@@ -20,6 +20,7 @@ from .inject import (
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, lora_scaling, lora_term
 from .merge import UnsafeMergeError, merge_lora, unload_lora, unmerge_lora
 from .modules_to_save import ModulesToSaveWrapper
+from .rows import NO_ADAPTER, LoraSlots, SlotError, add_lora_slots
 
 __all__ = [
     "ALL_LINEAR", "LoraConfig", "LoraConfigError", "LoraPlan", "LoraTargetError", "active_adapters",
@@ -27,4 +28,5 @@ __all__ = [
     "set_active_adapters",
     "trainable_parameters", "LoraEmbedding", "LoraLayer", "LoraLinear", "lora_scaling", "lora_term",
     "UnsafeMergeError", "merge_lora", "unload_lora", "unmerge_lora", "ModulesToSaveWrapper",
+    "NO_ADAPTER", "LoraSlots", "SlotError", "add_lora_slots",
 ]

@@ -61,6 +61,7 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.slot_bank = None  # per-row adapter slots (tailor.lora.rows), when the model serves many adapters
 
     def __getattr__(self, name: str):
         try:
@@ -102,10 +103,12 @@ class LoraLayer(nn.Module):
         if self.disabled:
             return result
         delta = self.lora_delta(x)
-        if delta is None:
-            return result
-        # PEFT semantics: the sum is formed in the wider of the two dtypes, then cast back once.
-        return (result + delta).to(result.dtype)
+        if delta is not None:
+            # PEFT semantics: the sum is formed in the wider of the two dtypes, then cast back once.
+            result = (result + delta).to(result.dtype)
+        if self.slot_bank is not None:  # each row's own adapter, for the whole batch at once (lora/rows.py)
+            result = self.slot_bank.add_to(x, result)
+        return result
 
     def lora_delta(self, x: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor | None:
         raise NotImplementedError

@@ -1,0 +1,283 @@
+"""Per-row adapters: every row of a batch uses its own LoRA adapter, taken from a bank of fixed slots.
+
+Serving many adapters on one base model (S-LoRA https://arxiv.org/abs/2311.03285, Punica
+https://arxiv.org/abs/2310.18547, vLLM's LoRA slots): the base matmul is shared by all rows, and the LoRA
+term of the whole batch is one gathered computation over per-layer slot tensors::
+
+    A_bank (S+1, d_in, R)   B_bank (S+1, R, d_out)      slot S is all zeros: "no adapter"
+    y[b] = W0 x[b] + (x[b] @ A_bank[s_b]) @ B_bank[s_b]   s_b = the slot of row b
+
+An adapter of rank r <= R fills ``A_bank[s, :, :r] = A^T`` and ``B_bank[s, :r, :] = scaling * B^T``; the
+zero padding contributes exactly nothing. Rows are the segments: a row's tokens (its whole prompt at
+prefill, one token at decode) share one slot, so each layer gathers R x (d_in + d_out) weights per row,
+never per token, and the batch runs as two batched matmuls (``bmm``) with no loop over rows or slots.
+When every row uses the same slot (one tenant, or evaluation) the gather is skipped (plain matmuls);
+when no row uses an adapter in a layer, the layer adds nothing.
+
+The slots live beside the layers' named adapters (``add_lora``), which still apply to every row as before.
+Usage::
+
+    slots = add_lora_slots(model, num_slots=8, max_rank=16)       # wraps all linear layers but the head
+    slots.write(0, {"model.layers.0.self_attn.q_proj": (A, B, scaling), ...})
+    with slots.rows([0, -1, 0]):                                  # row 1: the bare base model
+        logits = model(input_ids).logits
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .config import ALL_LINEAR, LoraConfig
+from .inject import _replace_module, plan_lora
+from .layer import LoraLayer, LoraLinear, wrap_layer
+
+NO_ADAPTER = -1  # a row's slot when it uses no adapter
+
+
+class SlotError(ValueError):
+    """Adapter weights that do not fit the slots (module, shape or rank); nothing was written."""
+
+
+@dataclasses.dataclass(eq=False)
+class SlotBank:
+    """One layer's slot tensors: ``a`` (S+1, d_in, R) and ``b`` (S+1, R, d_out), scaling folded into b."""
+
+    table: LoraSlots
+    a: torch.Tensor
+    b: torch.Tensor
+    used: set[int] = dataclasses.field(default_factory=set)  # slots holding weights for this layer
+
+    def add_to(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result (the base layer's output, (rows, ..., d_out)) plus each row's LoRA term for x.
+
+        With no gradient flowing, the term is accumulated into result in place (``addmm_``/``baddbmm_``:
+        one pass over result, no (rows, ..., d_out) term materialised). When the banks' dtype differs
+        from result's (fp32 banks on a bf16 model), that fused path is taken for rows of at least R
+        tokens (prefill), in result's dtype: the thin A and B are cast, not the activations. Otherwise
+        (decode, autograd) the term is computed in the banks' dtype and the sum formed in the wider
+        dtype, then cast back, as the named adapters do.
+        """
+        table = self.table
+        uniform = table.uniform
+        if uniform is not None:
+            if uniform not in self.used:
+                return result
+            a, b = self.a[uniform], self.b[uniform]  # (d_in, R), (R, d_out)
+            tokens = x.numel() // x.shape[-1]
+            if self._fuses(result, tokens):
+                flat = result.view(-1, result.shape[-1])  # (N, d_out)
+                h = x.reshape(-1, x.shape[-1]).to(result.dtype) @ a.to(result.dtype)  # (N, d_in) @ (d_in, R)
+                flat.addmm_(h, b.to(result.dtype))  # += (N, R) @ (R, d_out)
+                return result
+            return self._add(result, (table.cast(x) @ a) @ b)
+        if self.used.isdisjoint(table.row_set):
+            return result
+        rows, d_in = x.shape[0], x.shape[-1]
+        a = self.a.index_select(0, table.index)  # (B, d_in, R): gathered once per row, not per token
+        b = self.b.index_select(0, table.index)  # (B, R, d_out)
+        if self._fuses(result, x.numel() // (rows * d_in)):
+            h = torch.bmm(x.reshape(rows, -1, d_in).to(result.dtype), a.to(result.dtype))  # -> (B, T, R)
+            target = result.view(rows, -1, result.shape[-1])  # (B, T, d_out)
+            target.baddbmm_(h, b.to(result.dtype))  # += (B, T, R) @ (B, R, d_out)
+            return result
+        x_in = table.cast(x).reshape(rows, -1, d_in)  # (B, T, d_in): a row's tokens share its slot
+        term = torch.bmm(torch.bmm(x_in, a), b)  # (B, T, d_in) @ (B, d_in, R) @ (B, R, d_out)
+        return self._add(result, term.reshape(*x.shape[:-1], term.shape[-1]))
+
+    def _fuses(self, result: torch.Tensor, tokens: int) -> bool:
+        """Accumulate in place? Never under autograd; across dtypes only for >= R tokens per row."""
+        if result.requires_grad or not result.is_contiguous():
+            return False
+        return result.dtype == self.a.dtype or tokens >= self.a.shape[-1]
+
+    @staticmethod
+    def _add(result: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+        if result.requires_grad:
+            return (result + term).to(result.dtype)
+        return result.add_(term)  # in place: computed in the wider dtype, cast back once
+
+
+class LoraSlots:
+    """Fixed adapter slots on a model's LoRA layers, and which slot each row of the next forward uses.
+
+    Create with ``add_lora_slots``. ``write``/``clear`` change one slot's weights (between forwards: a
+    forward reads the banks as they are); ``rows`` sets the per-row slots for the forwards in its block.
+
+    Args:
+        layers: {module path: LoraLinear} that get a bank.
+        num_slots: S, adapters held at once.
+        max_rank: R, the largest rank a slot takes (smaller ranks are zero padded).
+        dtype: the banks' dtype (float32: PEFT's adapter precision).
+    """
+
+    def __init__(self, layers: Mapping[str, LoraLinear], num_slots: int, max_rank: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if num_slots < 1 or max_rank < 1:
+            raise ValueError(f"num_slots={num_slots} and max_rank={max_rank} must both be >= 1.")
+        self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
+        self.layers = dict(layers)
+        self.index: torch.Tensor | None = None  # (B,) slot per row, num_slots meaning none
+        self.uniform: int | None = num_slots  # the slot every row uses; None when rows differ
+        self.row_set: frozenset[int] = frozenset()
+        self._cast: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (x, x._version, x in dtype)
+        for layer in self.layers.values():
+            device = layer.base_layer.weight.device
+            a = torch.zeros(num_slots + 1, layer.in_features, max_rank, dtype=dtype, device=device)
+            b = torch.zeros(num_slots + 1, max_rank, layer.out_features, dtype=dtype, device=device)
+            layer.slot_bank = SlotBank(self, a, b)
+
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the banks' dtype; q/k/v (and gate/up) get the same input tensor: it is converted once."""
+        if x.dtype == self.dtype:
+            return x
+        version = -1 if torch.is_inference(x) else x._version  # inference tensors have no version counter
+        cached = self._cast
+        if cached is not None and cached[0] is x and cached[1] == version:
+            return cached[2]
+        converted = x.to(self.dtype)
+        self._cast = (x, version, converted)
+        return converted
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.layers.values())).slot_bank.a.device
+
+    def check(self, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """Refuse weights that would not fit: unknown module, wrong shapes, rank above max_rank.
+
+        Raises:
+            SlotError: naming the module, the shapes and the fix.
+        """
+        unknown = sorted(set(weights) - set(self.layers))
+        if unknown:
+            raise SlotError(f"the adapter has weights for modules without slots: {unknown[:3]} "
+                            f"({len(unknown)} in all); slots exist for {len(self.layers)} linear layers, "
+                            f"e.g. {sorted(self.layers)[:2]}.")
+        for path, (a, b, _) in weights.items():
+            layer = self.layers[path]
+            r = a.shape[0]
+            if a.shape != (r, layer.in_features) or b.shape != (layer.out_features, r):
+                raise SlotError(f"module {path!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
+                                f"not fit a ({layer.out_features} x {layer.in_features}) layer; was the "
+                                "adapter trained on another base model?")
+            if r > self.max_rank:
+                raise SlotError(f"module {path!r} has rank {r}, above max_lora_rank={self.max_rank}; raise "
+                                "max_lora_rank or use an adapter of lower rank.")
+
+    @torch.no_grad()
+    def prepare(self, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Check one adapter's weights and put them in the banks' layout and dtype, scaling folded into
+        B: {module path: (A^T (d_in, r), scaling * B^T (r, d_out))}. Slow work that needs no slot (a
+        server does it while loading, off the step loop); `write_prepared` then only copies.
+
+        Raises:
+            SlotError: see `check`.
+        """
+        self.check(weights)
+        prepared = {}
+        for path, (a, b, scaling) in weights.items():
+            a_t = a.T.to(self.dtype).contiguous()  # (r, d_in) -> (d_in, r)
+            b_t = (b.to(torch.float32) * scaling).T.to(self.dtype).contiguous()  # (d_out, r) -> (r, d_out)
+            prepared[path] = (a_t, b_t)
+        return prepared
+
+    @torch.no_grad()
+    def write(self, slot: int, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """Put one adapter into `slot`: {module path: (A (r, d_in), B (d_out, r), scaling)}.
+
+        Layers the adapter does not name get zeros in that slot. All weights are checked first.
+
+        Raises:
+            SlotError: see `check`; IndexError: slot outside [0, num_slots).
+        """
+        self.write_prepared(slot, self.prepare(weights))
+
+    @torch.no_grad()
+    def write_prepared(self, slot: int, prepared: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put an adapter from `prepare` into `slot` (copies only; ranks below max_rank zero padded)."""
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} is outside [0, {self.num_slots}).")
+        unknown = set(prepared) - set(self.layers)
+        if unknown:
+            raise SlotError(f"prepared weights for modules without slots: {sorted(unknown)[:3]}.")
+        for path, layer in self.layers.items():
+            bank = layer.slot_bank
+            if path in prepared:
+                a_t, b_t = prepared[path]
+                r = a_t.shape[1]
+                if r < self.max_rank and slot in bank.used:  # the padding must be zero
+                    bank.a[slot, :, r:].zero_()
+                    bank.b[slot, r:].zero_()
+                bank.a[slot, :, :r].copy_(a_t)
+                bank.b[slot, :r].copy_(b_t)
+                bank.used.add(slot)
+            elif slot in bank.used:  # a layer this adapter leaves alone: zeros (never-used slots are)
+                bank.a[slot].zero_()
+                bank.b[slot].zero_()
+                bank.used.discard(slot)
+
+    @torch.no_grad()
+    def clear(self, slot: int) -> None:
+        """Empty `slot` (rows using it then get no adapter term)."""
+        self.write(slot, {})
+
+    def set_rows(self, slots: Sequence[int] | torch.Tensor | None) -> None:
+        """The slot of each row for the following forwards (NO_ADAPTER = -1 for the bare base); None: none."""
+        self._cast = None
+        if slots is None:
+            self.index, self.uniform, self.row_set = None, self.num_slots, frozenset()
+            return
+        values = slots.tolist() if isinstance(slots, torch.Tensor) else list(slots)
+        bad = [s for s in values if not (s == NO_ADAPTER or 0 <= s < self.num_slots)]
+        if bad:
+            raise IndexError(f"row slots {bad[:3]} are outside [0, {self.num_slots}) and not {NO_ADAPTER}.")
+        values = [self.num_slots if s == NO_ADAPTER else s for s in values]
+        self.row_set = frozenset(values)
+        self.uniform = values[0] if len(self.row_set) == 1 else None
+        self.index = torch.tensor(values, dtype=torch.long, device=self.device)
+
+    @contextlib.contextmanager
+    def rows(self, slots: Sequence[int] | torch.Tensor) -> Iterator[LoraSlots]:
+        """Within the block, row b of every forward uses adapter slot ``slots[b]`` (-1: none)."""
+        self.set_rows(slots)
+        try:
+            yield self
+        finally:
+            self.set_rows(None)
+
+
+def add_lora_slots(
+    model: nn.Module, num_slots: int, max_rank: int, target_modules: str | list[str] = ALL_LINEAR,
+    dtype: torch.dtype = torch.float32,
+) -> LoraSlots:
+    """Give the targeted linear layers (default: all but the output head) `num_slots` adapter slots.
+
+    Layers are wrapped in ``LoraLinear`` where they are not LoRA layers yet (named adapters added before or
+    after keep working). Returns the `LoraSlots` that fills the slots and sets the rows' slots.
+
+    Raises:
+        LoraTargetError: the targets match nothing; ValueError: a target is not a linear layer, or the
+            model already has slots.
+    """
+    plan = plan_lora(model, LoraConfig(r=1, target_modules=target_modules))
+    layers: dict[str, LoraLinear] = {}
+    for path, module, _, _ in plan.targets:
+        layer = module if isinstance(module, LoraLayer) else wrap_layer(module)
+        if not isinstance(layer, LoraLinear):
+            raise ValueError(f"{path!r} is a {type(layer.base_layer).__name__}; adapter slots go on linear "
+                             "layers only.")
+        if layer.slot_bank is not None:
+            raise ValueError(f"{path!r} already has adapter slots; add them once per model.")
+        if layer is not module:
+            _replace_module(model, path, layer)
+        layers[path] = layer
+    return LoraSlots(layers, num_slots, max_rank, dtype)
+
+
+__all__ = ["NO_ADAPTER", "LoraSlots", "SlotBank", "SlotError", "add_lora_slots"]

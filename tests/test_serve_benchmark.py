@@ -1,0 +1,32 @@
+"""benchmarks/serve_throughput.py: every part runs end to end on a tiny model and reports the named keys."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from conftest import tiny_model_dir
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_throughput.py"
+KEYS = ("hetero_tokens_per_s", "base_tokens_per_s", "hf_base_tokens_per_s", "peft_mixed_tokens_per_s",
+        "ratio_vs_base", "ratio_vs_peft_mixed", "cold_load_ms", "ratio_1000_vs_32")
+
+
+def test_every_part_on_a_tiny_model(tmp_path, one_thread, capsys):
+    spec = importlib.util.spec_from_file_location("serve_throughput", BENCHMARK)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["serve_throughput"] = bench
+    spec.loader.exec_module(bench)
+    model = tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "serve.json"
+    bench.main(["--model", str(model), "--dtype", "float32", "--requests", "4", "--new-tokens", "3",
+                "--rank", "4", "--many-adapters", "40", "--many-requests", "8", "--max-loras", "4",
+                "--swap-requests", "2", "--threads", "1", "--json", str(out)])
+    results = json.loads(out.read_text())
+    for key in KEYS:
+        assert isinstance(results[key], (int, float)) and results[key] > 0, key
+    assert set(results["goals"]) == set(bench.GOALS)
+    printed = capsys.readouterr().out
+    assert "goal ratio_vs_base" in printed and "PEFT mixed-adapter batch" in printed
