@@ -181,6 +181,13 @@ def planned_peak_gib(arch: Architecture, recipe: dict) -> float:
     return estimate_memory(arch, train_config_setup(TrainConfig(**recipe))).total / 2**30
 
 
+def _recipe(inputs: AdviceInputs, method: str, batch: int, **adapter: object) -> dict:
+    """TrainConfig fields of a starting recipe: the method's lr, 16 sequences per step, 2 epochs."""
+    return {"model": inputs.model, "method": method, **adapter, "lr": method_spec(method).default_lr,
+            "batch_size": batch, "grad_accum": max(1, 16 // batch), "max_seq_len": inputs.max_seq_len,
+            "gradient_checkpointing": True, "precision": "bf16", "epochs": 2.0}
+
+
 def lora_recipe(inputs: AdviceInputs) -> dict | None:
     """First (method, batch) on the grid whose planned peak memory fits `gpu_memory_gb`: TrainConfig fields,
     plus `planned_peak_gib` and `reasons` (which `advise` takes out)."""
@@ -193,20 +200,7 @@ def lora_recipe(inputs: AdviceInputs) -> dict | None:
     for method in grid:
         spec = method_spec(method)
         for batch in (8, 4, 2, 1):
-            recipe = {
-                "model": inputs.model,
-                "method": method,
-                "rank": 16,
-                "lora_alpha": 32.0,
-                "target_modules": targets,
-                "lr": spec.default_lr,
-                "batch_size": batch,
-                "grad_accum": max(1, 16 // batch),
-                "max_seq_len": inputs.max_seq_len,
-                "gradient_checkpointing": True,
-                "precision": "bf16",
-                "epochs": 2.0,
-            }
+            recipe = _recipe(inputs, method, batch, rank=16, lora_alpha=32.0, target_modules=targets)
             peak = planned_peak_gib(arch, recipe)
             if peak <= inputs.gpu_memory_gb:
                 quantised = f" (bf16 LoRA did not fit: the base is quantised to {spec.quantized_bits} bits)"
@@ -229,17 +223,7 @@ def _full_recipe(inputs: AdviceInputs) -> dict | None:
     (TrainConfig precision bf16, the planner's bf16-mixed) and torch AdamW."""
     arch = resolve_model(inputs.model)
     for batch in (8, 4, 2, 1):
-        recipe = {
-            "model": inputs.model,
-            "method": "full",
-            "lr": method_spec("full").default_lr,
-            "batch_size": batch,
-            "grad_accum": max(1, 16 // batch),
-            "max_seq_len": inputs.max_seq_len,
-            "gradient_checkpointing": True,
-            "precision": "bf16",
-            "epochs": 2.0,
-        }
+        recipe = _recipe(inputs, "full", batch)
         peak = planned_peak_gib(arch, recipe)
         if peak <= inputs.gpu_memory_gb:
             reasons = [
