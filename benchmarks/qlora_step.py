@@ -30,80 +30,46 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path
+from _shared import (  # noqa: E402
+    TrainingPeak,
+    add_recipe_args,
+    config_list,
+    load_data,
+    peak_rss_mib,
+    pick_device,
+    run_child,
+    set_threads,
+    synchronize,
+    train_config,
+)
+
 CONFIGS = ("lora", "qlora-nf4", "qlora-int8")
 REFERENCE = "lora"
 GOAL = {"nf4_step_ratio": 1.15, "nf4_bytes_ratio": 0.30}
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 RESULT_MARKER = "QLORA_STEP_RESULT "
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or local path (tailor.models)")
-    p.add_argument("--data", default="builtin:support", help="training data spec (tailor.data)")
-    p.add_argument("--configs", default=",".join(CONFIGS),
-                   help=f"comma-separated subset of {', '.join(CONFIGS)}")
-    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per configuration")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+    add_recipe_args(p, CONFIGS, steps=8, train_examples=256, eval_examples=16, timeout=1800.0)
     p.add_argument("--repeats", type=int, default=1, help="round-robin runs per configuration (fastest kept)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-seq-len", type=int, default=256)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-examples", type=int, default=256, help="first N examples of the training data")
-    p.add_argument("--eval-examples", type=int, default=16, help="validation examples for the final loss")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--json", dest="json_path", default=None, help="write the results here as JSON")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration run")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one configuration
     args = p.parse_args(argv)
-    args.config_list = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in args.config_list if c not in CONFIGS]
-    if unknown or not args.config_list:
-        p.error(f"--configs: unknown {unknown or 'empty list'}; choose from {', '.join(CONFIGS)}")
+    args.config_list = config_list(p, args, CONFIGS)
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         p.error("--steps and --repeats must be >= 1, --warmup >= 0")
     return args
 
 
 # ------------------------------------------------------------------------------------------------- child
-def training_peak_mib() -> float | None:
-    """VmHWM since the last reset (Linux: writing 5 to /proc/self/clear_refs resets it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mib() -> float:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kib / 1024 / (1024 if sys.platform == "darwin" else 1), 1)  # macOS reports bytes
-
-
 def summarise(marks: list[tuple[float, float, int]], warmup: int, device: str) -> dict[str, Any]:
     """From (wall, cpu, real tokens) at the end of each step (index 0 = before step 1): the timed window."""
     start, end = marks[warmup], marks[-1]
@@ -121,8 +87,6 @@ def summarise(marks: list[tuple[float, float, int]], warmup: int, device: str) -
 def run_config(args: argparse.Namespace, name: str, device: str) -> dict[str, Any]:
     import torch
 
-    from tailor.config import TrainConfig
-    from tailor.data import load_examples, tokenize_examples
     from tailor.lora import trainable_parameters
     from tailor.loss import validation_loss
     from tailor.methods import get_method
@@ -133,21 +97,11 @@ def run_config(args: argparse.Namespace, name: str, device: str) -> dict[str, An
     from tailor.train.run import seed_everything
 
     run_dir = tempfile.mkdtemp(prefix=f"qlora-step-{name}-")
-    config = TrainConfig(
-        method=name, model=args.model, data=args.data, max_seq_len=args.max_seq_len,
-        batch_size=args.batch_size, rank=args.rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-        target_modules="all-linear", lr=args.lr, schedule="constant", warmup_steps=0, seed=args.seed,
-        max_steps=args.warmup + args.steps, device=device, num_threads=args.threads, eval_every=0,
-        save_every=0, keep_best=False, progress=False, log_every=1, out=run_dir,
-    ).validate()
+    config = train_config(args, name, device, run_dir)
     method = get_method(name)
     seed_everything(args.seed)
     model, tokenizer = load_model(args.model, dtype=torch.float32, device=device)
-    val_spec = f"{args.data}:validation" if args.data.startswith("builtin:") else args.data
-    train_set, _ = tokenize_examples(load_examples(args.data)[: args.train_examples], tokenizer,
-                                     args.max_seq_len)
-    eval_set, _ = tokenize_examples(load_examples(val_spec)[: args.eval_examples], tokenizer,
-                                    args.max_seq_len)
+    train_set, eval_set = load_data(args, tokenizer)
     seed_everything(args.seed)  # the same adapter init for every configuration
     started = time.perf_counter()
     model = method.prepare(model, config)
@@ -160,17 +114,17 @@ def run_config(args: argparse.Namespace, name: str, device: str) -> dict[str, An
 
     class StepClock(Hook):
         def on_step(self, run: Any, record: Any) -> None:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(device)
             marks.append((time.perf_counter(), time.process_time(), record.tokens))
             last["loss"] = record.loss
 
-    peak_available = reset_peak()
+    peak = TrainingPeak()
+    peak.reset()
     fit(model, train_set, [], config, Path(run_dir), tokenizer.pad_token_id, lambda _m, _d: None,
         hooks=[MetricsHook(), StepClock()])
     result = summarise(marks, args.warmup, device)
     result.update(peak_rss_mib=peak_rss_mib(),
-                  train_peak_rss_mib=training_peak_mib() if peak_available else None)
+                  train_peak_rss_mib=peak.read_mib())
     if device.startswith("cuda"):
         result["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     result.update(
@@ -188,8 +142,8 @@ def run_config(args: argparse.Namespace, name: str, device: str) -> dict[str, An
 def child_main(args: argparse.Namespace) -> None:
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    device = pick_device(args.device)
+    set_threads(args.threads)
     started = time.perf_counter()
     try:
         result = run_config(args, args.child, device)
@@ -202,19 +156,6 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parent
-def run_child(args: argparse.Namespace, name: str, argv: list[str]) -> dict[str, Any]:
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--child", name]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"config": name, "status": "failed", "error": f"timed out after {args.timeout:.0f} s"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-8:]
-    return {"config": name, "status": "failed", "error": f"exit {done.returncode}: " + " | ".join(tail)}
-
-
 def fastest(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the least median step time (failed runs only when nothing succeeded)."""
     ok = [r for r in runs if r.get("status") == "ok"]
@@ -283,7 +224,7 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         for name in args.config_list:
             print(f"[{time.strftime('%H:%M:%S')}] {name} (run {repeat + 1}/{args.repeats}) ...",
                   file=sys.stderr, flush=True)
-            runs[name].append(run_child(args, name, argv))
+            runs[name].append(run_child(__file__, name, argv, args.timeout, RESULT_MARKER))
     results = {name: fastest(r) for name, r in runs.items()}
     summary = compare(results)
     print(format_table(results))
@@ -306,7 +247,9 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                   "lora_alpha", "lr", "seed", "train_examples", "eval_examples")},
               "load_average": {"before": load_before, "after": load_after}}
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+        from tailor.files import atomic_write_json
+
+        atomic_write_json(args.json_path, report)
     return report
 
 

@@ -48,20 +48,31 @@ import json
 import math
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (the tests do)
+from _shared import (  # noqa: E402
+    TrainingPeak,
+    add_recipe_args,
+    config_list,
+    load_data,
+    peak_rss_mib,
+    pick_device,
+    run_child,
+    set_threads,
+    synchronize,
+    train_config,
+)
+
 PEFT_CONFIGS = ("peft-fp32", "peft-autocast-bf16", "peft-bf16")
 TAILOR_CONFIGS = ("tailor", "tailor-no-prefix-sharing", "tailor-full")
 SAME_BATCHES = "peft-same-batches"
 ALL_CONFIGS = PEFT_CONFIGS + TAILOR_CONFIGS + (SAME_BATCHES,)
 GOAL = {"ratio_vs_peft_best": 3.0, "eval_loss_gap": 0.02, "peak_rss_ratio": 1.0}  # from the speed issue
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 RESULT_MARKER = "TRAIN_THROUGHPUT_RESULT "
 
 
@@ -73,90 +84,23 @@ RESULT_MARKER = "TRAIN_THROUGHPUT_RESULT "
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or local path (tailor.models)")
-    p.add_argument("--data", default="builtin:support", help="training data spec (tailor.data)")
-    p.add_argument("--configs", default=",".join(ALL_CONFIGS),
-                   help=f"comma-separated subset of {', '.join(ALL_CONFIGS)}")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-seq-len", type=int, default=256)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-examples", type=int, default=512,
-                   help="first N examples of the training data (512 = 64 batches: one length-grouping chunk)")
-    p.add_argument("--eval-examples", type=int, default=32, help="validation examples for the final loss")
+    add_recipe_args(p, ALL_CONFIGS, steps=20, train_examples=512, eval_examples=32, timeout=3600.0,
+                    train_examples_help="first N examples of the training data (512 = 64 batches: one "
+                                        "length-grouping chunk)")
     p.add_argument("--peft-group-by-length", action="store_true",
                    help="give the PEFT loops tailor's length-grouped batches too (default: plain shuffled)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--json", dest="json_path", default=None, help="write the results here as JSON")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one configuration
     p.add_argument("--same-batches-variant", default="peft-autocast-bf16", choices=PEFT_CONFIGS,
                    help=argparse.SUPPRESS)  # internal: which PEFT configuration peft-same-batches repeats
     args = p.parse_args(argv)
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in ALL_CONFIGS]
-    if unknown or not configs:
-        p.error(f"--configs: unknown {unknown or 'empty list'}; choose from {', '.join(ALL_CONFIGS)}")
+    args.config_list = config_list(p, args, ALL_CONFIGS)
     if args.steps < 1 or args.warmup < 0:
         p.error(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
-    args.config_list = configs
     return args
 
 
 # ------------------------------------------------------------------------------------------------------
 # Shared pieces (run inside a child)
 # ------------------------------------------------------------------------------------------------------
-
-
-def pick_device(requested: str | None) -> str:
-    import torch
-
-    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def set_threads(threads: int | None) -> None:
-    import torch
-
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-
-
-def synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def train_config(args: argparse.Namespace, method: str, device: str, run_dir: str, share_prefix: bool = True):
-    """The one recipe every configuration follows (PEFT loops read lr/clip/AdamW settings from it)."""
-    from tailor.train import TrainConfig
-
-    return TrainConfig(
-        method=method, model=args.model, data=args.data, max_seq_len=args.max_seq_len,
-        batch_size=args.batch_size, rank=args.rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-        target_modules="all-linear",
-        lr=args.lr, schedule="constant", warmup_steps=0, seed=args.seed, max_steps=args.warmup + args.steps,
-        device=device, num_threads=args.threads, eval_every=0, save_every=0, keep_best=False, progress=False,
-        log_every=1, out=run_dir, share_prefix=share_prefix,
-    ).validate()
-
-
-def load_data(args: argparse.Namespace, tokenizer) -> tuple[list, list]:
-    """Tokenized (train, eval) examples: the first --train-examples of the data, and the first
-    --eval-examples of its validation split."""
-    from tailor.data import load_examples, tokenize_examples
-
-    train_examples = load_examples(args.data)[: args.train_examples]
-    val_spec = f"{args.data}:validation" if args.data.startswith("builtin:") else args.data
-    eval_examples = load_examples(val_spec)[: args.eval_examples]
-    train_set, _ = tokenize_examples(train_examples, tokenizer, args.max_seq_len)
-    eval_set, _ = tokenize_examples(eval_examples, tokenizer, args.max_seq_len)
-    return train_set, eval_set
 
 
 def evaluation_loss(model, eval_set: list, batch_size: int, pad_id: int, device: str,
@@ -213,34 +157,6 @@ def flops_per_token(counts: dict[str, int], supervised_share: float, full: bool,
         return 6 * computed_share * counts["n_body"] + 6 * supervised_share * counts["n_head"]
     return (4 * computed_share * counts["n_body"] + 4 * supervised_share * counts["n_head"]
             + 6 * computed_share * counts["n_lora"])
-
-
-class TrainingPeak:
-    """Peak RSS of the training phase alone: Linux lets a process reset its high-water mark
-    (write 5 to /proc/self/clear_refs), so loading the model does not count."""
-
-    def __init__(self) -> None:
-        self.available = False
-
-    def reset(self) -> None:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.available = True
-        except OSError:
-            self.available = False
-
-    def read_mib(self) -> float | None:
-        if not self.available:
-            return None
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-        return None
-
-
-def peak_rss_mib() -> float:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kib / 1024 / (1024 if sys.platform == "darwin" else 1), 1)  # macOS reports bytes
 
 
 def summarise(step_marks: list[tuple[float, float, int, int]], warmup: int, device: str) -> dict[str, Any]:
@@ -463,19 +379,6 @@ def matmul_tflops(device: str, dtype_name: str, size: int = 2048,
                         "cpu": round(flops / cpu, 4) if cpu > 0 and not device.startswith("cuda") else None}
 
 
-def run_child(args: argparse.Namespace, name: str, argv: list[str]) -> dict[str, Any]:
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--child", name]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"config": name, "status": "failed", "error": f"timed out after {args.timeout:.0f} s"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-8:]
-    return {"config": name, "status": "failed", "error": f"exit {done.returncode}: " + " | ".join(tail)}
-
-
 def load_average() -> list[float] | None:
     with contextlib.suppress(OSError, AttributeError):
         return [round(x, 2) for x in os.getloadavg()]
@@ -575,11 +478,12 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for name in [c for c in args.config_list if c != SAME_BATCHES]:
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_child(args, name, argv)
+        results[name] = run_child(__file__, name, argv, args.timeout, RESULT_MARKER)
     if SAME_BATCHES in args.config_list:  # repeats whichever PEFT configuration was fastest
         fastest = fastest_peft(results) or args.same_batches_variant
         print(f"[{time.strftime('%H:%M:%S')}] {SAME_BATCHES} ({fastest}) ...", file=sys.stderr, flush=True)
-        results[SAME_BATCHES] = run_child(args, SAME_BATCHES, [*argv, "--same-batches-variant", fastest])
+        results[SAME_BATCHES] = run_child(__file__, SAME_BATCHES, [*argv, "--same-batches-variant", fastest],
+                                          args.timeout, RESULT_MARKER)
     summary = compare(results, peak["bfloat16"]["wall"], peak["bfloat16"]["cpu"])
     report = {
         "tokens_per_s": {n: r.get("tokens_per_s") for n, r in results.items()},
