@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from tailor._version import __version__
 
 # Public API, imported lazily so that `import tailor` (and `tailor --help`) does not pay for torch.
 _EXPORTS = {

@@ -13,7 +13,6 @@ from typing import Any
 import yaml
 
 from tailor.files import atomic_write_text
-from tailor.methods import METHODS, method_spec
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # == tailor.models.DEFAULT_MODEL (kept here: no import cycle)
 
@@ -21,6 +20,44 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("bf16", "fp32")
 OVERFLOWS = ("truncate", "drop")
 FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the rest of tailor needs to know about a training method without loading torch (the method
+    objects themselves: tailor.methods.get_method)."""
+
+    name: str
+    summary: str
+    trains_all_weights: bool  # full fine-tuning: every weight is trainable
+    quantized_bits: int | None  # bits per frozen block-linear weight (None: not quantized)
+    default_lr: float  # AdamW peak learning rate when the config gives none
+    deliverable: str  # the run directory's subfolder holding the result: adapter/ or model/
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("lora", "low-rank adapter on a frozen base (bf16 base, fp32 adapter)", False, None, 2e-4,
+                   "adapter"),
+        MethodSpec("full", "every weight trainable (fp32 master weights, bf16 compute)", True, None, 2e-5,
+                   "model"),
+        MethodSpec("qlora-nf4", "low-rank adapter on a 4-bit NF4 frozen base (bitsandbytes)", False, 4, 2e-4,
+                   "adapter"),
+        MethodSpec("qlora-int8", "low-rank adapter on an 8-bit frozen base (bitsandbytes)", False, 8, 2e-4,
+                   "adapter"),
+    )
+}
+METHODS: tuple[str, ...] = tuple(METHOD_SPECS)
+ADAPTER_METHODS: tuple[str, ...] = tuple(n for n, s in METHOD_SPECS.items() if not s.trains_all_weights)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The spec of method `name`; a ValueError listing the valid names otherwise."""
+    try:
+        return METHOD_SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
 class ConfigError(ValueError):

@@ -58,7 +58,7 @@ class AdapterDtypeWarning(UserWarning):
 
 
 def _tailor_version() -> str:
-    from tailor import __version__
+    from tailor._version import __version__
 
     return __version__
 
