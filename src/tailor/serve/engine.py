@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tailor.loss.supervised import output_head, transformer_body
 from tailor.serve.adapters import AdapterManager, UnknownAdapterError
 from tailor.serve.kv import RowKVCache
 from tailor.serve.sampling import SamplingParams, choose_tokens, held_back, stop_position, stop_token_ids
@@ -589,10 +590,11 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
         return None
     if next(model.parameters()).dtype == torch.float32:
         return None
-    head = model.get_output_embeddings()
-    get_decoder = getattr(model, "get_decoder", None)
-    body = get_decoder() if callable(get_decoder) else None
-    if type(head) is not nn.Linear or body is None or body is model:  # a LoRA-wrapped head: keep forward
+    try:
+        body, head = transformer_body(model), output_head(model)
+    except TypeError:
+        return None
+    if type(head) is not nn.Linear:  # a LoRA-wrapped head: keep forward
         return None
     return body, head
 
