@@ -113,37 +113,6 @@ def create_app(engine: Engine, config: ServerConfig, routes: Routes | None = Non
         return JSONResponse(body, status_code=500)
 
     # --- helpers -------------------------------------------------------------------------------------
-    def authorize(request: Request, admin: bool = False) -> None:
-        if admin:
-            if not config.admin_key:
-                raise APIError(403, "Adapter and route changes are disabled: start the server with "
-                               "--admin-key to enable them.", type="permission_error", code="admin_disabled")
-            keys = [config.admin_key]
-        else:
-            if not config.api_key:
-                return
-            keys = [k for k in (config.api_key, config.admin_key) if k]
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not any(secrets.compare_digest(given.strip(), k) for k in keys):
-            what = "admin key" if admin else "API key"
-            raise APIError(401, f"Missing or wrong {what}: send 'Authorization: Bearer <key>'.",
-                           type="authentication_error", code="invalid_api_key")
-
-    async def read_json(request: Request) -> object:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            raise _too_large(config.max_body_bytes)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > config.max_body_bytes:
-                raise _too_large(config.max_body_bytes)
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise bad_request(f"The request body is not valid JSON: {error}.") from None
-
     async def resolve_model(name: str, user: str | None) -> tuple[str | None, str]:
         """(adapter to use or None for the base, the name that serves: the version for a route)."""
         if name == config.model_name or name in config.model_aliases:
@@ -274,7 +243,7 @@ def create_app(engine: Engine, config: ServerConfig, routes: Routes | None = Non
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        authorize(request)
+        authorize(request, config)
         created = int(time.time())
         data = [{"id": config.model_name, "object": "model", "created": created, "owned_by": "tailor",
                  "root": config.model_name, "parent": None}]
@@ -289,8 +258,8 @@ def create_app(engine: Engine, config: ServerConfig, routes: Routes | None = Non
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
-        body = parse(CompletionRequest, await read_json(request))
+        authorize(request, config)
+        body = parse(CompletionRequest, await read_json(request, config.max_body_bytes))
         prompt = body.prompt
         if isinstance(prompt, str):
             prompts = [_encode(engine.tokenizer, prompt)]
@@ -308,8 +277,8 @@ def create_app(engine: Engine, config: ServerConfig, routes: Routes | None = Non
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        authorize(request)
-        body = parse(ChatRequest, await read_json(request))
+        authorize(request, config)
+        body = parse(ChatRequest, await read_json(request, config.max_body_bytes))
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
@@ -325,8 +294,8 @@ def create_app(engine: Engine, config: ServerConfig, routes: Routes | None = Non
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> dict:
-        authorize(request, admin=True)
-        data = await read_json(request)
+        authorize(request, config, admin=True)
+        data = await read_json(request, config.max_body_bytes)
         name = data.get("lora_name") if isinstance(data, dict) else None
         if not isinstance(name, str) or not name:
             raise bad_request("Give lora_name (and optionally lora_path, under the adapter root).",
@@ -346,8 +315,8 @@ def create_app(engine: Engine, config: ServerConfig, routes: Routes | None = Non
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> dict:
-        authorize(request, admin=True)
-        data = await read_json(request)
+        authorize(request, config, admin=True)
+        data = await read_json(request, config.max_body_bytes)
         name = data.get("lora_name") if isinstance(data, dict) else None
         if not isinstance(name, str) or not name or manager is None:
             raise bad_request("Give lora_name.", param="lora_name")
@@ -361,14 +330,14 @@ def create_app(engine: Engine, config: ServerConfig, routes: Routes | None = Non
 
     @app.get("/v1/routes")
     async def list_routes(request: Request) -> dict:
-        authorize(request)
+        authorize(request, config)
         data = [{"name": r.name, "targets": dict(r.targets)} for r in routes.all()]
         return {"object": "list", "data": data}
 
     @app.post("/v1/routes")
     async def set_route(request: Request) -> dict:
-        authorize(request, admin=True)
-        data = await read_json(request)
+        authorize(request, config, admin=True)
+        data = await read_json(request, config.max_body_bytes)
         if not isinstance(data, dict) or not isinstance(data.get("name"), str):
             raise bad_request('Give {"name": ROUTE, "targets": "v1:0.9,v2:0.1" or {"v1": 0.9, ...}}.',
                               param="name")
@@ -390,12 +359,51 @@ def create_app(engine: Engine, config: ServerConfig, routes: Routes | None = Non
 
     @app.delete("/v1/routes/{name}")
     async def delete_route(name: str, request: Request) -> dict:
-        authorize(request, admin=True)
+        authorize(request, config, admin=True)
         if not routes.delete(name):
             raise APIError(404, f"No route {name!r}.", param="name", code="route_not_found")
         return {"name": name, "deleted": True}
 
     return app
+
+
+def authorize(request: Request, config: ServerConfig, admin: bool = False) -> None:
+    """Check the request's Bearer key: the API key (or the admin key) for reads, the admin key for changes.
+
+    Raises:
+        APIError: 401 for a missing or wrong key; 403 for a change when the server has no admin key.
+    """
+    if admin:
+        if not config.admin_key:
+            raise APIError(403, "Adapter and route changes are disabled: start the server with "
+                           "--admin-key to enable them.", type="permission_error", code="admin_disabled")
+        keys = [config.admin_key]
+    else:
+        if not config.api_key:
+            return
+        keys = [k for k in (config.api_key, config.admin_key) if k]
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not any(secrets.compare_digest(given.strip(), k) for k in keys):
+        what = "admin key" if admin else "API key"
+        raise APIError(401, f"Missing or wrong {what}: send 'Authorization: Bearer <key>'.",
+                       type="authentication_error", code="invalid_api_key")
+
+
+async def read_json(request: Request, limit: int) -> object:
+    """The request's JSON body, read up to `limit` bytes (413 beyond, 400 for JSON that does not parse)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise bad_request(f"The request body is not valid JSON: {error}.") from None
 
 
 # --- pieces -------------------------------------------------------------------------------------------
@@ -574,4 +582,4 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
-__all__ = ["ServerConfig", "build_server", "create_app", "run_server"]
+__all__ = ["ServerConfig", "authorize", "build_server", "create_app", "read_json", "run_server"]
