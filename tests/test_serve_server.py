@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -17,8 +16,7 @@ from dataclasses import dataclass
 import openai
 import pytest
 import torch
-import uvicorn
-from conftest import tiny_model_dir
+from conftest import free_port, serving, tiny_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tailor.adapters.format import load_adapter, save_adapter
@@ -29,12 +27,6 @@ from tailor.serve.server import build_server
 API_KEY, ADMIN_KEY = "sk-test", "admin-test"
 RANKS = {"alpha": 2, "beta": 4, "gamma": 8, "wide": 16}  # wide: above --max-lora-rank 8
 PROMPT = "<|im_start|>user\nWhere is my order?<|im_end|>\n<|im_start|>assistant\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +55,8 @@ def server(files):
     app = build_server(str(model_dir), str(root), max_loras=2, max_lora_rank=8, max_batch=4, dtype="float32",
                        routes=["support=alpha:0.5,beta:0.5"], api_key=API_KEY, admin_key=ADMIN_KEY,
                        max_tokens=64, max_body_bytes=20_000, max_queue=64, timeout=60)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert uv.started
-    yield {"url": f"http://127.0.0.1:{port}", "app": app, "model": str(model_dir), "root": root}
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serving(app) as url:
+        yield {"url": url, "app": app, "model": str(model_dir), "root": root}
 
 
 @pytest.fixture
