@@ -16,6 +16,17 @@ from typing import Any
 RESULT_NAME = "result.json"
 
 
+def training_fields(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A comparison row's training columns from a run's summary.json (what `tailor train` wrote)."""
+    peak = summary.get("peak_rss_mib")
+    return {"train_seconds": summary.get("train_seconds"), "tokens_per_s": summary.get("tokens_per_s"),
+            "trainable_params": summary.get("trainable_params"),
+            "artifact_bytes": summary.get("weights_bytes"),
+            "peak_rss_bytes": int(peak * 2**20) if peak is not None else None,
+            "frozen_weight_bytes": summary.get("frozen_weight_bytes"), "run_dir": str(run_dir),
+            "tokens": summary.get("tokens"), "final_val_loss": summary.get("final_val_loss")}
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -37,12 +48,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     examples = load_examples(job["eval_data"])[: job.get("eval_n") or None] if evaluate else []
     if entry["method"] is not None:
         run_dir = train(config)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        result.update(train_seconds=summary["train_seconds"], tokens_per_s=summary["tokens_per_s"],
-                      trainable_params=summary["trainable_params"], artifact_bytes=summary["weights_bytes"],
-                      peak_rss_bytes=int(summary["peak_rss_mib"] * 2**20),
-                      frozen_weight_bytes=summary["frozen_weight_bytes"], run_dir=str(run_dir),
-                      tokens=summary["tokens"], final_val_loss=summary.get("final_val_loss"))
+        result.update(training_fields(json.loads((run_dir / "summary.json").read_text()), run_dir))
         if not evaluate:  # a sweep ranks by validation loss only
             return result
         method = get_method(entry["method"])
