@@ -886,6 +886,35 @@ def serve_command(
         _use_fail(error)
     run_server(server, host=host, port=port)
 
+
+@app.command("ui")
+def ui_command(
+    runs: str = typer.Option(..., "--runs", help="the directory your runs are in (`tailor train --out`'s)"),
+    adapters: str | None = typer.Option(None, "--adapters", help="adapter store (`tailor adapters`'s "
+                                        "directory): listed, tagged and served in the playground"),
+    model: str | None = typer.Option(None, "--model", help=_MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="TAILOR_API_KEY",
+                                       help="Bearer key for the API and the page's data"),
+    admin_key: str | None = typer.Option(None, "--admin-key", envvar="TAILOR_ADMIN_KEY",
+                                         help="Bearer key enabling tag changes and rollbacks from the page"),
+    dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
+) -> None:
+    """A web page for runs, comparisons, adapters, a side-by-side playground and the planner, served by
+    the `tailor serve` app (its OpenAI-compatible API stays at /v1); open http://HOST:PORT/ui."""
+    try:
+        from tailor.serve.server import build_server, run_server
+        from tailor.ui import RunIndex, add_ui
+
+        index = RunIndex(runs)  # a wrong --runs is said before the model loads
+        server = add_ui(build_server(model, adapters, dtype=dtype, api_key=api_key, admin_key=admin_key),
+                        index, adapters)
+    except ValueError as error:
+        _use_fail(error)
+    typer.echo(f"tailor ui: http://{host}:{port}/ui")
+    run_server(server, host=host, port=port)
+
 # --- end serve ---
 
 
