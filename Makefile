@@ -12,6 +12,9 @@ STAMP := $(VENV)/.tailor-installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	@# the browser tests of `tailor ui` drive Debian's chromium (playwright's own browsers are not downloaded)
+	test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; } || \
+		echo "warning: could not install chromium (apt-get install -y chromium as root); browser tests will skip"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
@@ -32,4 +35,4 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache test-artifacts
