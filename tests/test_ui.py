@@ -202,6 +202,24 @@ def test_tag_and_rollback_move_the_stores_tags(ui):
     assert versions[0]["tags"] == ["canary"] and versions[0]["lineage"] == store.lineage("support@1")
 
 
+def test_a_damaged_run_is_shown_with_its_problem_and_linked_files_stay_unread(tmp_path):
+    from tailor.ui import RunIndex
+
+    write_run(tmp_path / "runs" / "a" / "b" / "c", "lora", 1.0, 0.5, 1.0)  # three levels down: found
+    write_run(tmp_path / "runs" / "a" / "b" / "c" / "d" / "nested", "lora", 1.0, 0.5, 1.0)  # inside a run
+    (tmp_path / "runs" / "a" / "b" / "c" / "eval.json").write_text("{cut off")
+    (tmp_path / "outside.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    metrics = tmp_path / "runs" / "a" / "b" / "c" / "metrics.jsonl"
+    metrics.unlink()
+    metrics.symlink_to(tmp_path / "outside.jsonl")
+    index = RunIndex(tmp_path / "runs")
+    assert list(index.names()) == ["a/b/c"]
+    run = index.run("a/b/c")
+    assert run["points"] == [] and run["eval"] is None and run["config"]["method"] == "lora"
+    [problem] = run["problems"]
+    assert problem.startswith("eval.json is unreadable (JSONDecodeError")
+
+
 # --- the page in a real browser -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser():
