@@ -187,14 +187,27 @@ def test_plan_is_tailor_plans(ui):
         {k: v for k, v in expected.items() if k != "tokens_basis"}
 
 
-def test_tag_and_rollback_move_the_stores_tags(ui):
+def answer(ui, model: str, prompt: str = "add 2 3", max_tokens: int = 12) -> str:
+    """What the server answers (greedy, not streamed)."""
+    status, body = call(ui, "/v1/chat/completions", {
+        "model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "top_p": 1,
+        "max_tokens": max_tokens})
+    assert status == 200, body
+    return body["choices"][0]["message"]["content"]
+
+
+def test_tag_and_rollback_move_the_stores_tags_and_what_the_tag_serves(ui):
     store = ui["store"]
-    status, answer = call(ui, "/api/adapters/tag", {"tag": "support@canary", "version": 1}, ADMIN_KEY)
-    assert (status, answer["previous"], answer["version"]) == (200, None, 1)
+    first, second = answer(ui, "support@1"), answer(ui, "support@2")
+    assert first != second
+    status, moved = call(ui, "/api/adapters/tag", {"tag": "support@canary", "version": 1}, ADMIN_KEY)
+    assert (status, moved["previous"], moved["version"]) == (200, None, 1)
     assert call(ui, "/api/adapters/tag", {"tag": "support@canary", "version": "2"}, ADMIN_KEY)[1] == \
         {"tag": "support@canary", "previous": 1, "version": 2}
     assert store.tags("support")["canary"]["version"] == 2
+    assert answer(ui, "support@canary") == second
     assert call(ui, "/api/adapters/rollback", {"tag": "support@canary"}, ADMIN_KEY)[1]["version"] == 1
+    assert answer(ui, "support@canary") == first  # the rollback is served at once
     assert store.tags("support")["canary"] == {**store.tags("support")["canary"], "version": 1, "history": []}
     status, listing = call(ui, "/api/adapters")
     versions = listing["adapters"][0]["versions"]
@@ -307,10 +320,7 @@ def test_playground_streams_base_and_adapter_side_by_side(page, ui):
     shown = {a.get_attribute("data-model"): a.locator("pre").inner_text()
              for a in page.locator(".answer").all()}
     for model in (ui["model"], "support@2"):  # what the API answers without streaming
-        status, answer = call(ui, "/v1/chat/completions", {
-            "model": model, "messages": [{"role": "user", "content": "add 2 3"}], "temperature": 0,
-            "top_p": 1, "max_tokens": 12})
-        assert status == 200 and shown[model] == answer["choices"][0]["message"]["content"], model
+        assert shown[model] == answer(ui, model), model
     assert shown[ui["model"]] != shown["support@2"]
     page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
 
