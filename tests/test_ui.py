@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import serving, tiny_model_dir
+from conftest import free_port, serving, tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 from tailor.adapters.format import save_adapter
@@ -351,6 +354,33 @@ def test_planner_form_shows_tailor_plans_figures(page, ui):
     page.fill("#plan-form input[name='rank']", "-1")  # the API's error, on the page
     page.click("#plan-run")
     page.wait_for_selector("#plan-error:has-text(\"400 invalid_request_error: Invalid value for 'rank'\")")
+
+
+def test_tailor_ui_command(ui):
+    """The command as users run it: a subprocess serving the page, its API and /v1 together."""
+    port = free_port()
+    command = [sys.executable, "-m", "tailor.cli", "ui", "--runs", str(ui["runs"]), "--adapters",
+               str(ui["store"].root), "--model", ui["model"], "--port", str(port), "--dtype", "float32"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        with urllib.request.urlopen(url + "/", timeout=10) as page:  # redirected to /ui
+            assert page.url == url + "/ui" and b"/ui/static/app.js" in page.read()
+        with urllib.request.urlopen(url + "/ui/static/app.js", timeout=10) as script:
+            assert b"streamAnswer" in script.read()
+        assert [r["name"] for r in call({"url": url}, "/api/runs")[1]["runs"]] == ["cmp/lora/run", "full"]
+        assert "support@1" in {m["id"] for m in call({"url": url}, "/v1/models")[1]["data"]}
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert f"tailor ui: http://127.0.0.1:{port}/ui" in output
 
 
 def test_ui_command_refuses_a_missing_runs_directory(tmp_path):
