@@ -22,12 +22,21 @@ app = typer.Typer(
 
 
 def _train_fail(error: Exception, code: int = 2) -> None:
-    """Print a clear one-block error (no traceback) and exit."""
+    """Print a clear one-block error (no traceback) and exit. In one of several processes (torchrun) the
+    error names the rank and is left for the launcher to report."""
     from rich.console import Console
     from rich.markup import escape
 
+    from tailor.train.distributed import launched_rank, launched_world_size
+
+    message = str(error)
+    if launched_world_size() > 1:
+        from tailor.train.launch import record_failure
+
+        message = f"rank {launched_rank()}: {message}"
+        record_failure(message)
     # escaped: a path such as runs/[exp1] must print as given (and "[/x]" must not raise a MarkupError)
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True,
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True,
                                soft_wrap=True)
     raise typer.Exit(code)
 
@@ -75,22 +84,46 @@ def _parse_flag(name: str, value: object) -> object:
 def train_command(
     config: str | None = typer.Argument(None, help="YAML file of TrainConfig fields (flags override it)"),
     assignments: list[str] | None = typer.Option(None, "--set", help="FIELD=VALUE for any TrainConfig field"),
+    nproc: int | None = typer.Option(None, "--nproc", min=1, help="training processes on this machine "
+                                     "(torchrun; see --strategy); several machines: run torchrun directly"),
     **fields: object,
 ) -> None:
     """Fine-tune a model on a JSONL file (LoRA by default); writes a run directory. Every option is a
     field of the training config (src/tailor/config.py), also settable in the YAML."""
     from tailor.config import parse_assignments
     from tailor.train import ConfigError, NonFiniteLossError, load_config, train
+    from tailor.train.distributed import launched_rank
 
     try:
         overrides = parse_assignments(assignments or [])
         overrides.update({k: _parse_flag(k, v) for k, v in fields.items() if v is not None})
-        run_dir = train(load_config(config, **overrides))
+        resolved = load_config(config, **overrides)  # a bad config stops here, before any process starts
+        if nproc and nproc > 1:
+            _launch_processes(nproc, config, overrides)
+            return
+        run_dir = train(resolved)
     except NonFiniteLossError as error:
         _train_fail(error, code=3)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         _train_fail(error)
-    typer.echo(f"run directory: {run_dir}")
+    if launched_rank() == 0:
+        typer.echo(f"run directory: {run_dir}")
+
+
+def _launch_processes(nproc: int, config: str | None, overrides: dict) -> None:
+    """`tailor train` in `nproc` processes (torchrun): the same config, the flags passed on as --set
+    FIELD=VALUE (JSON is YAML, so every value reads back as it was)."""
+    import json
+
+    from tailor.train.launch import ProcessFailedError, launch
+
+    arguments = [config] if config else []
+    for name, value in overrides.items():
+        arguments += ["--set", f"{name}={json.dumps(value)}"]
+    try:
+        launch(nproc, arguments)
+    except ProcessFailedError as error:
+        _train_fail(error, code=1)
 
 
 @app.command("demo")
