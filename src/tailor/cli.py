@@ -33,8 +33,8 @@ def _train_fail(error: Exception, code: int = 2) -> None:
     if launched_world_size() > 1:
         from tailor.train.launch import record_failure
 
-        message = f"rank {launched_rank()}: {message}"
         record_failure(message)
+        message = f"rank {launched_rank()}: {message}"
     # escaped: a path such as runs/[exp1] must print as given (and "[/x]" must not raise a MarkupError)
     Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True,
                                soft_wrap=True)
@@ -92,7 +92,7 @@ def train_command(
     field of the training config (src/tailor/config.py), also settable in the YAML."""
     from tailor.config import parse_assignments
     from tailor.train import ConfigError, NonFiniteLossError, load_config, train
-    from tailor.train.distributed import launched_rank
+    from tailor.train.distributed import launched_rank, launched_world_size
 
     try:
         overrides = parse_assignments(assignments or [])
@@ -106,6 +106,12 @@ def train_command(
         _train_fail(error, code=3)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         _train_fail(error)
+    except Exception as error:  # a bug or a lost peer: the traceback prints; the launcher quotes the error
+        if launched_world_size() > 1:
+            from tailor.train.launch import record_failure
+
+            record_failure(f"{type(error).__name__}: {error}")
+        raise
     if launched_rank() == 0:
         typer.echo(f"run directory: {run_dir}")
 

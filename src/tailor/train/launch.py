@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,10 +41,22 @@ def launch(nproc: int, train_arguments: Sequence[str]) -> None:
 
 
 def describe_failure(failed, nproc: int) -> str:
-    """One line from torchrun's ChildFailedError: the first process to fail, and why."""
-    rank, failure = failed.get_first_failure()
+    """One line from torchrun's ChildFailedError: the process that failed first, and why.
+
+    When one process dies the others fail too: at their next collective ("connection closed by peer"),
+    or by the SIGTERM with which torchrun stops them. The cause is a process killed by another signal,
+    else the earliest error recorded (record_failure notes the time to the microsecond; torchrun's own
+    timestamps are whole seconds and often tie), else an exit code, and a SIGTERM last."""
+    def order(item):
+        _, failure = item
+        recorded = failure.message if isinstance(failure.message, dict) else {}
+        stopped_by_torchrun = failure.exitcode == -signal.SIGTERM
+        category = 2 if stopped_by_torchrun else 0 if failure.exitcode < 0 else 1
+        return category, recorded.get("extraInfo", {}).get("failed_at", float("inf"))
+
+    rank, failure = min(failed.failures.items(), key=order)
     message = failure.message
-    if isinstance(message, dict):  # written by the process itself (tailor's CLI records its error there)
+    if isinstance(message, dict):  # written by the process itself (record_failure)
         message = message.get("message", "")
     if failure.exitcode < 0:
         what = f"was killed by {failure.signal_name()}"
@@ -56,10 +69,13 @@ def describe_failure(failed, nproc: int) -> str:
 
 def record_failure(message: str) -> None:
     """Under torchrun, leave this process's error where the launcher reads it (TORCHELASTIC_ERROR_FILE,
-    in the shape torch's ErrorHandler writes), so that the launcher's report quotes it; nothing otherwise."""
+    in the shape torch's ErrorHandler writes, plus the time to the microsecond), so that the launcher's
+    report quotes it; nothing otherwise."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
-        Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+        now = time.time()
+        extra = {"timestamp": str(int(now)), "failed_at": now}
+        Path(path).write_text(json.dumps({"message": {"message": message, "extraInfo": extra}}))
 
 
 __all__ = ["ProcessFailedError", "describe_failure", "launch", "record_failure", "torchrun_arguments"]
