@@ -513,6 +513,10 @@ def plan_command(
     implementation_cost: float = typer.Option(10_000, "--implementation-cost", help="--cost: one-off USD"),
     baseline_cost: float | None = typer.Option(None, "--baseline-cost", help="--cost: USD, else N full"),
     new_cost: float | None = typer.Option(None, "--new-cost", help="--cost: USD; default base + N adapters"),
+    nproc: int = typer.Option(1, "--nproc", help="training processes (tailor train --nproc / torchrun): "
+                              "adds the memory of each"),
+    strategy: str = typer.Option("ddp", "--strategy", help="ddp (replicates) | fsdp (shards weights, "
+                                 "gradients and optimizer state)"),
     json_output: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
     """Estimate memory, fit, time and cost of fine-tuning a model, from its configuration alone. With
@@ -554,7 +558,8 @@ def plan_command(
                       target_modules=v["target_modules"], batch_size=v["batch_size"],
                       max_seq_len=v["max_seq_len"], gradient_checkpointing=v["gradient_checkpointing"],
                       optimizer=optimizer, precision=v["precision"], tokens=tokens, gpu=gpu, mfu=mfu,
-                      prices=prices, business=business, options=options, tokens_basis=tokens_basis)
+                      prices=prices, business=business, options=options, tokens_basis=tokens_basis,
+                      nproc=nproc, strategy=strategy)
     except PlanError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
