@@ -186,3 +186,26 @@ def test_exception_on_one_rank_ends_the_job_naming_it(runs, tmp_path):
                                                "injected failure; torchrun stopped the other processes.")
     assert time.monotonic() - started < 60  # ended by the failure, not by the collective timeout
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.parametrize(("arguments", "expected"), [
+    (["--strategy", "zero"], "strategy: 'zero' is not one of ddp, fsdp"),
+    (["--timeout", "0"], "timeout: 0.0 must be > 0"),
+    (["--method", "qlora-nf4", "--strategy", "fsdp"], "use strategy ddp"),
+    (["--data", "missing.jsonl"], "missing.jsonl"),
+])
+def test_bad_input_with_nproc_stops_before_any_process_starts(tmp_path, arguments, expected):
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+
+    data = write_arithmetic_jsonl(tmp_path / "train.jsonl", n=8)
+    out = tmp_path / "run"
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["train", "--nproc", "2", "--data", str(data), "--out", str(out),
+                                      *arguments])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert text.startswith("error:") and expected in text and "Traceback" not in text
+    assert not out.exists()  # nothing written
+    assert time.monotonic() - started < 5  # refused here: no process was started, no model loaded

@@ -97,8 +97,11 @@ def train_command(
     try:
         overrides = parse_assignments(assignments or [])
         overrides.update({k: _parse_flag(k, v) for k, v in fields.items() if v is not None})
-        resolved = load_config(config, **overrides)  # a bad config stops here, before any process starts
+        resolved = load_config(config, **overrides)
         if nproc and nproc > 1:
+            from tailor.train.run import check_before_training
+
+            check_before_training(resolved)  # bad input stops here, before any process starts (exit 2)
             _launch_processes(nproc, config, overrides)
             return
         run_dir = train(resolved)

@@ -107,15 +107,21 @@ def train(config: TrainConfig, extra_hooks: Sequence[Hook] = ()) -> Path:
 
     Started by torchrun (several processes), every process runs this same function: each trains on its
     share of every batch (tailor.train.distributed), and rank 0 alone writes the run directory."""
-    config.validate()
-    get_method(config.method)
-    check_run_dir(config.run_dir(), config.resume)
-    examples = load_data(config)  # bad data stops the run here: before the model load, nothing written
+    examples = check_before_training(config)
     device = join_processes(config.device, config.timeout)
     try:
         return _train(config, examples, device, extra_hooks)
     finally:
         leave_processes()
+
+
+def check_before_training(config: TrainConfig) -> tuple[list, list]:
+    """Refuse a bad config, run directory or data before any model is loaded (and, with --nproc, before
+    any process is started); returns the loaded (train, validation) examples."""
+    config.validate()
+    get_method(config.method)
+    check_run_dir(config.run_dir(), config.resume)
+    return load_data(config)  # bad data stops the run here: before the model load, nothing written
 
 
 def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
