@@ -108,6 +108,8 @@ def train(config: TrainConfig, extra_hooks: Sequence[Hook] = ()) -> Path:
     Started by torchrun (several processes), every process runs this same function: each trains on its
     share of every batch (tailor.train.distributed), and rank 0 alone writes the run directory."""
     examples = check_before_training(config)
+    # every process checks the run directory before joining, and rank 0 writes into it only after all
+    # have joined: no process can find the run of its own job there and refuse it
     device = join_processes(config.device, config.timeout)
     try:
         return _train(config, examples, device, extra_hooks)
