@@ -9,6 +9,7 @@ max_seq_len 256, constant lr) in its own process tree, with the same global batc
 `--batch-size * --nproc` examples per step, so all see the same examples in the same order:
 
     1x{N}       one process with N threads, batch N*b (the baseline: what one machine does without torchrun)
+    1x1         one process with one thread, batch N*b (not run unless named: shows what threads buy)
     {N}x1-ddp   `tailor train --nproc N --strategy ddp`, one thread each, batch b per process
     {N}x1-fsdp  the same with --strategy fsdp
 
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name or local path (tailor.models)")
     p.add_argument("--data", default="builtin:support", help="training data spec (tailor.data)")
     p.add_argument("--nproc", type=int, default=2, help="processes of the distributed configurations")
-    p.add_argument("--configs", default=None, help="comma-separated subset of 1xN, Nx1-ddp, Nx1-fsdp")
+    p.add_argument("--configs", default=None, help="comma-separated: 1xN, Nx1-ddp, Nx1-fsdp (default), 1x1")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     p.add_argument("--batch-size", type=int, default=4, help="examples per process per step")
@@ -55,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", dest="json_path", default=None, help="write the results here as JSON")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration run")
     args = p.parse_args(argv)
-    valid = (f"1x{args.nproc}", f"{args.nproc}x1-ddp", f"{args.nproc}x1-fsdp")
-    args.config_list = [c.strip() for c in (args.configs or ",".join(valid)).split(",") if c.strip()]
+    default = (f"1x{args.nproc}", f"{args.nproc}x1-ddp", f"{args.nproc}x1-fsdp")
+    valid = (*default, "1x1")
+    args.config_list = [c.strip() for c in (args.configs or ",".join(default)).split(",") if c.strip()]
     unknown = [c for c in args.config_list if c not in valid]
     if unknown or not args.config_list:
         p.error(f"--configs: unknown {unknown or 'empty list'}; choose from {', '.join(valid)}")
@@ -75,7 +77,7 @@ def command_for(args: argparse.Namespace, name: str, out: Path) -> tuple[list[st
     if args.device:
         common += ["--device", args.device]
     if single:
-        threads = args.nproc
+        threads = int(name.split("x")[1])
         launch = ["--batch-size", str(args.batch_size * args.nproc), "--num-threads", str(threads)]
     else:
         threads = 1
