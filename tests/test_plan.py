@@ -341,3 +341,28 @@ def test_bad_accumulation_and_kernel_are_refused_together():
                                  "--optimizer-kernel", "turbo"])
     assert result.exit_code == 2
     assert "--grad-accum 0" in result.output and "fused, foreach, for-loop" in result.output
+
+
+def test_nproc_fsdp_divides_what_it_shards_and_ddp_replicates():
+    from tailor.plan import plan
+
+    single = plan("Llama-2-7B", method="full")
+    gib = single["memory_gib"]
+    model_state = gib["frozen_weights"] + gib["adapter_weights"] + gib["gradients"] + gib["optimizer_state"]
+    per_process_rest = gib["activations"] + gib["overhead"]
+    fsdp = plan("Llama-2-7B", method="full", nproc=8, strategy="fsdp")["processes"]
+    assert fsdp["sharded"] == pytest.approx(model_state / 8)
+    # gathered whole at a time: embeddings + head (untied in Llama 2) and two of the 32 decoder layers
+    weights = gib["frozen_weights"] + gib["adapter_weights"]
+    root = 2 * 32000 * 4096 / 6_738_415_616
+    assert fsdp["gathered"] == pytest.approx(weights * (root + 2 * (1 - root) / 32))
+    assert fsdp["per_process"] == pytest.approx(model_state / 8 + fsdp["gathered"] + per_process_rest)
+    assert fsdp["per_process"] < gib["total"] / 3
+    ddp = plan("Llama-2-7B", method="full", nproc=8, strategy="ddp")["processes"]
+    assert ddp["per_process"] == pytest.approx(gib["total"] + single["all_gradients_gib"])
+    result = runner.invoke(app, ["plan", "--nproc", "2", "--strategy", "fsdp"], terminal_width=300)
+    text = " ".join(result.output.split())  # rich wraps the line
+    assert result.exit_code == 0 and "2 processes, fsdp:" in text
+    assert "divides weights, gradients and optimizer state by 2" in text
+    bad = runner.invoke(app, ["plan", "--nproc", "2", "--strategy", "zero"])
+    assert bad.exit_code == 2 and "--strategy 'zero'" in bad.output

@@ -71,9 +71,12 @@ def test_redirected_tailor_train_prints_progress(tmp_path):
 
 
 def test_only_rank_zero_writes(tmp_path, monkeypatch):
+    import tailor.train.checkpoint as checkpoint
+    import tailor.train.hooks as hooks
     import tailor.train.loop as loop
 
-    monkeypatch.setattr(loop, "is_main_process", lambda: False)
+    for module in (loop, hooks, checkpoint):  # where the loop, the hooks and checkpoints ask
+        monkeypatch.setattr(module, "is_main_process", lambda: False)
     model, before = tiny_llama(), tiny_llama()
     recorder = Recorder()
     config = config_for(tmp_path / "run", max_steps=3, save_every=1, keep_best=True, eval_every=1)

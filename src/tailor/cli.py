@@ -22,12 +22,21 @@ app = typer.Typer(
 
 
 def _train_fail(error: Exception, code: int = 2) -> None:
-    """Print a clear one-block error (no traceback) and exit."""
+    """Print a clear one-block error (no traceback) and exit. In one of several processes (torchrun) the
+    error names the rank and is left for the launcher to report."""
     from rich.console import Console
     from rich.markup import escape
 
+    from tailor.train.distributed import launched_rank, launched_world_size
+
+    message = str(error)
+    if launched_world_size() > 1:
+        from tailor.train.launch import record_failure
+
+        record_failure(message)
+        message = f"rank {launched_rank()}: {message}"
     # escaped: a path such as runs/[exp1] must print as given (and "[/x]" must not raise a MarkupError)
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True,
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True,
                                soft_wrap=True)
     raise typer.Exit(code)
 
@@ -75,22 +84,55 @@ def _parse_flag(name: str, value: object) -> object:
 def train_command(
     config: str | None = typer.Argument(None, help="YAML file of TrainConfig fields (flags override it)"),
     assignments: list[str] | None = typer.Option(None, "--set", help="FIELD=VALUE for any TrainConfig field"),
+    nproc: int | None = typer.Option(None, "--nproc", min=1, help="training processes on this machine "
+                                     "(torchrun; see --strategy); several machines: run torchrun directly"),
     **fields: object,
 ) -> None:
     """Fine-tune a model on a JSONL file (LoRA by default); writes a run directory. Every option is a
     field of the training config (src/tailor/config.py), also settable in the YAML."""
     from tailor.config import parse_assignments
     from tailor.train import ConfigError, NonFiniteLossError, load_config, train
+    from tailor.train.distributed import launched_rank, launched_world_size
 
     try:
         overrides = parse_assignments(assignments or [])
         overrides.update({k: _parse_flag(k, v) for k, v in fields.items() if v is not None})
-        run_dir = train(load_config(config, **overrides))
+        resolved = load_config(config, **overrides)
+        if nproc and nproc > 1:
+            from tailor.train.run import check_before_training
+
+            check_before_training(resolved)  # bad input stops here, before any process starts (exit 2)
+            _launch_processes(nproc, config, overrides)
+            return
+        run_dir = train(resolved)
     except NonFiniteLossError as error:
         _train_fail(error, code=3)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         _train_fail(error)
-    typer.echo(f"run directory: {run_dir}")
+    except Exception as error:  # a bug or a lost peer: the traceback prints; the launcher quotes the error
+        if launched_world_size() > 1:
+            from tailor.train.launch import record_failure
+
+            record_failure(f"{type(error).__name__}: {error}")
+        raise
+    if launched_rank() == 0:
+        typer.echo(f"run directory: {run_dir}")
+
+
+def _launch_processes(nproc: int, config: str | None, overrides: dict) -> None:
+    """`tailor train` in `nproc` processes (torchrun): the same config, the flags passed on as --set
+    FIELD=VALUE (JSON is YAML, so every value reads back as it was)."""
+    import json
+
+    from tailor.train.launch import ProcessFailedError, launch
+
+    arguments = [config] if config else []
+    for name, value in overrides.items():
+        arguments += ["--set", f"{name}={json.dumps(value)}"]
+    try:
+        launch(nproc, arguments)
+    except ProcessFailedError as error:
+        _train_fail(error, code=1)
 
 
 @app.command("demo")
@@ -474,6 +516,10 @@ def plan_command(
     implementation_cost: float = typer.Option(10_000, "--implementation-cost", help="--cost: one-off USD"),
     baseline_cost: float | None = typer.Option(None, "--baseline-cost", help="--cost: USD, else N full"),
     new_cost: float | None = typer.Option(None, "--new-cost", help="--cost: USD; default base + N adapters"),
+    nproc: int = typer.Option(1, "--nproc", help="training processes (tailor train --nproc / torchrun): "
+                              "adds the memory of each"),
+    strategy: str = typer.Option("ddp", "--strategy", help="ddp (replicates) | fsdp (shards weights, "
+                                 "gradients and optimizer state)"),
     json_output: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
     """Estimate memory, fit, time and cost of fine-tuning a model, from its configuration alone. With
@@ -515,7 +561,8 @@ def plan_command(
                       target_modules=v["target_modules"], batch_size=v["batch_size"],
                       max_seq_len=v["max_seq_len"], gradient_checkpointing=v["gradient_checkpointing"],
                       optimizer=optimizer, precision=v["precision"], tokens=tokens, gpu=gpu, mfu=mfu,
-                      prices=prices, business=business, options=options, tokens_basis=tokens_basis)
+                      prices=prices, business=business, options=options, tokens_basis=tokens_basis,
+                      nproc=nproc, strategy=strategy)
     except PlanError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -20,6 +20,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("bf16", "fp32")
 OVERFLOWS = ("truncate", "drop")
 FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,9 @@ class TrainConfig:
     epochs: float = 1.0
     """Passes over the training data when max_steps is absent (may be fractional)."""
     batch_size: int = 8
-    """Examples per micro-batch."""
+    """Examples per micro-batch in each process."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum * processes)."""
     lr: float | None = None
     """Peak learning rate of AdamW (default: the method's, 2e-4 for LoRA and QLoRA, 2e-5 for full)."""
     weight_decay: float = 0.0
@@ -145,6 +146,12 @@ class TrainConfig:
     """Rows of the output head computed at once (bounds the fp32 logits memory)."""
     share_prefix: bool = True
     """Run the token prefix that all rows of a batch share (one system prompt) once per batch, not per row."""
+    # --- several processes (torchrun; `tailor train --nproc N`) ------------------------------------------
+    strategy: str = "ddp"
+    """ddp: every process holds the whole model; fsdp: weights, gradients and optimizer state are split
+    across the processes (FSDP2)."""
+    timeout: float = 600.0
+    """Seconds a process waits for the others at a collective before the job fails (several processes)."""
     # --- evaluation / checkpoints ----------------------------------------------------------------------
     eval_every: int = 0
     """Validation loss every N steps (0: only at the end)."""
@@ -203,12 +210,16 @@ class TrainConfig:
         choice("precision", PRECISIONS)
         choice("overflow", OVERFLOWS)
         choice("format", FORMATS)
+        choice("strategy", STRATEGIES)
+        if self.strategy == "fsdp" and self.method in METHODS and method_spec(self.method).quantized_bits:
+            p.append(f"strategy: fsdp cannot shard the packed weights of {self.method}; use strategy ddp "
+                     "(or method lora)")
         if not self.data:
             p.append("data: missing; give a JSONL file (--data FILE.jsonl) or builtin:support")
         for name in ("max_seq_len", "batch_size", "grad_accum", "rank", "max_steps", "loss_chunk_size",
                      "keep_checkpoints", "log_every", "num_threads", "eval_batches"):
             positive(name)
-        for name in ("lr", "epochs", "lora_alpha"):
+        for name in ("lr", "epochs", "lora_alpha", "timeout"):
             positive(name)
         for name in ("weight_decay", "warmup_steps", "warmup_ratio", "eval_every", "save_every",
                      "min_lr_ratio"):

@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from tailor.loss.module import CausalLMLoss
 from tailor.loss.supervised import supervised_loss
 
 
@@ -38,7 +39,8 @@ def collate_batch(examples: Sequence[Tokenized], pad_id: int,
 def validation_loss(model: nn.Module, examples: Sequence[Tokenized], batch_size: int, pad_id: int,
                     precision: str = "bf16", max_batches: int | None = None,
                     chunk_size: int = 1024) -> float | None:
-    """Mean token cross-entropy over the supervised tokens of `examples` (None when there are none)."""
+    """Mean token cross-entropy over the supervised tokens of `examples` (None when there are none).
+    `model` is a causal LM, or the training module (CausalLMLoss) around one, as FSDP wraps it."""
     if not examples:
         return None
     device = next(model.parameters()).device
@@ -52,9 +54,12 @@ def validation_loss(model: nn.Module, examples: Sequence[Tokenized], batch_size:
                 break
             batch = collate_batch([examples[i] for i in order[start:start + batch_size]], pad_id, device)
             with compute_context(device, precision):
-                loss_sum, n = supervised_loss(model, batch, chunk_size)
+                if isinstance(model, CausalLMLoss):
+                    loss_sum, n = model(batch)
+                else:
+                    loss_sum, n = supervised_loss(model, batch, chunk_size)
             total += float(loss_sum)
-            count += n
+            count += int(n)
     finally:
         model.train(was_training)
     return total / count if count else None

@@ -21,9 +21,11 @@ from tailor.plan.memory import (
     OPTIMIZER_KERNELS,
     OPTIMIZERS,
     PRECISIONS,
+    STRATEGIES,
     TrainingSetup,
     adapter_file_bytes,
     estimate_memory,
+    per_process_memory,
     trainable_parameters,
 )
 from tailor.plan.params import count_parameters, resolve_targets
@@ -234,9 +236,15 @@ def plan(
     business: BusinessInputs | None = None,
     options: StackOptions = StackOptions(),
     tokens_basis: str | None = None,
+    nproc: int = 1,
+    strategy: str = "ddp",
 ) -> dict:
     """The whole plan as a JSON-ready dict (see docs/planning.md for every field). `tokens_basis` says
-    where `tokens` comes from (default: given with --tokens)."""
+    where `tokens` comes from (default: given with --tokens); `nproc` > 1 adds the memory of each of
+    that many training processes under `strategy` (ddp or fsdp)."""
+    if nproc < 1 or strategy not in STRATEGIES:
+        raise PlanError(f"--nproc {nproc} must be >= 1 and --strategy {strategy!r} one of "
+                        f"{', '.join(STRATEGIES)}")
     try:
         arch = resolve_model(model)
     except PlanError as e:
@@ -265,8 +273,12 @@ def plan(
     table = load_price_table(prices)
     if gpu is not None and gpu not in table.gpus:
         raise PlanError(f"--gpu {gpu!r} is not in the price table; valid: {', '.join(table.gpus)}")
-    return plan_for(arch, setup, table, tokens=tokens, gpu=gpu, mfu=mfu, business=business,
-                    tokens_basis=tokens_basis)
+    result = plan_for(arch, setup, table, tokens=tokens, gpu=gpu, mfu=mfu, business=business,
+                      tokens_basis=tokens_basis)
+    if nproc > 1:
+        parts = per_process_memory(arch, setup, estimate_memory(arch, setup), nproc, strategy)
+        result["processes"] = {k: v / GIB if isinstance(v, float) else v for k, v in parts.items()}
+    return result
 
 
 def plan_for(

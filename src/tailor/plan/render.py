@@ -67,6 +67,9 @@ def render_plan(result: dict, console: Console | None = None) -> None:
         mem.add_row(part.replace("_", " "), f"{result['memory_gib'][part]:.2f}")
     mem.add_row("[bold]total[/bold]", f"[bold]{result['memory_gib']['total']:.2f}[/bold]")
     console.print(mem)
+    processes = result.get("processes")
+    if processes:
+        console.print(_processes_line(processes))
     host = result.get("host_memory_gib", {})
     labels = {"optimizer_state": "optimizer state (paged)", "activations": "activations (offloaded)"}
     host_parts = [f"{label} {host[key]:.2f} GiB" for key, label in labels.items() if host.get(key)]
@@ -95,6 +98,18 @@ def render_plan(result: dict, console: Console | None = None) -> None:
         )
     if "business" in result:
         render_business(result["business"], console)
+
+
+def _processes_line(p: dict) -> str:
+    """What each of N training processes holds (tailor.plan.memory.per_process_memory)."""
+    if p["strategy"] == "fsdp":
+        how = (f"fsdp divides weights, gradients and optimizer state by {p['nproc']} ({p['sharded']:.2f} GiB "
+               f"each), plus {p['gathered']:.2f} GiB of units gathered whole at a time (root, two layers)")
+    else:
+        how = (f"ddp replicates the whole model state ({p['replicated']:.2f} GiB) in each, plus "
+               f"{p['gathered']:.2f} GiB of gradient buckets")
+    return (f"{p['nproc']} processes, {p['strategy']}: {p['per_process']:.2f} GiB per process; {how}; "
+            f"activations and overhead {p['activations_and_overhead']:.2f} GiB in each")
 
 
 def render_business(b: dict, console: Console) -> None:

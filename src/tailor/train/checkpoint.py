@@ -5,6 +5,9 @@ A checkpoint is a directory checkpoints/step-000050/ holding
   optimizer.pt           AdamW state (moments, step counts)
   rng.pt                 torch / python / numpy (/ CUDA) RNG states
   state.json             step, data position (epoch, batch), best validation loss, elapsed time, config
+In several processes only rank 0 writes; under FSDP every process takes part in gathering the weights and
+the optimizer state first (tailor.train.distributed), so the files are the same as a single process's
+except optimizer.pt, which FSDP keys by parameter name (resume with the same strategy).
 It is written with tailor.files.atomic_output: into a temporary sibling directory (.step-000050.tmp-*),
 flushed to disk and renamed into place, so a SIGKILL at any moment leaves either the previous checkpoint or
 the new one, never half of one (remove_stale_temporaries clears the leftover temporary on resume).
@@ -25,6 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tailor.files import atomic_output
+from tailor.train.distributed import (
+    copy_into_parameter,
+    is_main_process,
+    load_optimizer_state,
+    optimizer_state,
+    whole_tensor,
+)
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -44,8 +54,9 @@ class TrainState:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name, detached and contiguous (safetensors needs contiguous)."""
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters by name, whole (gathered under FSDP: every process calls), detached and
+    contiguous (safetensors needs contiguous)."""
+    return {n: whole_tensor(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict[str, Any]:
@@ -72,13 +83,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(checkpoints_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: TrainState, config: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoints/step-<step>/ atomically, then drop all but the `keep` newest checkpoints."""
+                    state: TrainState, config: dict[str, Any], keep: int = 2,
+                    module: nn.Module | None = None) -> Path:
+    """Write checkpoints/step-<step>/ atomically, then drop all but the `keep` newest checkpoints.
+    `module` is the training module as wrapped (DDP, FSDP): under FSDP every process must call."""
     final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{state.step:06d}"
+    weights, optimizer_saved = trainable_state(model), optimizer_state(module, optimizer)
+    if not is_main_process():
+        return final
     # Files are fsynced before the rename; re-saving a step (resumed and killed again) replaces it whole.
     with atomic_output(final, directory=True) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_saved, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"state": asdict(state), "config": config}, indent=1))
     for old in list_checkpoints(checkpoints_dir)[:-keep]:
@@ -100,8 +116,10 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-    """Restore trainable weights, optimizer and RNG state in place; return the saved TrainState."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    module: nn.Module | None = None) -> TrainState:
+    """Restore trainable weights, optimizer and RNG state in place; return the saved TrainState.
+    Every process reads the checkpoint (`module`: the wrapped training module, as for save_checkpoint)."""
     saved, optimizer_state, rng, state = _read_checkpoint(path)
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -111,10 +129,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             f"{path}: checkpoint does not match the model being trained (missing {missing[:5]}, "
             f"unexpected {extra[:5]}); resume with the same model, method and LoRA settings."
         )
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(optimizer_state)
+    for name, tensor in saved.items():
+        copy_into_parameter(params[name], tensor)
+    load_optimizer_state(module, optimizer, optimizer_state)
     set_rng_state(rng)
     return TrainState(**state)
 

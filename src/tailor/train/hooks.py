@@ -2,7 +2,9 @@
 
 `fit` calls, in list order, `on_start(run)` once, `on_step(run, record)` after every optimizer step, and
 `on_end(run)` once (also when training stops on an error). Hooks that write files or print declare
-`main_process_only = True` and run only in the process of rank 0. The default set, in order:
+`main_process_only = True` and run only in the process of rank 0; KeepBestHook and CheckpointHook run in
+every process, because under FSDP the weights are gathered from all of them (a collective) before rank 0
+alone writes them. The default set, in order:
 EvaluationHook (validation loss; records the best), KeepBestHook (best/ weights), MetricsHook
 (metrics.jsonl), ProgressHook (a bar on a terminal, a plain line every 30 s otherwise), CheckpointHook.
 """
@@ -24,6 +26,7 @@ from torch import nn
 from tailor.files import atomic_write_text
 from tailor.loss import validation_loss
 from tailor.train.checkpoint import save_checkpoint
+from tailor.train.distributed import full_parameters, is_main_process, uses_fsdp
 
 if TYPE_CHECKING:
     from tailor.config import TrainConfig
@@ -60,6 +63,7 @@ class TrainingRun:
     resumed_from: Path | None = None
     last_checkpoint: Path | None = None
     final_val_loss: float | None = None
+    module: nn.Module | None = None  # the training module as fit wraps it (DDP, FSDP), None: not wrapped
 
     @property
     def finished(self) -> bool:
@@ -90,7 +94,9 @@ class EvaluationHook(Hook):
         if not _due(record.step, run.config.eval_every, run.finished):
             return
         config = run.config
-        record.val_loss = validation_loss(run.model, run.val_set, config.batch_size, run.pad_id,
+        # under FSDP only the wrapped training module gathers the sharded weights for a forward
+        scored = run.module if uses_fsdp(run.module) else run.model
+        record.val_loss = validation_loss(scored, run.val_set, config.batch_size, run.pad_id,
                                           config.precision, config.eval_batches, config.loss_chunk_size)
         state = run.state
         record.improved = record.val_loss is not None and (
@@ -104,14 +110,14 @@ class EvaluationHook(Hook):
 class KeepBestHook(Hook):
     """Writes the weights of the best validation loss so far to run_dir/best (keep_best)."""
 
-    main_process_only = True
-
     def __init__(self, save_weights: Callable[[nn.Module, Path], Any]):
         self.save_weights = save_weights
 
     def on_step(self, run: TrainingRun, record: StepRecord) -> None:
         if record.improved and run.config.keep_best:
-            self.save_weights(run.model, run.run_dir / "best")
+            with full_parameters(run.module):
+                if is_main_process():
+                    self.save_weights(run.model, run.run_dir / "best")
 
 
 class MetricsHook(Hook):
@@ -163,13 +169,11 @@ class MetricsHook(Hook):
 class CheckpointHook(Hook):
     """Resumable state every `save_every` steps and at the end (tailor.train.checkpoint)."""
 
-    main_process_only = True
-
     def on_step(self, run: TrainingRun, record: StepRecord) -> None:
         if _due(record.step, run.config.save_every, run.finished):
             run.last_checkpoint = save_checkpoint(run.run_dir / "checkpoints", run.model, run.optimizer,
                                                   run.state, run.config.to_dict(),
-                                                  keep=run.config.keep_checkpoints)
+                                                  keep=run.config.keep_checkpoints, module=run.module)
 
 
 class ProgressHook(Hook):

@@ -24,7 +24,13 @@ from tailor.config import TrainConfig
 from tailor.files import remove_stale_temporaries
 from tailor.loss import CausalLMLoss, Tokenized, collate_batch, compute_context, count_supervised
 from tailor.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
-from tailor.train.distributed import is_main_process, sum_across_processes, world_size
+from tailor.train.distributed import (
+    is_main_process,
+    share_of_batch,
+    sum_across_processes,
+    whole_tensor,
+    world_size,
+)
 from tailor.train.hooks import Hook, StepRecord, TrainingRun, default_hooks
 from tailor.train.schedule import learning_rate, warmup_steps_for
 
@@ -34,10 +40,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 def total_steps_for(config: TrainConfig, n_examples: int) -> int:
-    """max_steps when given, else enough optimizer steps for `epochs` passes over the data."""
+    """max_steps when given, else enough optimizer steps for `epochs` passes over the data (a batch is
+    batch_size examples in each process)."""
     if config.max_steps:
         return config.max_steps
-    batches_per_epoch = math.ceil(n_examples / config.batch_size)
+    batches_per_epoch = math.ceil(n_examples / (config.batch_size * world_size()))
     return max(1, math.ceil(config.epochs * batches_per_epoch / config.grad_accum))
 
 
@@ -67,11 +74,17 @@ class BatchStream:
 
     The order of epoch e is tailor.data.batch_indices(lengths, batch_size, seed, e): a pure function of
     (seed, epoch), so (epoch, batch_in_epoch) is all a checkpoint needs to continue the same sequence.
+    Batches smaller than `min_size` (the epoch's last, when it holds fewer examples than there are
+    processes to share it) are skipped: every process needs at least one example.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool,
-                 epoch: int = 0, batch_in_epoch: int = 0):
+                 epoch: int = 0, batch_in_epoch: int = 0, min_size: int = 1):
+        if len(lengths) < min_size:
+            raise ValueError(f"{len(lengths)} training example(s) cannot be shared by {min_size} processes; "
+                             "give more examples or fewer processes (--nproc)")
         self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group_by_length
+        self.min_size = min_size
         self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
         self._order = self._batches(epoch)
 
@@ -86,13 +99,13 @@ class BatchStream:
             self._order = self._batches(self.epoch)
         batch = self._order[self.batch_in_epoch]
         self.batch_in_epoch += 1
-        return batch
+        return batch if len(batch) >= self.min_size else self.next()
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> float:
     """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before."""
     grads = [p for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+    return float(whole_tensor(torch.nn.utils.clip_grad_norm_(grads, max_norm)))  # FSDP: a DTensor norm
 
 
 def train_step(module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -138,6 +151,7 @@ class FitResult:
     final_val_loss: float | None
     total_steps: int
     resumed_from: Path | None
+    module: nn.Module | None = None  # the training module as wrapped (DDP, FSDP): saves gather through it
 
 
 def fit(model: nn.Module, train_set: Sequence[Tokenized], val_set: Sequence[Tokenized], config: TrainConfig,
@@ -149,7 +163,8 @@ def fit(model: nn.Module, train_set: Sequence[Tokenized], val_set: Sequence[Toke
 
     `save_weights(model, dir)` writes the deliverable (used by keep-best). `hooks` replaces the default
     set (tailor.train.hooks.default_hooks), `extra_hooks` runs after it. `wrap` wraps the loss module
-    (DDP, FSDP); `examples_for_this_process` picks this process's share of each batch's indices.
+    (DDP, FSDP); `examples_for_this_process` picks this process's share of each global batch's indices
+    (default: tailor.train.distributed.share_of_batch).
     """
     if not train_set:
         raise ValueError("no training examples")
@@ -157,23 +172,26 @@ def fit(model: nn.Module, train_set: Sequence[Tokenized], val_set: Sequence[Toke
     run_dir.mkdir(parents=True, exist_ok=True)
     total = total_steps_for(config, len(train_set))
     warmup = warmup_steps_for(total, config.warmup_steps, config.warmup_ratio)
+    module = CausalLMLoss(model, config.loss_chunk_size, config.share_prefix)
+    # wrapped before the optimizer is made: FSDP replaces the parameters by their shards
+    module = wrap(module) if wrap else module
     optimizer = make_optimizer(model, config)
 
     state, resumed_from = TrainState(), None
     if config.resume:
-        remove_stale_temporaries(run_dir / "checkpoints")  # a save interrupted by the kill
+        if is_main_process():
+            remove_stale_temporaries(run_dir / "checkpoints")  # a save interrupted by the kill
         resumed_from = latest_checkpoint(run_dir / "checkpoints")
         if resumed_from is not None:
-            state = load_checkpoint(resumed_from, model, optimizer)
-    stream = BatchStream([len(e.input_ids) for e in train_set], config.batch_size, config.seed,
-                         config.group_by_length, state.epoch, state.batch_in_epoch)
-    module = CausalLMLoss(model, config.loss_chunk_size, config.share_prefix)
-    module = wrap(module) if wrap else module
+            state = load_checkpoint(resumed_from, model, optimizer, module)
+    # one global batch of batch_size examples per process; each process takes its share of it
+    stream = BatchStream([len(e.input_ids) for e in train_set], config.batch_size * world_size(), config.seed,
+                         config.group_by_length, state.epoch, state.batch_in_epoch, min_size=world_size())
     hooks = [*(default_hooks(config, save_weights) if hooks is None else hooks), *extra_hooks]
     hooks = [h for h in hooks if is_main_process() or not h.main_process_only]
     run = TrainingRun(config, model, optimizer, state, total, run_dir, val_set, pad_id, resumed_from,
-                      last_checkpoint=resumed_from)
-    pick = examples_for_this_process or (lambda indices: indices)
+                      last_checkpoint=resumed_from, module=module)
+    pick = examples_for_this_process or share_of_batch
 
     model.train()
     for hook in hooks:
@@ -205,7 +223,7 @@ def fit(model: nn.Module, train_set: Sequence[Tokenized], val_set: Sequence[Toke
         for hook in hooks:
             hook.on_end(run)
     return FitResult(state=state, final_val_loss=run.final_val_loss, total_steps=total,
-                     resumed_from=resumed_from)
+                     resumed_from=resumed_from, module=module)
 
 
 __all__ = ["BatchStream", "FitResult", "NonFiniteLossError", "clip_gradients", "fit", "make_optimizer",

@@ -31,7 +31,14 @@ from torch import nn
 from tailor.config import ConfigError, TrainConfig, save_config
 from tailor.files import OutputPathError, atomic_output, atomic_write_json, check_output_path, directory_size
 from tailor.methods import get_method
-from tailor.train.distributed import is_main_process
+from tailor.train.distributed import (
+    full_parameters,
+    is_main_process,
+    join_processes,
+    leave_processes,
+    world_size,
+    wrapper_for,
+)
 from tailor.train.hooks import Hook
 from tailor.train.loop import FitResult, fit
 
@@ -96,23 +103,46 @@ def _stats_dict(stats: Any) -> dict[str, Any]:
 
 
 def train(config: TrainConfig, extra_hooks: Sequence[Hook] = ()) -> Path:
-    """Run a whole training job per `config`; returns the run directory. `extra_hooks` observe the steps."""
+    """Run a whole training job per `config`; returns the run directory. `extra_hooks` observe the steps.
+
+    Started by torchrun (several processes), every process runs this same function: each trains on its
+    share of every batch (tailor.train.distributed), and rank 0 alone writes the run directory."""
+    examples = check_before_training(config)
+    # every process checks the run directory before joining, and rank 0 writes into it only after all
+    # have joined: no process can find the run of its own job there and refuse it
+    device = join_processes(config.device, config.timeout)
+    try:
+        return _train(config, examples, device, extra_hooks)
+    finally:
+        leave_processes()
+
+
+def check_before_training(config: TrainConfig) -> tuple[list, list]:
+    """Refuse a bad config, run directory or data before any model is loaded (and, with --nproc, before
+    any process is started); returns the loaded (train, validation) examples."""
+    config.validate()
+    get_method(config.method)
+    check_run_dir(config.run_dir(), config.resume)
+    return load_data(config)  # bad data stops the run here: before the model load, nothing written
+
+
+def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
+           extra_hooks: Sequence[Hook]) -> Path:
     from tailor.lora import trainable_parameters
     from tailor.models import load_model
     from tailor.train.plot import plot_losses
 
-    config.validate()
     method = get_method(config.method)
     run_dir = config.run_dir()
-    check_run_dir(run_dir, config.resume)
-    examples = load_data(config)  # bad data stops the run here: before the model load, nothing written
     data_record = data_fingerprint(config, examples)
     main = is_main_process()
-    torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
-    seed_everything(config.seed)
+    # processes on one machine share its cores (torchrun says how many run here)
+    cores_here = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(config.num_threads or max(1, cores_here))
+    seed_everything(config.seed)  # the same seed everywhere: every process starts from the same weights
 
     started = time.perf_counter()
-    model, tokenizer = load_model(config.model, dtype=torch.float32, device=config.device)
+    model, tokenizer = load_model(config.model, dtype=torch.float32, device=device)
     load_seconds = time.perf_counter() - started
     train_set, val_set, data_stats = prepare_data(config, tokenizer, examples)
     seed_everything(config.seed)  # adapter init independent of how much randomness data prep used
@@ -128,21 +158,22 @@ def train(config: TrainConfig, extra_hooks: Sequence[Hook] = ()) -> Path:
     frozen_bytes = method.frozen_weight_bytes(model)
     cpu_started = time.process_time()
     result = fit(model, train_set, val_set, config, run_dir, tokenizer.pad_token_id, save_weights,
-                 extra_hooks=extra_hooks)
+                 extra_hooks=extra_hooks, wrap=wrapper_for(config.strategy))
     # CPU seconds (all threads) next to wall seconds: on a shared machine wall time overstates the cost
     cpu_seconds = time.process_time() - cpu_started
-    if not main:
-        return run_dir
 
     out_dir = method.deliverable_dir(run_dir)
     best = run_dir / "best"
     use_best = (config.keep_best and result.state.best_step is not None and best.exists()
                 and result.state.best_step != result.state.step)
+    with full_parameters(result.module):  # under FSDP every process gathers the weights; rank 0 writes
+        if main and not use_best:
+            save_weights(model, out_dir)
+    if not main:
+        return run_dir
     if use_best:
         with atomic_output(out_dir, directory=True) as tmp:
             shutil.copytree(best, tmp, dirs_exist_ok=True)
-    else:
-        save_weights(model, out_dir)
 
     summary = build_summary(config, result, data_stats, trainable, total, out_dir, load_seconds, use_best)
     summary.update(cpu_seconds=round(cpu_seconds, 1), frozen_weight_bytes=frozen_bytes)
@@ -244,6 +275,8 @@ def build_summary(config: TrainConfig, result: FitResult, data_stats: dict[str, 
         "weights_bytes": directory_size(out_dir),
         "resumed_from": str(result.resumed_from) if result.resumed_from else None,
         "device": str(config.device or ("cuda" if torch.cuda.is_available() else "cpu")),
+        "processes": world_size(),
+        "strategy": config.strategy if world_size() > 1 else None,
         "num_threads": torch.get_num_threads(),
         **peak_memory(),
     }
