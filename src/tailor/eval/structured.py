@@ -83,3 +83,22 @@ def _loads_or_none(text: str) -> Any:
         return json.loads(text)
     except (TypeError, json.JSONDecodeError):
         return None
+
+
+def task_fields(references: list[str]) -> tuple[str, ...] | None:
+    """The fields of a task whose answers are JSON objects (every reference's keys, first seen first), or
+    None when some reference is not a JSON object (the task has no JSON shape to recognise)."""
+    fields: dict[str, None] = {}
+    for reference in references:
+        parsed = _loads_or_none(reference)
+        if not isinstance(parsed, dict):
+            return None
+        fields.update(dict.fromkeys(parsed))
+    return tuple(fields) or None
+
+
+def in_task_format(answer: str, fields: tuple[str, ...]) -> bool:
+    """Whether `answer` holds a JSON object with at least half of the task's `fields`: the task's shape,
+    whatever the values."""
+    parsed = parse_json_object(answer)
+    return parsed is not None and 2 * len(set(fields) & parsed.keys()) >= len(fields)
