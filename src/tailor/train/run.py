@@ -107,6 +107,14 @@ def train(config: TrainConfig, extra_hooks: Sequence[Hook] = ()) -> Path:
     check_run_dir(run_dir, config.resume)
     examples = load_data(config)  # bad data stops the run here: before the model load, nothing written
     data_record = data_fingerprint(config, examples)
+    replay_record = None
+    if config.replay_ratio > 0:  # the base model's own answers, mixed in (tailor.train.replay)
+        from tailor.train.replay import mix_replay, replay_examples
+
+        replayed, replay_record = replay_examples(config.model, device=config.device)
+        examples = (mix_replay(examples[0], replayed, config.replay_ratio), examples[1])
+        mixed_in = len(examples[0]) - data_record["examples"]["train"]
+        replay_record.update(ratio=config.replay_ratio, mixed_in=mixed_in)
     main = is_main_process()
     torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
     seed_everything(config.seed)
@@ -145,7 +153,7 @@ def train(config: TrainConfig, extra_hooks: Sequence[Hook] = ()) -> Path:
         save_weights(model, out_dir)
 
     summary = build_summary(config, result, data_stats, trainable, total, out_dir, load_seconds, use_best)
-    summary.update(cpu_seconds=round(cpu_seconds, 1), frozen_weight_bytes=frozen_bytes)
+    summary.update(cpu_seconds=round(cpu_seconds, 1), frozen_weight_bytes=frozen_bytes, replay=replay_record)
     if method.spec.deliverable == "adapter":  # the adapter carries what made it (tailor_metadata.json)
         from tailor.adapters.metadata import update_metadata
 
