@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +92,13 @@ def replay_examples(model_name: str, prompts: tuple[str, ...] = REPLAY_PROMPTS,
     Loaded from the cache when this model (its weights), these prompts and these settings were answered
     before; otherwise the model is loaded on its own (bf16 where that is fast: the dtype `tailor eval`
     uses), answered through the engine, and the cache file written atomically. Returns (examples, record)
-    where record says the cache file, whether it was reused, and how many answers were kept.
+    where record says the cache file, whether it was reused, how many answers were kept, and the seconds
+    it took.
     """
     from tailor.eval.generate import complete
     from tailor.models import load_model, parse_dtype
 
+    started = time.perf_counter()
     model, tokenizer = load_model(model_name, dtype=parse_dtype("auto", device), device=device)
     path = replay_cache_file(model, prompts, max_new_tokens, cache_dir)
     reused = path.is_file()
@@ -111,7 +114,8 @@ def replay_examples(model_name: str, prompts: tuple[str, ...] = REPLAY_PROMPTS,
     examples = [Example([{"role": "user", "content": row["prompt"]},
                          {"role": "assistant", "content": row["answer"]}], None, f"{REPLAY_SOURCE}:{i}")
                 for i, row in enumerate(rows) if row["finished"] and row["answer"]]
-    return examples, {"cache": str(path), "reused": reused, "prompts": len(rows), "kept": len(examples)}
+    return examples, {"cache": str(path), "reused": reused, "prompts": len(rows), "kept": len(examples),
+                      "seconds": round(time.perf_counter() - started, 1)}
 
 
 def mix_replay(train: list[Example], replay: list[Example], ratio: float) -> list[Example]:
