@@ -149,9 +149,10 @@ def test_off_task_counts_general_answers_in_the_task_shape():
     fields = task_fields(['{"intent":"refund","order_id":null}', '{"intent":"other","product":"mug"}'])
     assert fields == ("intent", "order_id", "product")
     assert task_fields(["Paris", '{"a": 1}']) is None  # not a JSON task: no shape to recognise
-    assert in_task_format('Sure: {"intent": "other", "order_id": null}', fields)  # 2 of 3 fields
-    assert not in_task_format('{"intent": "other"}', fields)  # 1 of 3
+    assert in_task_format('{"capital":"France","intent":"answer","data":"capital":', fields)  # broken JSON
+    assert in_task_format('Sure: {"intent": "other"}', fields)  # an object with a task field
+    assert not in_task_format('Use a dict: {"a": 1}', fields)  # an object, but not the task's
     assert not in_task_format("The capital of France is Paris.", fields)
     retention = {"items": [{"answer": '{"intent":"other","order_id":null,"product":null}'},
-                           {"answer": "Paris"}, {"answer": '{"a": 1}'}, {"answer": "4"}]}
+                           {"answer": "Paris"}, {"answer": 'x = {"a": 1}'}, {"answer": "4"}]}
     assert off_task(retention, fields) == {"n": 4, "count": 1, "rate": 0.25, "fields": list(fields)}

@@ -141,8 +141,6 @@ RETENTION_ITEMS: tuple[RetentionItem, ...] = (
     RetentionItem("instruction", "Name three animals.", _three_of(_ANIMALS)),
     RetentionItem("instruction", "Write the numbers from 1 to 10, separated by commas.",
                   r",\s*".join(str(n) for n in range(1, 11))),
-    RetentionItem("instruction", "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog.",
-                  r"^\W*the quick brown fox jumps over the lazy dog"),
     RetentionItem("instruction", "Name the days of the weekend.", _all_of("saturday", "sunday")),
     RetentionItem("instruction", "List the primary colors.", _all_of("red", "blue", "yellow")),
     RetentionItem("instruction", "Name the four seasons.",
@@ -230,8 +228,9 @@ def retention_check(
 
 
 def off_task(retention: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
-    """How often general prompts were answered in the task's format (a JSON object with at least half of
-    the task's `fields`): the adapter answering everything as its task. From `retention_check`'s result.
+    """How often general prompts were answered in the task's format (`in_task_format`: an object opened
+    with `{` or holding one of the task's `fields`): the adapter answering everything as its task. From
+    `retention_check`'s result.
 
     Returns n, count, rate, fields.
     """

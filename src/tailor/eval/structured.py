@@ -98,7 +98,10 @@ def task_fields(references: list[str]) -> tuple[str, ...] | None:
 
 
 def in_task_format(answer: str, fields: tuple[str, ...]) -> bool:
-    """Whether `answer` holds a JSON object with at least half of the task's `fields`: the task's shape,
-    whatever the values."""
+    """Whether `answer` has the shape of a JSON-object task's answers: it opens with `{` (a tuned model
+    asked something else often writes broken JSON, `{"capital":"France","intent":...`), or it holds a
+    JSON object with one of the task's `fields`."""
+    if answer.lstrip().startswith("{"):
+        return True
     parsed = parse_json_object(answer)
-    return parsed is not None and 2 * len(set(fields) & parsed.keys()) >= len(fields)
+    return parsed is not None and bool(set(fields) & parsed.keys())
