@@ -89,7 +89,8 @@ def test_demo_evaluation_writes_eval_json_and_report(tiny_dir, tmp_path):
     out = tmp_path / "run"
     train(load_config(model=str(tiny_dir), data=str(data), out=str(out), max_steps=2, batch_size=4, rank=2,
                       progress=False, num_threads=1, max_seq_len=512))
-    result = evaluate_run(out, n=3, batch_size=3)
+    # retention off: 114 general prompts take minutes with a tiny model that never stops (test_eval covers it)
+    result = evaluate_run(out, n=3, batch_size=3, retention=False)
     saved = json.loads((out / "eval.json").read_text())
     assert saved["n"] == result["n"] == 3
     for side in ("base", "tuned"):

@@ -88,6 +88,9 @@ class TrainConfig:
     """What to do with examples longer than max_seq_len: truncate|drop."""
     group_by_length: bool = True
     """Put examples of similar length in the same batch (less padding, same data each epoch)."""
+    replay_ratio: float = 0.0
+    """Share of training examples that replay the base model's own answers to general prompts, so it keeps
+    answering them as before (self-distillation; answers generated once and cached; 0: off)."""
     # --- where -----------------------------------------------------------------------------------------
     out: str | None = None
     """Run directory; default runs/<name>."""
@@ -228,6 +231,9 @@ class TrainConfig:
             p.append(f"max_grad_norm: {self.max_grad_norm!r} must be > 0 (or null for no clipping)")
         if not 0 <= self.val_fraction < 1:
             p.append(f"val_fraction: {self.val_fraction!r} must be in [0, 1)")
+        if not 0 <= self.replay_ratio < 1:
+            p.append(f"replay_ratio: {self.replay_ratio!r} must be in [0, 1) (e.g. 0.2: one example in five "
+                     "is replayed)")
         if not 0 <= self.lora_dropout < 1:
             p.append(f"lora_dropout: {self.lora_dropout!r} must be in [0, 1)")
         if not 0 <= self.warmup_ratio < 1:

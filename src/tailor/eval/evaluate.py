@@ -13,8 +13,8 @@ from transformers import PreTrainedTokenizerBase
 
 from tailor.data import Example
 from tailor.eval.generate import generate
-from tailor.eval.retention import retention_check
-from tailor.eval.structured import parse_json_object, score_structured
+from tailor.eval.retention import RETENTION_ITEMS, RetentionItem, off_task, retention_check
+from tailor.eval.structured import parse_json_object, score_structured, task_fields
 from tailor.files import atomic_write_json
 
 N_SAMPLES = 3
@@ -101,18 +101,22 @@ def compare_base_and_tuned(
     max_seq_len: int = 1024,
     retention: bool = True,
     base_model: nn.Module | None = None,
+    retention_items: tuple[RetentionItem, ...] = RETENTION_ITEMS,
 ) -> dict[str, Any]:
     """Evaluate the tuned `model` against its base: `base_model` when given (e.g. beside a fully
     fine-tuned copy), else the same weights with the LoRA adapters switched off
     (`tailor.lora.disable_adapters`). Returns the eval.json structure:
       {"n": N, "base": {...}, "tuned": {...}, "retention": {"base": {...}, "tuned": {...}} | None,
        "samples": [{"source", "prompt", "reference", "base", "tuned"}, ...]}
-    where base/tuned hold the `evaluate_model` metrics (without per-example predictions) plus
-    retention_accuracy.
+    `retention_items` are the general prompts asked of both sides (tailor.eval.retention), unless
+    `retention` is False. base/tuned hold the `evaluate_model` metrics (without per-example predictions) plus
+    retention_accuracy and off_task_rate (the share of general prompts answered in the task's JSON shape,
+    `tailor.eval.retention.off_task`; None when the task's answers are not JSON objects), and each side's
+    retention holds per_kind and off_task.
     """
     from tailor.lora import disable_adapters
 
-    settings = (max_new_tokens, batch_size, max_seq_len, retention)
+    settings = (max_new_tokens, batch_size, max_seq_len, retention_items if retention else ())
     with disable_adapters(model) if base_model is None else contextlib.nullcontext():
         base = _evaluate_side(model if base_model is None else base_model, tokenizer, examples, *settings)
     tuned = _evaluate_side(model, tokenizer, examples, *settings)
@@ -121,10 +125,11 @@ def compare_base_and_tuned(
 
 def _evaluate_side(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_new_tokens: int,
-    batch_size: int, max_seq_len: int, retention: bool,
+    batch_size: int, max_seq_len: int, retention_items: tuple[RetentionItem, ...],
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     metrics = evaluate_model(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_len)
-    kept = retention_check(model, tokenizer, batch_size=batch_size) if retention else None
+    kept = (retention_check(model, tokenizer, retention_items, batch_size=batch_size) if retention_items
+            else None)
     metrics["retention_accuracy"] = kept["accuracy"] if kept else None
     return metrics, kept
 
@@ -132,6 +137,11 @@ def _evaluate_side(
 def _comparison(examples: list[Example], base_side: tuple, tuned_side: tuple) -> dict[str, Any]:
     (base, base_retention), (tuned, tuned_retention) = base_side, tuned_side
     conversations, references = split_prompt_and_reference(examples)
+    fields = task_fields(references)
+    for metrics, kept in (base_side, tuned_side):
+        if kept is not None and fields is not None:
+            kept["off_task"] = off_task(kept, fields)
+        metrics["off_task_rate"] = (kept or {}).get("off_task", {}).get("rate")
     samples = [
         {"source": e.source, "prompt": c[-1]["content"] if c else "", "reference": r, "base": b, "tuned": t}
         for e, c, r, b, t in zip(examples, conversations, references, base["predictions"],

@@ -11,10 +11,9 @@ from tailor.data.tokenize import render_chat
 from tailor.serve.engine import Engine
 from tailor.serve.sampling import CHAT_END_TOKENS, SamplingParams, stop_token_ids
 
-__all__ = ["CHAT_END_TOKENS", "generate", "stop_token_ids"]
+__all__ = ["CHAT_END_TOKENS", "complete", "generate", "stop_token_ids"]
 
 
-@torch.inference_mode()
 def generate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -31,6 +30,19 @@ def generate(
     conversations (one system prompt) computed once. A conversation stops at eos or the chat end-of-turn
     token, or after `max_new_tokens`.
     """
+    return [text for text, _ in complete(model, tokenizer, conversations, max_new_tokens, batch_size)]
+
+
+@torch.inference_mode()
+def complete(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, str]]],
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+) -> list[tuple[str, str]]:
+    """`generate`, with each answer's finish reason: "stop" (the model ended its turn) or "length" (cut
+    at max_new_tokens)."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must both be >= 1.")
     prompts = [render_chat(tokenizer, messages, add_generation_prompt=True) for messages in conversations]
@@ -44,4 +56,4 @@ def generate(
         requests = engine.generate(prompt_ids, SamplingParams(max_tokens=max_new_tokens))
     finally:
         model.train(was_training)
-    return [request.text.strip() for request in requests]
+    return [(request.text.strip(), request.finish_reason or "") for request in requests]

@@ -15,6 +15,7 @@ HEADLINE_METRICS = (
     ("val_loss", "validation loss", False),
     ("perplexity", "perplexity", False),
     ("retention_accuracy", "retention (general prompts)", True),
+    ("off_task_rate", "off-task (general prompts in task format)", False),
 )
 
 
@@ -66,6 +67,10 @@ def render_retention(result: dict[str, Any]) -> Table | str:
     base, tuned = retention.get("base") or {}, retention.get("tuned") or {}
     summary = (f"capability retention: base {base.get('correct', 0)}/{base.get('n', 0)}, "
                f"tuned {tuned.get('correct', 0)}/{tuned.get('n', 0)} general prompts answered correctly")
+    kinds = tuned.get("per_kind") or {}
+    if kinds:
+        summary += "; tuned per kind: " + ", ".join(f"{kind} {k['correct']}/{k['n']}"
+                                                    for kind, k in kinds.items())
     changed = [(b, t) for b, t in zip(base.get("items", []), tuned.get("items", []), strict=True)
                if b["ok"] != t["ok"]]
     if not changed:

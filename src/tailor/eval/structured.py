@@ -83,3 +83,25 @@ def _loads_or_none(text: str) -> Any:
         return json.loads(text)
     except (TypeError, json.JSONDecodeError):
         return None
+
+
+def task_fields(references: list[str]) -> tuple[str, ...] | None:
+    """The fields of a task whose answers are JSON objects (every reference's keys, first seen first), or
+    None when some reference is not a JSON object (the task has no JSON shape to recognise)."""
+    fields: dict[str, None] = {}
+    for reference in references:
+        parsed = _loads_or_none(reference)
+        if not isinstance(parsed, dict):
+            return None
+        fields.update(dict.fromkeys(parsed))
+    return tuple(fields) or None
+
+
+def in_task_format(answer: str, fields: tuple[str, ...]) -> bool:
+    """Whether `answer` has the shape of a JSON-object task's answers: it opens with `{` (a tuned model
+    asked something else often writes broken JSON, `{"capital":"France","intent":...`), or it holds a
+    JSON object with one of the task's `fields`."""
+    if answer.lstrip().startswith("{"):
+        return True
+    parsed = parse_json_object(answer)
+    return parsed is not None and bool(set(fields) & parsed.keys())

@@ -132,11 +132,16 @@ def render_report(run_dir: Path) -> str:
         out += ["## Base vs tuned", "", *comparison_lines(evaluation), ""]
         retention = evaluation.get("retention")
         if retention:
-            rows = [[who, f"{r.get('correct')}/{r.get('n')}", _fmt(r.get("accuracy"))]
-                    for who, r in retention.items() if isinstance(r, dict)]
+            sides = [(who, r) for who, r in retention.items() if isinstance(r, dict)]
+            kinds = list(dict.fromkeys(kind for _, r in sides for kind in r.get("per_kind") or {}))
+            rows = [[who, f"{r.get('correct')}/{r.get('n')}", _fmt(r.get("accuracy")),
+                     *(_fmt((r.get("per_kind") or {}).get(kind, {}).get("accuracy")) for kind in kinds),
+                     _fmt((r.get("off_task") or {}).get("rate"))]
+                    for who, r in sides]
             out += ["## Capability retention", "",
-                    "General prompts the base model answers correctly, asked again with the adapter:", "",
-                    *_table(["model", "correct", "accuracy"], rows), ""]
+                    "General prompts the base model answers correctly, asked again with the adapter "
+                    "(accuracy overall and per kind); off-task: the share answered in the task's format:", "",
+                    *_table(["model", "correct", "accuracy", *kinds, "off-task"], rows), ""]
         samples = evaluation.get("samples") or []
         example = evaluation.get("example") or (samples[0] if samples else None)
         if example:

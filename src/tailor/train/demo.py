@@ -14,6 +14,7 @@ DEMO_RECIPE: dict[str, Any] = {
     "name": "demo",
     "method": "lora",
     "data": "builtin:support",
+    "replay_ratio": 0.2,  # one example in five replays the base model's own general answers: keeps them
     "max_seq_len": 256,  # the longest built-in ticket is ~220 tokens
     "rank": 16,
     "lora_alpha": 32,
@@ -65,8 +66,9 @@ def run_demo(out: str | Path = "runs/demo", max_steps: int | None = None, eval_n
             raise ValueError(f"{out} is not empty and holds no previous demo run; nothing there is touched. "
                              "Choose another --out (the demo replaces only a run `tailor demo` wrote).")
         shutil.rmtree(out)  # a previous demo: the demo always starts fresh
-    console.print(f"[bold]tailor demo[/]: LoRA r={config.rank} on {config.data}, {config.max_steps} steps "
-                  f"of {config.batch_size} examples -> {out}")
+    replay = f", {config.replay_ratio:.0%} replayed base answers" if config.replay_ratio else ""
+    console.print(f"[bold]tailor demo[/]: LoRA r={config.rank} on {config.data}{replay}, {config.max_steps} "
+                  f"steps of {config.batch_size} examples -> {out}")
     run_dir = train(config)
 
     from tailor.eval import evaluate_run, print_evaluation

@@ -135,6 +135,14 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
     method = get_method(config.method)
     run_dir = config.run_dir()
     data_record = data_fingerprint(config, examples)
+    replay_record = None
+    if config.replay_ratio > 0:  # the base model's own answers, mixed in (tailor.train.replay)
+        from tailor.train.replay import mix_replay, replay_examples
+
+        replayed, replay_record = replay_examples(config.model, device=config.device)
+        examples = (mix_replay(examples[0], replayed, config.replay_ratio), examples[1])
+        mixed_in = len(examples[0]) - data_record["examples"]["train"]
+        replay_record.update(ratio=config.replay_ratio, mixed_in=mixed_in)
     main = is_main_process()
     # processes on one machine share its cores (torchrun says how many run here)
     cores_here = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -176,7 +184,7 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
             shutil.copytree(best, tmp, dirs_exist_ok=True)
 
     summary = build_summary(config, result, data_stats, trainable, total, out_dir, load_seconds, use_best)
-    summary.update(cpu_seconds=round(cpu_seconds, 1), frozen_weight_bytes=frozen_bytes)
+    summary.update(cpu_seconds=round(cpu_seconds, 1), frozen_weight_bytes=frozen_bytes, replay=replay_record)
     if method.spec.deliverable == "adapter":  # the adapter carries what made it (tailor_metadata.json)
         from tailor.adapters.metadata import update_metadata
 
