@@ -167,7 +167,7 @@ def test_conv1d_layers_get_slots(one_thread):
 
 
 @pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [5, 12])  # fewer / more tokens per row than max_rank: both add paths
+@pytest.mark.parametrize("tokens", [1, 5, 12])  # decode (row copies); fewer / more than max_rank
 @pytest.mark.parametrize("index", [[2, 0, -1], [1, 1, 1]], ids=["mixed", "uniform"])
 def test_bf16_model_is_as_accurate_as_named_adapters(one_thread, bank_dtype, tokens, index):
     """On a bf16 base the per-row path (banks in fp32, or in bf16 as vLLM keeps them) is within the
