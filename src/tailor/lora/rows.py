@@ -19,9 +19,9 @@ Decode steps (one token per row) keep the gathered weights: each layer holds a c
 the last step (a request joined, left or moved rows; a slot was rewritten). With one token per row the
 LoRA term is memory-bound (every row reads its own adapter: 625 MB a step for 32 rows of r=16 all-linear
 adapters on SmolLM2-135M in fp32); re-gathering them in every layer at every step also wrote them into
-fresh buffers before the ``bmm`` read them, 4.5x the time of the term with the copies kept
-(`benchmarks/lora_rows_decode.py`). The copies cost one adapter per running row; the engine frees them
-when idle (`LoraSlots.drop_row_copies`).
+fresh buffers before the ``bmm`` read them (`benchmarks/lora_rows_decode.py`: the term alone 4.5x
+faster with the copies kept; whole engine decode steps 1.05-1.33x). The copies cost one adapter per
+running row; the engine frees them when idle (`LoraSlots.drop_row_copies`).
 
 The slots live beside the layers' named adapters (``add_lora``), which still apply to every row as before.
 Usage::
