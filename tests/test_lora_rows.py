@@ -97,6 +97,35 @@ def test_uniform_rows_and_decode_shapes_match_the_named_adapter(one_thread):
     torch.testing.assert_close(cleared, row_logits(reference, input_ids, None), atol=0, rtol=0)
 
 
+def test_decode_steps_reuse_row_copies_across_joins_leaves_and_slot_writes(one_thread):
+    """Decode forwards (one token per row) keep each row's copied weights from step to step; after rows
+    leave, move, join (more rows than before) and a slot is rewritten, every row still equals its
+    adapter applied alone."""
+    reference = with_named_adapters(tiny_llama(seed=7))
+    base = tiny_llama(seed=7)
+    slots = add_lora_slots(base, num_slots=3, max_rank=8)
+    names = list(ADAPTERS)
+    for slot, name in enumerate(names):
+        slots.write(slot, slot_weights(reference, name))
+    steps = [[0, 1, 2], [0, 1, 2], [2, 1], [2, 1, -1, 0, 0], "rewrite", [2, 1, -1, 0, 0], [0, 2, 2, 1]]
+    torch.manual_seed(0)
+    for index in steps:
+        if index == "rewrite":  # slot 2 now holds adapter "a": rows holding copies of it must recopy
+            slots.write(2, slot_weights(reference, "a"))
+            names[2] = "a"
+            continue
+        input_ids = torch.randint(0, VOCAB, (len(index), 1))
+        with slots.rows(index), torch.no_grad():
+            batched = base(input_ids).logits
+        for row, slot in enumerate(index):
+            alone = row_logits(reference, input_ids[row : row + 1], None if slot < 0 else names[slot])[0]
+            torch.testing.assert_close(batched[row], alone, atol=1e-5, rtol=1e-5, msg=f"{index} row {row}")
+    bank = slots.layers["model.layers.0.self_attn.q_proj"].slot_bank
+    assert bank.row_a.shape[0] == 5  # grown to the largest batch, rows kept
+    slots.drop_row_copies()
+    assert bank.row_a is None and bank.row_slots == []
+
+
 def test_slots_refuse_what_does_not_fit_and_keep_named_adapters_working(one_thread):
     reference = with_named_adapters(tiny_llama(seed=5))
     base = tiny_llama(seed=5)
@@ -138,7 +167,7 @@ def test_conv1d_layers_get_slots(one_thread):
 
 
 @pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [5, 12])  # fewer / more tokens per row than max_rank: both add paths
+@pytest.mark.parametrize("tokens", [1, 5, 12])  # decode (row copies); fewer / more than max_rank
 @pytest.mark.parametrize("index", [[2, 0, -1], [1, 1, 1]], ids=["mixed", "uniform"])
 def test_bf16_model_is_as_accurate_as_named_adapters(one_thread, bank_dtype, tokens, index):
     """On a bf16 base the per-row path (banks in fp32, or in bf16 as vLLM keeps them) is within the

@@ -30,3 +30,18 @@ def test_every_part_on_a_tiny_model(tmp_path, one_thread, capsys):
     assert set(results["goals"]) == set(bench.GOALS)
     printed = capsys.readouterr().out
     assert "goal ratio_vs_base" in printed and "PEFT mixed-adapter batch" in printed
+
+
+def test_lora_rows_decode_benchmark_on_a_tiny_model(tmp_path, one_thread, capsys):
+    path = BENCHMARK.parent / "lora_rows_decode.py"
+    spec = importlib.util.spec_from_file_location("lora_rows_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "decode.json"
+    results = bench.main(["--model", str(model), "--rows", "3", "--rank", "4", "--rounds", "2",
+                          "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == results
+    assert set(results["min_ms"]) == {"base", "row copies", "gather", "read"}
+    assert results["settings"]["linear_layers"] == 7 * 2  # tiny_llama: 2 layers of q, k, v, o, gate, up, down
+    assert "LoRA term (min)" in capsys.readouterr().out

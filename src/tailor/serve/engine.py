@@ -550,6 +550,8 @@ class Engine:
             self.running.pop()
         if not self.running:
             self.col = 0
+            if self.adapters is not None:  # idle: free the decode rows' copies of their adapters
+                self.adapters.slots.drop_row_copies()
 
     # --- columns -------------------------------------------------------------------------------------
     def _make_room(self, left: int, right: int) -> None:
