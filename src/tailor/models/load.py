@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from tailor.models.gguf_cache import cached_gguf_dir, tailor_cache_dir
 
@@ -251,6 +254,18 @@ def _load_tokenizer_from(resolved: ResolvedModel) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No "Loading weights" bar: a local load takes about a second and the bar fills logs and the demo."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype | None = None,
@@ -265,9 +280,10 @@ def load_model(
     resolved = resolve_model(name_or_path)
     check_model_dir(resolved.directory)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolved.directory, dtype=dtype or torch.float32, local_files_only=True
-        )
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                resolved.directory, dtype=dtype or torch.float32, local_files_only=True
+            )
     except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError) as exc:
         if isinstance(exc, torch.OutOfMemoryError):
             raise
