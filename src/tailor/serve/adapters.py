@@ -234,12 +234,17 @@ class AdapterManager:
         self.register(name, directory)
         adapter = HostAdapter(name, directory, self._generation[name], weights, rank,
                               (time.perf_counter() - started) * 1000)
+        return self._keep(adapter)
+
+    def _keep(self, adapter: HostAdapter) -> HostAdapter:
+        """Hold a freshly read adapter in host memory, most recently used; count and announce the load."""
         with self._lock:
-            self._host[name] = adapter
-            while len(self._host) > self.max_cpu_loras:
+            self._host[adapter.name] = adapter
+            self._host.move_to_end(adapter.name)
+            while len(self._host) > self.max_cpu_loras:  # least recently used out (never the new one)
                 self._host.popitem(last=False)
             self.stats["loads"] += 1
-        self._notify("load", name, adapter.load_ms / 1000)
+        self._notify("load", adapter.name, adapter.load_ms / 1000)
         return adapter
 
     def ensure(self, name: str) -> HostAdapter:
@@ -292,14 +297,7 @@ class AdapterManager:
         weights, rank = read_for_slots(directory, self.slots)
         milliseconds = (time.perf_counter() - started) * 1000
         adapter = HostAdapter(name, directory, generation, weights, rank, milliseconds)
-        with self._lock:
-            self._host[name] = adapter
-            self._host.move_to_end(name)
-            while len(self._host) > self.max_cpu_loras:  # least recently used out (never the new one)
-                self._host.popitem(last=False)
-            self.stats["loads"] += 1
-        self._notify("load", name, adapter.load_ms / 1000)
-        return adapter
+        return self._keep(adapter)
 
     def prefetch(self, name: str) -> None:
         """Start reading `name` in the background unless it is loading already."""
