@@ -360,3 +360,12 @@ def test_support_dataset_token_budget_and_labels(smol):
         pairs = zip(tokens.input_ids, tokens.labels, strict=True)
         answer = [token for token, label in pairs if label != IGNORE_INDEX]
         assert tokenizer.decode(answer) == example.reference + "<|im_end|>"
+
+
+def test_collate_marks_replayed_rows_only_when_there_are_some():
+    from tailor.data import TokenizedExample, collate
+
+    task = TokenizedExample([1, 2, 3], [-100, 2, 3], "train.jsonl:4")
+    replayed = TokenizedExample([4, 5], [-100, 5], "replay:7")
+    assert "replayed" not in collate([task, task], pad_id=0)
+    assert collate([task, replayed], pad_id=0)["replayed"].tolist() == [False, True]

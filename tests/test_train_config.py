@@ -96,3 +96,15 @@ def test_set_assignments_are_yaml():
     assert load_config(data="a.jsonl", **parse_assignments(["lr=1e-4"])).lr == 1e-4
     with pytest.raises(ConfigError, match="FIELD=VALUE"):
         parse_assignments(["lr"])
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"replay_loss": "mse", "replay_ratio": 0.2}, "replay_loss: 'mse' is not one of ce, kl"),
+    ({"replay_loss": "kl"}, "replay_ratio is 0; set replay_ratio"),
+    ({"replay_loss": "kl", "replay_ratio": 0.2, "method": "full"}, "method full has none"),
+    ({"replay_loss": "kl", "replay_ratio": 0.2, "strategy": "fsdp"}, "use strategy ddp or replay_loss ce"),
+])
+def test_replay_loss_choices_and_what_kl_needs(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(data="builtin:support", **fields)
+    assert load_config(data="builtin:support", replay_loss="kl", replay_ratio=0.2).replay_loss == "kl"

@@ -135,3 +135,60 @@ def test_shared_prefix_is_off_when_asked_short_or_checkpointing():
     assert seen[0] == (4, 30)  # transformers drops KV caches under checkpointing: no sharing
     model.eval()
     torch.testing.assert_close(loss_sum / n, model(**batch).loss, rtol=1e-5, atol=1e-6)
+
+
+# ----- replay_loss "kl": replayed rows keep the base model's distribution ---------------------------------
+
+
+def _lora_llama(seed: int = 0) -> torch.nn.Module:
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    model = add_lora(tiny_llama(), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # B starts at zero; a trained adapter has moved it
+        for layer in lora_layers(model).values():
+            for b in layer.lora_B.values():
+                b.weight.copy_(torch.randn(b.weight.shape, generator=generator) * 0.3)
+    return model
+
+
+def test_kl_replay_loss_is_ce_on_task_rows_plus_kl_from_the_base_on_replayed_rows():
+    from tailor.lora import disable_adapters
+
+    model = _lora_llama()
+    batch = {**_batch(), "replayed": torch.tensor([False, True, True])}
+    loss_sum, n = supervised_loss(model, batch, chunk_size=5, replay_loss="kl")
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    logits = model(**inputs).logits[:, :-1].float()
+    with torch.no_grad(), disable_adapters(model):
+        base = model(**inputs).logits[:, :-1].float()
+    supervised = batch["labels"][:, 1:] != -100
+    task = supervised & ~batch["replayed"][:, None]
+    kept = supervised & batch["replayed"][:, None]
+    ce = torch.nn.functional.cross_entropy(logits[task], batch["labels"][:, 1:][task], reduction="sum")
+    p_base = base[kept].softmax(-1)
+    kl = (p_base * (base[kept].log_softmax(-1) - logits[kept].log_softmax(-1))).sum()
+    assert n == int(supervised.sum())
+    assert kl > 0.01  # the adapter has moved the model: the term is not trivially zero
+    torch.testing.assert_close(loss_sum, ce + kl, rtol=1e-4, atol=1e-4)
+
+    # the gradient is that of the reference expression
+    loss_sum.backward()
+    got = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    (ce + kl).backward()
+    for mine, reference in zip(got, [p.grad for p in model.parameters() if p.requires_grad], strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-3, atol=1e-5)
+
+    # replay_loss "ce" (the default) ignores the mark: cross-entropy on every row
+    plain, _ = supervised_loss(model, batch, chunk_size=5)
+    torch.testing.assert_close(plain, supervised_loss(model, _batch(), chunk_size=5)[0])
+
+
+def test_kl_replay_loss_is_zero_with_zero_gradient_while_the_adapter_is_untouched():
+    model = add_lora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    batch = {**_batch(), "replayed": torch.tensor([True, True, True])}
+    loss_sum, n = supervised_loss(model, batch, replay_loss="kl")
+    assert n > 0 and abs(float(loss_sum.detach())) < 1e-5
+    loss_sum.backward()
+    assert all(float(p.grad.abs().max()) < 1e-6 for p in model.parameters() if p.requires_grad)

@@ -21,6 +21,7 @@ PRECISIONS = ("bf16", "fp32")
 OVERFLOWS = ("truncate", "drop")
 FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
 STRATEGIES = ("ddp", "fsdp")
+REPLAY_LOSSES = ("ce", "kl")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ class TrainConfig:
     replay_ratio: float = 0.0
     """Share of training examples that replay the base model's own answers to general prompts, so it keeps
     answering them as before (self-distillation; answers generated once and cached; 0: off)."""
+    replay_loss: str = "ce"
+    """How replayed answers are learned: ce (cross-entropy on the base model's answer tokens) or kl (the
+    KL divergence from the base model's whole next-token distribution at each answer token, computed with
+    the adapter switched off; LoRA methods only, one more forward pass over the replayed rows)."""
     # --- where -----------------------------------------------------------------------------------------
     out: str | None = None
     """Run directory; default runs/<name>."""
@@ -234,6 +239,18 @@ class TrainConfig:
         if not 0 <= self.replay_ratio < 1:
             p.append(f"replay_ratio: {self.replay_ratio!r} must be in [0, 1) (e.g. 0.2: one example in five "
                      "is replayed)")
+        choice("replay_loss", REPLAY_LOSSES)
+        full = self.method in METHODS and method_spec(self.method).trains_all_weights
+        if self.replay_loss == "kl" and full:
+            p.append(f"replay_loss: kl compares with the frozen base under the adapter, and method "
+                     f"{self.method} has none; use replay_loss ce, or a LoRA method")
+        if self.replay_loss == "kl" and self.strategy == "fsdp":
+            p.append("replay_loss: kl runs the base model on the replayed rows of each process's own batch, "
+                     "and fsdp needs every process to make the same passes; use strategy ddp or "
+                     "replay_loss ce")
+        if self.replay_loss == "kl" and not self.replay_ratio:
+            p.append("replay_loss: kl applies to replayed examples, and replay_ratio is 0; set replay_ratio "
+                     "(e.g. 0.4) or leave replay_loss out")
         if not 0 <= self.lora_dropout < 1:
             p.append(f"lora_dropout: {self.lora_dropout!r} must be in [0, 1)")
         if not 0 <= self.warmup_ratio < 1:

@@ -9,7 +9,7 @@
 
 from tailor.data.batching import batch_indices, collate, split_examples
 from tailor.data.errors import DataError, DataIssue
-from tailor.data.example import Example
+from tailor.data.example import REPLAY_SOURCE, Example, is_replayed
 from tailor.data.load import FORMATS, detect_format, load_examples
 from tailor.data.tokenize import (
     FALLBACK_CHAT_TEMPLATE,
@@ -21,7 +21,7 @@ from tailor.data.tokenize import (
 )
 
 __all__ = [
-    "FALLBACK_CHAT_TEMPLATE", "FORMATS", "IGNORE_INDEX", "DataError", "DataIssue", "Example", "TokenizeStats",
-    "TokenizedExample", "batch_indices", "collate", "detect_format", "load_examples", "render_chat",
-    "split_examples", "tokenize_examples",
+    "FALLBACK_CHAT_TEMPLATE", "FORMATS", "IGNORE_INDEX", "REPLAY_SOURCE", "DataError", "DataIssue", "Example",
+    "TokenizeStats", "TokenizedExample", "batch_indices", "collate", "detect_format", "is_replayed",
+    "load_examples", "render_chat", "split_examples", "tokenize_examples",
 ]

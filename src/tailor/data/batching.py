@@ -7,6 +7,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from tailor.data.example import is_replayed
 from tailor.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 __all__ = ["batch_indices", "collate", "split_examples"]
@@ -64,7 +65,8 @@ def batch_indices(
 def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch. Returns input_ids, attention_mask, labels: (batch, max_len) int64 tensors.
 
-    Padding positions get pad_id, attention 0 and label IGNORE_INDEX (-100).
+    Padding positions get pad_id, attention 0 and label IGNORE_INDEX (-100). When some rows replay the
+    base model's own answers (is_replayed), `replayed` is added: a (batch,) bool tensor marking them.
     """
     if not examples:
         raise ValueError("collate needs at least one example.")
@@ -77,4 +79,8 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
         input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
         labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    replayed = [is_replayed(getattr(example, "source", "")) for example in examples]
+    if any(replayed):
+        batch["replayed"] = torch.tensor(replayed)
+    return batch

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Example"]
+__all__ = ["REPLAY_SOURCE", "Example", "is_replayed"]
+
+REPLAY_SOURCE = "replay"  # source "replay:<index>": a replayed base-model answer (tailor.train.replay)
+
+
+def is_replayed(source: str) -> bool:
+    """Whether an example with this `source` replays the base model's own answer."""
+    return source.startswith(f"{REPLAY_SOURCE}:")
 
 
 @dataclass

@@ -121,7 +121,8 @@ def body_hidden_states(
 
 
 def supervised_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024, share_prefix: bool = True
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024, share_prefix: bool = True,
+    replay_loss: str = "ce",
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over supervised tokens, and how many there are.
 
@@ -129,6 +130,12 @@ def supervised_loss(
     loss = sum_{(b, t): labels[b, t+1] != -100} CE(head(h[b, t]), labels[b, t+1]).
     The head runs on the N supervised rows only ([N, H] -> [N, V]), `chunk_size` rows at a time, with
     the logits upcast to fp32 before the softmax (bf16 log-softmax over 49k classes loses digits).
+
+    With replay_loss "kl", the rows the batch marks `replayed` (the base model's own answers) take instead
+    KL(base || model) at each supervised position: the divergence of the model's next-token distribution
+    from the one the base model (the same model with its adapters switched off) gives there. It is zero
+    until the adapter moves the model on those answers, and then pulls back toward the base's whole
+    distribution rather than toward the one answer the base happened to sample.
 
     Returns (loss_sum, n): divide by n (or by the count over an accumulation window) for the mean.
     When n == 0 the loss is a zero that still depends on the graph, so backward() works.
@@ -138,21 +145,55 @@ def supervised_loss(
 
     targets = labels[:, 1:]  # [B, T-1]: the token each position predicts
     supervised = targets != IGNORE_INDEX  # [B, T-1]
-    rows = hidden[:, :-1][supervised]  # [N, H]: only positions whose next token carries loss
-    wanted = targets[supervised]  # [N]
+    replayed = batch.get("replayed") if replay_loss == "kl" else None
+    if replayed is not None and bool(replayed.any()):
+        learned = supervised & ~replayed[:, None]
+        kept = supervised & replayed[:, None]
+    else:
+        learned, kept = supervised, None
+    rows = hidden[:, :-1][learned]  # [N, H]: only positions whose next token carries loss
+    wanted = targets[learned]  # [N]
     n = int(wanted.numel())
-    if n == 0:
+    if n == 0 and kept is None:
         return hidden.sum() * 0.0, 0
-
+    total = hidden.new_zeros((), dtype=torch.float32)
     head = output_head(model)
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk_size):
-        logits = head(rows[start : start + chunk_size]).float()  # [chunk, V] in fp32
+
+    def logits_of(chunk: torch.Tensor) -> torch.Tensor:
+        logits = head(chunk).float()  # [chunk, V] in fp32
         if softcap:  # Gemma-style models squash logits before the softmax
             logits = torch.tanh(logits / softcap) * softcap
-        total = total + F.cross_entropy(logits, wanted[start : start + chunk_size], reduction="sum")
+        return logits
+
+    for start in range(0, n, chunk_size):
+        total = total + F.cross_entropy(logits_of(rows[start : start + chunk_size]),
+                                        wanted[start : start + chunk_size], reduction="sum")
+    if kept is not None:
+        total = total + _divergence_from_base(model, batch, replayed, hidden[:, :-1][kept],
+                                              supervised[replayed], logits_of, chunk_size, share_prefix)
+        n += int(kept.sum())
     return total, n
+
+
+def _divergence_from_base(model: nn.Module, batch: dict[str, torch.Tensor], replayed: torch.Tensor,
+                          rows: torch.Tensor, positions: torch.Tensor, logits_of, chunk_size: int,
+                          share_prefix: bool) -> torch.Tensor:
+    """Sum over the replayed rows' supervised positions of KL(base || model), where `rows` are the model's
+    hidden states there ([N, H], in the row-major order of `positions`, their [R, T-1] mask within the
+    replayed rows). The base is the model with its adapters off, run without gradients on those rows only."""
+    from tailor.lora import disable_adapters
+
+    sub = {key: value[replayed] for key, value in batch.items() if key in ("input_ids", "attention_mask")}
+    total = rows.new_zeros((), dtype=torch.float32)
+    with torch.no_grad(), disable_adapters(model):
+        base_rows = body_hidden_states(model, sub, share_prefix)[:, :-1][positions]  # [N, H]
+    for start in range(0, len(rows), chunk_size):
+        with torch.no_grad(), disable_adapters(model):  # the head may carry an adapter too
+            base = F.log_softmax(logits_of(base_rows[start : start + chunk_size]), dim=-1)
+        mine = F.log_softmax(logits_of(rows[start : start + chunk_size]), dim=-1)
+        total = total + F.kl_div(mine, base, log_target=True, reduction="sum")
+    return total
 
 
 def count_supervised(labels: torch.Tensor) -> int:

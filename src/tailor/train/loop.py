@@ -172,7 +172,7 @@ def fit(model: nn.Module, train_set: Sequence[Tokenized], val_set: Sequence[Toke
     run_dir.mkdir(parents=True, exist_ok=True)
     total = total_steps_for(config, len(train_set))
     warmup = warmup_steps_for(total, config.warmup_steps, config.warmup_ratio)
-    module = CausalLMLoss(model, config.loss_chunk_size, config.share_prefix)
+    module = CausalLMLoss(model, config.loss_chunk_size, config.share_prefix, config.replay_loss)
     # wrapped before the optimizer is made: FSDP replaces the parameters by their shards
     module = wrap(module) if wrap else module
     optimizer = make_optimizer(model, config)

@@ -7,6 +7,13 @@ self-distillation of "Self-Distillation Bridges Distribution Gap in Language Mod
 al. 2024). No outside data is needed: the answers are generated once, greedily, with the serving engine
 (tailor.eval.generate), and cached on disk keyed by the model, the prompts and the generation settings.
 
+How a replayed answer is learned is the config's replay_loss (tailor.loss.supervised_loss): "ce", the
+cross-entropy on its tokens, or "kl", the divergence from the base model's whole next-token distribution
+at those tokens (distillation as in Hinton et al. 2015, on the base's own answers: Learning without
+Forgetting, Li and Hoiem 2016). A small base answers many prompts wrongly ("Add 14 and 23." -> "The
+answer is 21."); cross-entropy sharpens the model onto those answers, the divergence only holds it where
+the base was.
+
 REPLAY_PROMPTS is disjoint from the retention set (tailor.eval.retention), so retention still measures
 what was not trained on; a test asserts it. Answers that did not finish within REPLAY_MAX_NEW_TOKENS are
 left out, so training never teaches the model to stop mid-sentence.
@@ -23,37 +30,71 @@ from typing import Any
 import torch
 from torch import nn
 
-from tailor.data import Example
+from tailor.data import REPLAY_SOURCE, Example
 from tailor.files import atomic_write_text
 
 REPLAY_MAX_NEW_TOKENS = 128
-REPLAY_SOURCE = "replay"  # Example.source prefix of replayed examples ("replay:<index>")
 
 _TOPICS = ("photosynthesis", "gravity", "the water cycle", "a volcano", "electricity", "a rainbow",
            "the internet", "democracy", "a vaccine", "an atom", "inflation", "a black hole", "recycling",
            "the moon's phases", "a computer virus", "evolution", "an earthquake", "the human brain",
-           "a solar panel", "a library")
+           "a solar panel", "a library", "a thermometer", "friction", "a hurricane", "the immune system",
+           "a budget", "a glacier", "a magnet", "an election", "a battery", "the seasons")
 _ADVICE = ("sleeping better", "saving money", "learning a new language", "staying focused while studying",
            "keeping a plant alive", "writing a good email", "preparing for a job interview",
-           "staying hydrated", "making new friends", "reducing stress")
+           "staying hydrated", "making new friends", "reducing stress", "cooking rice", "running a first 5k",
+           "organizing a desk", "giving a short speech", "remembering names")
 _WRITING = ("a lighthouse", "autumn leaves", "a lost key", "a city bus", "a cup of tea", "a mountain lake",
-            "a quiet library", "a thunderstorm", "a paper boat", "an old clock")
+            "a quiet library", "a thunderstorm", "a paper boat", "an old clock", "a busy market",
+            "a snowy street", "a garden in spring", "a train station", "a campfire")
 _CODE = ("counts the vowels in a string", "returns the factorial of n", "removes duplicates from a list",
          "counts how many times a letter appears in a word", "checks whether a number is prime",
          "returns the last element of a list", "joins a list of words with spaces",
-         "returns the number of words in a sentence", "swaps two variables", "returns the minimum of "
-         "three numbers")
-_SUMS = ((14, 23), (36, 41), (17, 8), (64, 19), (120, 45), (73, 26), (9, 58), (31, 31))
-_PRODUCTS = ((4, 6), (7, 8), (9, 3), (12, 5), (6, 6), (11, 4))
-_WORDS = ("quickly", "ancient", "bright", "gentle", "brave", "curious", "fragile", "honest")
+         "returns the number of words in a sentence", "swaps two variables",
+         "returns the minimum of three numbers", "converts Celsius to Fahrenheit",
+         "returns the average of a list", "multiplies two numbers", "returns the first character of a string",
+         "squares every number in a list")
+_QUESTIONS = ("Which planet is known as the Red Planet?", "How many continents are there?",
+              "What do bees make?", "What is frozen water called?",
+              "Which animal is known as the king of the jungle?",
+              "In which country are the pyramids of Giza?", "What is the largest planet in our solar system?",
+              "Which is the closest star to Earth?", "What do caterpillars turn into?",
+              "What instrument has black and white keys?", "How many hours are in a day?",
+              "How many months are in a year?", "How many minutes are in an hour?",
+              "Which animal has eight legs?", "How many wheels does a bicycle have?",
+              "What is the freezing point of water in Fahrenheit?", "Which month comes after March?",
+              "Which day comes after Monday?", "What shape has three sides?",
+              "Who was the first person to walk on the moon?", "Which gas do people need to breathe?",
+              "Which metal does a magnet attract?", "Which country is famous for the Eiffel Tower?",
+              "Which city is known as the Big Apple?", "What is the main ingredient of guacamole?",
+              "What do you call a baby dog?", "What do you call a baby cat?",
+              "Which sense do we use our ears for?", "What is the hardest natural substance?",
+              "Which bird is a symbol of peace?")
+_SUMS = ((14, 23), (36, 41), (17, 8), (64, 19), (120, 45), (73, 26), (9, 58), (31, 31), (5, 9), (40, 60))
+_DIFFERENCES = ((19, 7), (100, 35), (45, 15), (9, 4), (80, 20))
+_PRODUCTS = ((4, 6), (7, 8), (9, 3), (12, 5), (6, 6), (11, 4), (2, 10), (5, 5))
+_INSTRUCTIONS = ("List three fruits.", "Name two planets.", "Name three countries in Europe.",
+                 "List three vegetables.", "Name three musical instruments.",
+                 "Write the word 'garden' in capital letters.", "Give me three words that rhyme with 'cat'.",
+                 "Sort these numbers from smallest to largest: 9, 2, 7, 4.", "Name the months of spring.",
+                 "Write the letters A to F.", "Give me a word that means 'very big'.",
+                 "Give me the opposite of 'early'.", "Translate 'thank you' into Spanish.",
+                 "Name a fruit that is yellow.", "Count from 5 to 1.",
+                 "List three things you find in a kitchen.", "Name two oceans.", "Give me three verbs.",
+                 "Name a mammal that can fly.", "Write 'good night' backwards.")
+_WORDS = ("quickly", "ancient", "bright", "gentle", "brave", "curious", "fragile", "honest", "generous",
+          "silent")
 
 REPLAY_PROMPTS: tuple[str, ...] = (
     *(f"In one or two sentences, explain {topic}." for topic in _TOPICS),
     *(f"Give me one short tip for {goal}." for goal in _ADVICE),
     *(f"Write two sentences describing {thing}." for thing in _WRITING),
     *(f"Write a short Python function that {task}." for task in _CODE),
-    *(f"Calculate {a} + {b}." for a, b in _SUMS),
-    *(f"Calculate {a} multiplied by {b}." for a, b in _PRODUCTS),
+    *_QUESTIONS,
+    *(f"Add {a} and {b}." for a, b in _SUMS),
+    *(f"Subtract {b} from {a}." for a, b in _DIFFERENCES),
+    *(f"Multiply {a} by {b}." for a, b in _PRODUCTS),
+    *_INSTRUCTIONS,
     *(f"What does the word '{word}' mean?" for word in _WORDS),
     *(f"Use the word '{word}' in a sentence." for word in _WORDS),
 )
