@@ -28,6 +28,11 @@ def test_method_names_and_rank_scaling():
     assert by["qlora-r8"].overrides == {"method": "qlora-nf4", "rank": 8, "lora_alpha": 16.0}
     assert by["qlora-int8"].overrides == {"method": "qlora-int8"}
 
+    # a full fine-tune has no frozen base to hold replayed answers to: it replays them with ce
+    entries = parse_entries("full,lora", {"replay_ratio": 0.4, "replay_loss": "kl"})
+    kl = {e.label: e.overrides for e in entries}
+    assert kl == {"full": {"method": "full", "replay_loss": "ce"}, "lora": {"method": "lora"}}
+
 
 @pytest.mark.parametrize("text", ["lora-r", "dora", "full-r8", "lora,lora"])
 def test_unknown_or_repeated_method_lists_valid_names(text):

@@ -49,6 +49,8 @@ def parse_entries(text: str | list[str], base: dict[str, Any], shots: int = 3,
             continue
         method = {"qlora": "qlora-nf4"}.get(match["method"], match["method"])
         overrides: dict[str, Any] = {"method": method, **(method_overrides or {}).get(method, {})}
+        if method == "full" and base.get("replay_loss") == "kl":
+            overrides["replay_loss"] = "ce"  # no frozen base under a full fine-tune to diverge from
         if match["rank"]:
             if method == "full":
                 bad.append(name)

@@ -14,6 +14,8 @@ instruction), the body runs that prefix once for the whole batch instead of once
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -154,7 +156,7 @@ def supervised_loss(
     rows = hidden[:, :-1][learned]  # [N, H]: only positions whose next token carries loss
     wanted = targets[learned]  # [N]
     n = int(wanted.numel())
-    if n == 0 and kept is None:
+    if n == 0 and (kept is None or not bool(kept.any())):
         return hidden.sum() * 0.0, 0
     total = hidden.new_zeros((), dtype=torch.float32)
     head = output_head(model)
@@ -177,7 +179,8 @@ def supervised_loss(
 
 
 def _divergence_from_base(model: nn.Module, batch: dict[str, torch.Tensor], replayed: torch.Tensor,
-                          rows: torch.Tensor, positions: torch.Tensor, logits_of, chunk_size: int,
+                          rows: torch.Tensor, positions: torch.Tensor,
+                          logits_of: Callable[[torch.Tensor], torch.Tensor], chunk_size: int,
                           share_prefix: bool) -> torch.Tensor:
     """Sum over the replayed rows' supervised positions of KL(base || model), where `rows` are the model's
     hidden states there ([N, H], in the row-major order of `positions`, their [R, T-1] mask within the
