@@ -141,6 +141,17 @@ def test_training_with_replay_mixes_the_cached_base_answers_in(tmp_path, monkeyp
     assert replay["ratio"] == 0.2 and replay["mixed_in"] == 9  # 36 training examples + 9 = 45: 9 / 45 = 0.2
     assert json.loads((run / "summary.json").read_text())["data"]["train"]["n_in"] == 45
 
+    # the user's own prompts, from a file, are answered and replayed instead
+    prompts = ("Name a river in Africa.", "Write a limerick about a goat.")
+    (tmp_path / "mine.txt").write_text("\n".join(prompts))
+    replay_cache_file(model, prompts, REPLAY_MAX_NEW_TOKENS).write_text(
+        "".join(json.dumps({"prompt": p, "answer": "ok", "finished": True}) + "\n" for p in prompts))
+    config = load_config(model=str(model_dir), data=str(data), out=str(tmp_path / "mine"), max_steps=1,
+                         batch_size=4, rank=2, progress=False, num_threads=1, replay_ratio=0.2,
+                         replay_prompts=str(tmp_path / "mine.txt"), replay_loss="kl")
+    replay = json.loads((train(config) / "summary.json").read_text())["replay"]
+    assert replay["reused"] and replay["prompts"] == 2 and replay["kept"] == 2
+
 
 # ----- the off-task check --------------------------------------------------------------------------------
 
@@ -156,3 +167,36 @@ def test_off_task_counts_general_answers_in_the_task_shape():
     retention = {"items": [{"answer": '{"intent":"other","order_id":null,"product":null}'},
                            {"answer": "Paris"}, {"answer": 'x = {"a": 1}'}, {"answer": "4"}]}
     assert off_task(retention, fields) == {"n": 4, "count": 1, "rate": 0.25, "fields": list(fields)}
+
+
+def test_replay_prompts_from_a_file_skip_blanks_and_comments_and_refuse_retention_prompts(tmp_path):
+    from tailor.data import DataError
+    from tailor.train.replay import load_replay_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("# general prompts\nName a river in Africa.\n\n  Write a limerick about a goat.  \n")
+    assert load_replay_prompts(path) == ("Name a river in Africa.", "Write a limerick about a goat.")
+    path.write_text("Name a river in Africa.\nwhat is the capital of France\n")
+    with pytest.raises(DataError, match=r"prompts.txt:2: 'what is the capital of France' is a prompt of the "
+                                        r"retention set.*Fix: remove the line"):
+        load_replay_prompts(path)
+    path.write_text("# nothing\n\n")
+    with pytest.raises(DataError, match="holds no prompt"):
+        load_replay_prompts(path)
+    with pytest.raises(DataError, match="missing.txt: cannot be read"):
+        load_replay_prompts(tmp_path / "missing.txt")
+
+
+def test_training_refuses_a_bad_replay_prompt_file_before_loading_the_model(tmp_path):
+    from tailor.config import ConfigError
+    from tailor.data import DataError
+    from tailor.train import load_config, train
+
+    with pytest.raises(ConfigError, match="replay_prompts: given, and replay_ratio is 0"):
+        load_config(data="builtin:support", replay_prompts="p.txt")
+    (tmp_path / "p.txt").write_text("What is 2 + 2?\n")
+    config = load_config(model=str(tmp_path / "no-model"), data="builtin:support", out=str(tmp_path / "run"),
+                         replay_ratio=0.2, replay_prompts=str(tmp_path / "p.txt"))
+    with pytest.raises(DataError, match="p.txt:1: 'What is 2 \\+ 2\\?' is a prompt of the retention set"):
+        train(config)
+    assert not (tmp_path / "run").exists()

@@ -92,6 +92,9 @@ class TrainConfig:
     replay_ratio: float = 0.0
     """Share of training examples that replay the base model's own answers to general prompts, so it keeps
     answering them as before (self-distillation; answers generated once and cached; 0: off)."""
+    replay_prompts: str | None = None
+    """Text file of general prompts to replay, one per line (blank lines and lines opening with # skipped);
+    default: the built-in ones (tailor.train.replay.REPLAY_PROMPTS)."""
     replay_loss: str = "ce"
     """How replayed answers are learned: ce (cross-entropy on the base model's answer tokens) or kl (the
     KL divergence from the base model's whole next-token distribution at each answer token, computed with
@@ -248,6 +251,9 @@ class TrainConfig:
             p.append("replay_loss: kl runs the base model on the replayed rows of each process's own batch, "
                      "and fsdp needs every process to make the same passes; use strategy ddp or "
                      "replay_loss ce")
+        if self.replay_prompts and not self.replay_ratio:
+            p.append("replay_prompts: given, and replay_ratio is 0, so nothing is replayed; set replay_ratio "
+                     "(e.g. 0.4) or leave replay_prompts out")
         if self.replay_loss == "kl" and not self.replay_ratio:
             p.append("replay_loss: kl applies to replayed examples, and replay_ratio is 0; set replay_ratio "
                      "(e.g. 0.4) or leave replay_loss out")

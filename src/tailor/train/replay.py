@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,43 @@ REPLAY_PROMPTS: tuple[str, ...] = (
     *(f"What does the word '{word}' mean?" for word in _WORDS),
     *(f"Use the word '{word}' in a sentence." for word in _WORDS),
 )
+
+
+def load_replay_prompts(path: str | Path) -> tuple[str, ...]:
+    """The prompts of a text file, one per line; blank lines and lines opening with # are skipped.
+
+    Raises:
+        DataError: the file is missing or holds no prompt, or a line is a prompt of the retention set
+            (retention would then measure what was trained on).
+    """
+    from tailor.data import DataError, DataIssue
+    from tailor.eval.retention import RETENTION_ITEMS
+
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(DataIssue(str(path), f"cannot be read as UTF-8 text ({error})",
+                                  "give a text file with one general prompt per line")) from None
+    held_out = {_normal(item.prompt) for item in RETENTION_ITEMS}
+    prompts, issues = [], []
+    for number, line in enumerate(lines, start=1):
+        prompt = line.strip()
+        if not prompt or prompt.startswith("#"):
+            continue
+        if _normal(prompt) in held_out:
+            issues.append(DataIssue(str(path), f"{prompt!r} is a prompt of the retention set, which must "
+                                    "stay unseen in training", "remove the line or reword it", line=number))
+        prompts.append(prompt)
+    if issues:
+        raise DataError(issues)
+    if not prompts:
+        raise DataError(DataIssue(str(path), "holds no prompt", "write one general prompt per line"))
+    return tuple(prompts)
+
+
+def _normal(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
 
 
 def replay_cache_dir() -> Path:
@@ -176,5 +214,5 @@ def mix_replay(train: list[Example], replay: list[Example], ratio: float) -> lis
     return [*train, *(replay[i % len(replay)] for i in range(n_replay))]
 
 
-__all__ = ["REPLAY_MAX_NEW_TOKENS", "REPLAY_PROMPTS", "mix_replay", "model_fingerprint", "replay_cache_dir",
-           "replay_cache_file", "replay_examples"]
+__all__ = ["REPLAY_MAX_NEW_TOKENS", "REPLAY_PROMPTS", "load_replay_prompts", "mix_replay",
+           "model_fingerprint", "replay_cache_dir", "replay_cache_file", "replay_examples"]

@@ -123,6 +123,10 @@ def check_before_training(config: TrainConfig) -> tuple[list, list]:
     config.validate()
     get_method(config.method)
     check_run_dir(config.run_dir(), config.resume)
+    if config.replay_prompts:
+        from tailor.train.replay import load_replay_prompts
+
+        load_replay_prompts(config.replay_prompts)
     return load_data(config)  # bad data stops the run here: before the model load, nothing written
 
 
@@ -137,9 +141,10 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
     data_record = data_fingerprint(config, examples)
     replay_record = None
     if config.replay_ratio > 0:  # the base model's own answers, mixed in (tailor.train.replay)
-        from tailor.train.replay import mix_replay, replay_examples
+        from tailor.train.replay import REPLAY_PROMPTS, load_replay_prompts, mix_replay, replay_examples
 
-        replayed, replay_record = replay_examples(config.model, device=config.device)
+        prompts = load_replay_prompts(config.replay_prompts) if config.replay_prompts else REPLAY_PROMPTS
+        replayed, replay_record = replay_examples(config.model, prompts, device=config.device)
         examples = (mix_replay(examples[0], replayed, config.replay_ratio), examples[1])
         mixed_in = len(examples[0]) - data_record["examples"]["train"]
         replay_record.update(ratio=config.replay_ratio, mixed_in=mixed_in)
