@@ -209,3 +209,42 @@ def test_bad_input_with_nproc_stops_before_any_process_starts(tmp_path, argument
     assert text.startswith("error:") and expected in text and "Traceback" not in text
     assert not out.exists()  # nothing written
     assert time.monotonic() - started < 5  # refused here: no process was started, no model loaded
+
+
+def test_kl_replay_in_two_processes_follows_one_process(tmp_path, monkeypatch):
+    """replay_loss kl under DDP: each process runs the base model on the replayed rows of its own share of
+    the batch, and together they take the loss and the step of one process with the whole batch."""
+    from tailor.models import load_model, parse_dtype
+    from tailor.train.replay import REPLAY_MAX_NEW_TOKENS, replay_cache_file
+
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))  # for this process and the launched ones
+    model_dir = tiny_model_dir(tmp_path / "model")
+    data = write_arithmetic_jsonl(tmp_path / "train.jsonl", n=40)
+    prompts = ("Name a river.", "Say something kind.", "Count to three.", "Name a tree.")
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts))
+    model, _ = load_model(str(model_dir), dtype=parse_dtype("auto"))
+    answers = replay_cache_file(model, prompts, REPLAY_MAX_NEW_TOKENS)
+    answers.parent.mkdir(parents=True)
+    answers.write_text("".join(json.dumps({"prompt": p, "answer": f"a plain answer {i} " * (i + 1),
+                                           "finished": True}) + "\n" for i, p in enumerate(prompts)))
+    replay = {"replay_ratio": 0.5, "replay_prompts": str(prompt_file), "replay_loss": "kl"}  # 64 examples
+    ddp = _tailor_nproc(*_settings(model_dir, data, tmp_path / "ddp", 2), "--precision", "fp32",
+                        *(f"--{key.replace('_', '-')}={value}" for key, value in replay.items()))
+    before = torch.get_num_threads()
+    train(load_config(model=str(model_dir), data=str(data), out=str(tmp_path / "one"), max_steps=STEPS,
+                      batch_size=4, rank=4, lora_alpha=8.0, lr=3e-3, save_every=5, eval_every=10,
+                      val_fraction=0.2, progress=False, num_threads=1, precision="fp32", share_prefix=False,
+                      **replay))
+    torch.set_num_threads(before)
+    _, stderr = ddp.communicate(timeout=300)
+    assert ddp.returncode == 0, stderr[-3000:]
+    ours, theirs = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "one")
+    assert [m["tokens"] for m in ours] == [m["tokens"] for m in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    reference = _adapter(tmp_path / "one")
+    for key, value in _adapter(tmp_path / "ddp").items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=5e-4, msg=key)
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["replay"]["reused"] and summary["replay"]["kept"] == 4 and summary["processes"] == 2
