@@ -40,6 +40,19 @@ def test_report_without_eval(tmp_path):
     assert "| train | 10 | 9 | 1 | 1 | 900 | 300 |" in text
     assert "72 tokens/s" in text and "1,000 (1.00% of 100,000)" in text and "4.1 MiB" in text
     assert "Base vs tuned" not in text
+    assert "replay_loss" not in text  # no replay in this run
+
+
+def test_report_names_the_replay(tmp_path):
+    run = _run_dir(tmp_path, with_eval=False)
+    save_config(TrainConfig(data="builtin:support", name="demo", replay_ratio=0.4, replay_loss="kl"),
+                run / "config.yaml")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["replay"] = {"prompts": 168, "kept": 159, "reused": True, "ratio": 0.4, "mixed_in": 6}
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = render_report(run)
+    assert "| replay_ratio | `0.400` |" in text and "| replay_loss | `kl` |" in text
+    assert "| replay_prompts | `built-in`: 159 of 168 answers kept |" in text
 
 
 def test_report_with_eval(tmp_path):

@@ -87,6 +87,12 @@ def render_report(run_dir: Path) -> str:
     out = [f"# tailor run: {name}", ""]
 
     settings = [[k, f"`{_fmt(config.get(k))}`"] for k in CONFIG_KEYS if k in config]
+    replay = summary.get("replay")
+    if config.get("replay_ratio") and replay:
+        settings += [["replay_ratio", f"`{_fmt(config['replay_ratio'])}`"],
+                     ["replay_loss", f"`{config.get('replay_loss', 'ce')}`"],
+                     ["replay_prompts", f"`{config.get('replay_prompts') or 'built-in'}`: "
+                                        f"{replay['kept']} of {replay['prompts']} answers kept"]]
     out += ["## Setup", "", *_table(["setting", "value"], settings), ""]
 
     data = summary.get("data") or {}
