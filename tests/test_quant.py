@@ -204,6 +204,29 @@ def test_qlora_training_reduces_the_loss(kind, tmp_path):
         not p.requires_grad for k, m in quantized_layers(model).items() for p in m.parameters())
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_kl_replay_holds_the_model_to_the_quantized_base(kind, ids):
+    """replay_loss kl on a quantized base: the base it diverges from is the packed model, adapter off."""
+    model = prepared(kind)
+    with torch.no_grad():  # an adapter that has moved the model well away from the base
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(5)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "replayed": torch.tensor([True, True])}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_sum, n = supervised_loss(model, batch, replay_loss="kl")
+        tuned = model(ids).logits[:, :-1].float()
+        with torch.no_grad(), disable_adapters(model):
+            base = model(ids).logits[:, :-1].float()
+    kept = labels[:, 1:] != -100
+    kl = F.kl_div(tuned[kept].log_softmax(-1), base[kept].log_softmax(-1), log_target=True, reduction="sum")
+    assert n == int(kept.sum()) and kl > 0.1
+    torch.testing.assert_close(loss_sum, kl, rtol=2e-2, atol=1e-3)
+
+
 def test_trainable_parameters_equal_lora_and_total_counts_the_unpacked_weights(tmp_path):
     lora = get_method("lora").prepare(tiny_llama(), train_config(tmp_path, "nf4", method="lora"))
     for kind in KINDS:
