@@ -91,6 +91,7 @@ def test_compare_runs_each_method_and_reports(tmp_path):
                     "frozen_weight_bytes", "trainable_params", "artifact_bytes", "cost_usd"):
             assert row[key] is not None, (name, key)
         assert row["n"] == 6
+        assert row["off_task"] is None  # plain-text answers: no task format to answer in
     lora = rows["lora-r2"]
     adapter = tmp_path / "report" / "lora-r2" / "run" / "adapter"
     assert lora["artifact_bytes"] == directory_size(adapter) > 0

@@ -32,8 +32,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     from tailor.config import load_config
     from tailor.data import load_examples
-    from tailor.eval import evaluate_model, retention_check
+    from tailor.eval import evaluate_model, retention_check, split_prompt_and_reference
     from tailor.eval.prompting import pick_shots, with_shots
+    from tailor.eval.retention import off_task
+    from tailor.eval.structured import task_fields
     from tailor.methods import get_method
     from tailor.models import load_model, parse_dtype
     from tailor.train import train
@@ -69,8 +71,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         kept = retention_check(model, tokenizer, batch_size=job.get("batch_size", 16))
     for key in ("n", "field_accuracy", "exact_match", "json_valid", "val_loss", "per_field"):
         result[key] = metrics.get(key)
+    fields = task_fields(split_prompt_and_reference(examples)[1]) if examples else None
     result.update(retention=kept["accuracy"], eval_seconds=round(time.perf_counter() - started, 1),
-                  samples=metrics["samples"][:2])
+                  off_task=off_task(kept, fields)["rate"] if fields else None, samples=metrics["samples"][:2])
     if entry["method"] is None:
         result["peak_rss_bytes"] = int(peak_memory()["peak_rss_mib"] * 2**20)
     return result

@@ -17,6 +17,7 @@ COLUMNS = (  # (key, header, format)
     ("field_accuracy", "field acc.", "{:.3f}"),
     ("exact_match", "exact match", "{:.3f}"),
     ("retention", "retention", "{:.2f}"),
+    ("off_task", "off-task", "{:.2f}"),  # general prompts answered in the task's format (JSON tasks)
     ("val_loss", "val loss", "{:.3f}"),
     ("train_seconds", "train s", "{:.0f}"),
     ("tokens_per_s", "tokens/s", "{:.0f}"),
