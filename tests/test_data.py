@@ -367,5 +367,5 @@ def test_collate_marks_replayed_rows_only_when_there_are_some():
 
     task = TokenizedExample([1, 2, 3], [-100, 2, 3], "train.jsonl:4")
     replayed = TokenizedExample([4, 5], [-100, 5], "replay:7")
-    assert "replayed" not in collate([task, task], pad_id=0)
-    assert collate([task, replayed], pad_id=0)["replayed"].tolist() == [False, True]
+    assert "replay_index" not in collate([task, task], pad_id=0)
+    assert collate([task, replayed], pad_id=0)["replay_index"].tolist() == [-1, 7]

@@ -215,7 +215,7 @@ def test_kl_replay_holds_the_model_to_the_quantized_base(kind, ids):
     labels = ids.clone()
     labels[:, :4] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-             "replayed": torch.tensor([True, True])}
+             "replay_index": torch.tensor([0, 1])}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_sum, n = supervised_loss(model, batch, replay_loss="kl")
         tuned = model(ids).logits[:, :-1].float()

@@ -155,7 +155,7 @@ def test_kl_replay_loss_is_ce_on_task_rows_plus_kl_from_the_base_on_replayed_row
     from tailor.lora import disable_adapters
 
     model = _lora_llama()
-    batch = {**_batch(), "replayed": torch.tensor([False, True, True])}
+    batch = {**_batch(), "replay_index": torch.tensor([-1, 0, 1])}
     loss_sum, n = supervised_loss(model, batch, chunk_size=5, replay_loss="kl")
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
@@ -163,8 +163,8 @@ def test_kl_replay_loss_is_ce_on_task_rows_plus_kl_from_the_base_on_replayed_row
     with torch.no_grad(), disable_adapters(model):
         base = model(**inputs).logits[:, :-1].float()
     supervised = batch["labels"][:, 1:] != -100
-    task = supervised & ~batch["replayed"][:, None]
-    kept = supervised & batch["replayed"][:, None]
+    task = supervised & ~(batch["replay_index"] >= 0)[:, None]
+    kept = supervised & (batch["replay_index"] >= 0)[:, None]
     ce = torch.nn.functional.cross_entropy(logits[task], batch["labels"][:, 1:][task], reduction="sum")
     p_base = base[kept].softmax(-1)
     kl = (p_base * (base[kept].log_softmax(-1) - logits[kept].log_softmax(-1))).sum()
@@ -185,9 +185,37 @@ def test_kl_replay_loss_is_ce_on_task_rows_plus_kl_from_the_base_on_replayed_row
     torch.testing.assert_close(plain, supervised_loss(model, _batch(), chunk_size=5)[0])
 
 
+def test_kl_replay_reads_the_base_hidden_states_of_known_answers_from_the_cache():
+    from tailor.loss.supervised import BaseHiddenCache
+
+    model = _lora_llama()
+    batch = {**_batch(), "replay_index": torch.tensor([-1, 4, 9])}
+    fresh, _ = supervised_loss(model, batch, chunk_size=5, replay_loss="kl")
+    cache = BaseHiddenCache()
+    first, _ = supervised_loss(model, batch, chunk_size=5, replay_loss="kl", base_cache=cache)
+    supervised = batch["labels"][:, 1:] != -100
+    assert set(cache.rows) == {4, 9}
+    assert [len(cache.rows[i]) for i in (4, 9)] == supervised[1:].sum(1).tolist()
+    torch.testing.assert_close(first, fresh)
+    # one answer known, one new (the same text under another index): read one, compute the other
+    again, _ = supervised_loss(model, {**batch, "replay_index": torch.tensor([-1, 4, 5])}, chunk_size=5,
+                               replay_loss="kl", base_cache=cache)
+    torch.testing.assert_close(again, fresh)
+    assert set(cache.rows) == {4, 5, 9}
+    # it is read: a spoiled entry changes the loss
+    cache.rows[4] = 10 * torch.randn(cache.rows[4].shape, generator=torch.Generator().manual_seed(0))
+    spoiled, _ = supervised_loss(model, batch, chunk_size=5, replay_loss="kl", base_cache=cache)
+    assert abs(float(spoiled - fresh)) > 0.1
+    # past its budget it keeps nothing and the loss is the same
+    small = BaseHiddenCache(max_bytes=0)
+    kept_nothing, _ = supervised_loss(model, batch, chunk_size=5, replay_loss="kl", base_cache=small)
+    torch.testing.assert_close(kept_nothing, fresh)
+    assert not small.rows and small.bytes == 0
+
+
 def test_kl_replay_loss_is_zero_with_zero_gradient_while_the_adapter_is_untouched():
     model = add_lora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    batch = {**_batch(), "replayed": torch.tensor([True, True, True])}
+    batch = {**_batch(), "replay_index": torch.tensor([0, 1, 2])}
     loss_sum, n = supervised_loss(model, batch, replay_loss="kl")
     assert n > 0 and abs(float(loss_sum.detach())) < 1e-5
     loss_sum.backward()

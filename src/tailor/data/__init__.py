@@ -9,7 +9,7 @@
 
 from tailor.data.batching import batch_indices, collate, split_examples
 from tailor.data.errors import DataError, DataIssue
-from tailor.data.example import REPLAY_SOURCE, Example, is_replayed
+from tailor.data.example import REPLAY_SOURCE, Example, replay_index
 from tailor.data.load import FORMATS, detect_format, load_examples
 from tailor.data.tokenize import (
     FALLBACK_CHAT_TEMPLATE,
@@ -22,6 +22,6 @@ from tailor.data.tokenize import (
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE", "FORMATS", "IGNORE_INDEX", "REPLAY_SOURCE", "DataError", "DataIssue", "Example",
-    "TokenizeStats", "TokenizedExample", "batch_indices", "collate", "detect_format", "is_replayed",
-    "load_examples", "render_chat", "split_examples", "tokenize_examples",
+    "TokenizeStats", "TokenizedExample", "batch_indices", "collate", "detect_format", "load_examples",
+    "render_chat", "replay_index", "split_examples", "tokenize_examples",
 ]

@@ -7,7 +7,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from tailor.data.example import is_replayed
+from tailor.data.example import replay_index
 from tailor.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 __all__ = ["batch_indices", "collate", "split_examples"]
@@ -66,7 +66,8 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
     """Right-pad a batch. Returns input_ids, attention_mask, labels: (batch, max_len) int64 tensors.
 
     Padding positions get pad_id, attention 0 and label IGNORE_INDEX (-100). When some rows replay the
-    base model's own answers (is_replayed), `replayed` is added: a (batch,) bool tensor marking them.
+    base model's own answers, `replay_index` is added: a (batch,) int64 tensor, each row's replayed answer
+    (tailor.data.replay_index), -1 for the other rows.
     """
     if not examples:
         raise ValueError("collate needs at least one example.")
@@ -80,7 +81,7 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
         labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
         attention_mask[row, :n] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    replayed = [is_replayed(getattr(example, "source", "")) for example in examples]
-    if any(replayed):
-        batch["replayed"] = torch.tensor(replayed)
+    replayed = [replay_index(getattr(example, "source", "")) for example in examples]
+    if max(replayed) >= 0:
+        batch["replay_index"] = torch.tensor(replayed)
     return batch

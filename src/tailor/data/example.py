@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["REPLAY_SOURCE", "Example", "is_replayed"]
+__all__ = ["REPLAY_SOURCE", "Example", "replay_index"]
 
 REPLAY_SOURCE = "replay"  # source "replay:<index>": a replayed base-model answer (tailor.train.replay)
 
 
-def is_replayed(source: str) -> bool:
-    """Whether an example with this `source` replays the base model's own answer."""
-    return source.startswith(f"{REPLAY_SOURCE}:")
+def replay_index(source: str) -> int:
+    """Which replayed base-model answer an example with this `source` holds ("replay:7" -> 7); -1 for an
+    example that replays none."""
+    prefix = f"{REPLAY_SOURCE}:"
+    return int(source[len(prefix):]) if source.startswith(prefix) else -1
 
 
 @dataclass

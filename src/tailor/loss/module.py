@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tailor.loss.supervised import supervised_loss
+from tailor.loss.supervised import BaseHiddenCache, supervised_loss
 
 
 class CausalLMLoss(nn.Module):
@@ -27,7 +27,9 @@ class CausalLMLoss(nn.Module):
         self.chunk_size = chunk_size
         self.share_prefix = share_prefix
         self.replay_loss = replay_loss
+        self.base_cache = BaseHiddenCache()  # replay_loss kl: the base's hidden states of replayed answers
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        loss_sum, n = supervised_loss(self.model, batch, self.chunk_size, self.share_prefix, self.replay_loss)
+        loss_sum, n = supervised_loss(self.model, batch, self.chunk_size, self.share_prefix, self.replay_loss,
+                                      self.base_cache)
         return loss_sum, torch.tensor(n, dtype=torch.int64)
