@@ -143,3 +143,29 @@ def test_computed_share_counts_a_shared_prefix_once(bench):
     counts = {"n_body": 1000, "n_head": 500, "n_lora": 10}
     assert bench.flops_per_token(counts, 0.4, full=False, computed_share=0.5) == (
         4 * 500 + 4 * 0.4 * 500 + 6 * 5)
+
+
+def test_replay_kl_benchmark_times_each_loss_and_the_cache_changes_no_value():
+    from conftest import VOCAB, tiny_llama
+
+    from tailor.lora import LoraConfig, add_lora
+
+    path = BENCHMARK.parent / "replay_kl_step.py"
+    spec = importlib.util.spec_from_file_location("replay_kl_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = add_lora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "replay_index": torch.tensor([0, 1, 2])}
+    results = module.measure(model, batch, rounds=2)
+    assert list(results) == ["ce", "kl", "kl cached"]
+    assert all(r["min_s"] > 0 and r["median_s"] >= r["min_s"] for r in results.values())
+    kl = results["kl"]["loss"]
+    assert kl > 0.01 and results["kl cached"]["loss"] == pytest.approx(kl)

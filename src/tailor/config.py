@@ -98,7 +98,7 @@ class TrainConfig:
     replay_loss: str = "ce"
     """How replayed answers are learned: ce (cross-entropy on the base model's answer tokens) or kl (the
     KL divergence from the base model's whole next-token distribution at each answer token, computed with
-    the adapter switched off; LoRA methods only, one more forward pass over the replayed rows)."""
+    the adapter switched off; LoRA methods only)."""
     # --- where -----------------------------------------------------------------------------------------
     out: str | None = None
     """Run directory; default runs/<name>."""
