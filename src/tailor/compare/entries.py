@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tailor.config import method_spec
+
 PROMPTING = ("zero-shot", "few-shot")
 _TRAINED = re.compile(r"^(?P<method>full|lora|qlora|qlora-nf4|qlora-int8)(?:-r(?P<rank>\d+))?$")
 VALID_FORMS = "zero-shot, few-shot, full, lora[-rN], qlora[-rN], qlora-nf4[-rN], qlora-int8[-rN]"
@@ -49,7 +51,7 @@ def parse_entries(text: str | list[str], base: dict[str, Any], shots: int = 3,
             continue
         method = {"qlora": "qlora-nf4"}.get(match["method"], match["method"])
         overrides: dict[str, Any] = {"method": method, **(method_overrides or {}).get(method, {})}
-        if method == "full" and base.get("replay_loss") == "kl":
+        if method_spec(method).trains_all_weights and base.get("replay_loss") == "kl":
             overrides["replay_loss"] = "ce"  # no frozen base under a full fine-tune to diverge from
         if match["rank"]:
             if method == "full":
