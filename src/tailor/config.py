@@ -17,7 +17,7 @@ from tailor.files import atomic_write_text
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # == tailor.models.DEFAULT_MODEL (kept here: no import cycle)
 
 SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")  # == tailor.hardware.PRECISION_CHOICES (no torch here)
 OVERFLOWS = ("truncate", "drop")
 FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
 STRATEGIES = ("ddp", "fsdp")
@@ -40,9 +40,9 @@ class MethodSpec:
 METHOD_SPECS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("lora", "low-rank adapter on a frozen base (bf16 base, fp32 adapter)", False, None, 2e-4,
+        MethodSpec("lora", "low-rank adapter on a frozen base (fp32 adapter)", False, None, 2e-4,
                    "adapter"),
-        MethodSpec("full", "every weight trainable (fp32 master weights, bf16 compute)", True, None, 2e-5,
+        MethodSpec("full", "every weight trainable (fp32 master weights)", True, None, 2e-5,
                    "model"),
         MethodSpec("qlora-nf4", "low-rank adapter on a 4-bit NF4 frozen base (bitsandbytes)", False, 4, 2e-4,
                    "adapter"),
@@ -149,8 +149,9 @@ class TrainConfig:
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
     # --- speed / memory --------------------------------------------------------------------------------
-    precision: str = "bf16"
-    """bf16: frozen base stored in bf16, compute in bf16 autocast, trainable weights fp32; fp32: all fp32."""
+    precision: str = "auto"
+    """auto: bf16 where the device computes it natively, else fp32 (tailor env says which); bf16: frozen base
+    stored in bf16, compute in bf16 autocast, trainable weights fp32; fp32: all fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (about 30% slower)."""
     loss_chunk_size: int = 1024
@@ -400,9 +401,11 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
     return values
 
 
-def save_config(config: TrainConfig, path: Path) -> None:
-    """Write the resolved config as YAML, atomically."""
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+def save_config(config: TrainConfig, path: Path, note: str | None = None) -> None:
+    """Write the resolved config as YAML, atomically; `note` goes above it as a comment (why a value was
+    resolved so)."""
+    comment = "".join(f"# {line}\n" for line in note.splitlines()) if note else ""
+    atomic_write_text(path, comment + yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 # ------------------------------------------------------------------------------------------------------

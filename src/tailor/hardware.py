@@ -47,6 +47,14 @@ def fast_dtype(device: str | None = None) -> torch.dtype:
     return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
+def precision_for(requested: str, device: str | None = None) -> str:
+    """The precision that runs for `requested` on `device`: auto -> bf16 where bf16 is native, else fp32;
+    bf16 and fp32 as given. No warning (`resolve_precision` is the one call that reports)."""
+    if requested == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return requested
+
+
 @dataclass(frozen=True)
 class Precision:
     """A training precision as resolved on one device: what was asked, what runs, and why."""
@@ -83,7 +91,7 @@ def resolve_precision(requested: str, device: str | None = None) -> Precision:
         why = f"{where}: no bf16 support"
     else:
         why = f"{where}: no native bf16 (no AVX512-BF16/AMX), fp32 matmuls are ~100x faster here"
-    resolved = requested if requested != "auto" else ("bf16" if native else "fp32")
+    resolved = precision_for(requested, device)
     reason = f"auto -> {resolved}: {why}" if requested == "auto" else f"{requested}, as configured; {why}"
     if resolved == "bf16" and not native:
         slower = _bf16_slowdown() if kind == "cpu" else None
@@ -120,4 +128,4 @@ def _synchronize(device: str) -> None:
 
 
 __all__ = ["PRECISION_CHOICES", "Precision", "cpu_capability", "default_device", "fast_dtype",
-           "matmul_gflops", "native_bf16", "resolve_precision"]
+           "matmul_gflops", "native_bf16", "precision_for", "resolve_precision"]

@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from tailor.hardware import precision_for
 from tailor.loss.module import CausalLMLoss
 from tailor.loss.supervised import supervised_loss
 
@@ -19,9 +20,10 @@ class Tokenized(Protocol):
 
 
 def compute_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast: matmuls run in bf16 (AMX on this CPU, tensor cores on CUDA) while the fp32
-    trainable weights stay the master copy the optimizer updates."""
-    if precision == "bf16":
+    """bf16 autocast when `precision` is (or auto resolves to) bf16 on `device`: matmuls run in bf16 (native
+    on AVX512-BF16/AMX CPUs and tensor cores) while the fp32 trainable weights stay the master copy the
+    optimizer updates. Nothing for fp32."""
+    if precision_for(precision, device.type) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -37,7 +39,7 @@ def collate_batch(examples: Sequence[Tokenized], pad_id: int,
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, examples: Sequence[Tokenized], batch_size: int, pad_id: int,
-                    precision: str = "bf16", max_batches: int | None = None,
+                    precision: str = "auto", max_batches: int | None = None,
                     chunk_size: int = 1024) -> float | None:
     """Mean token cross-entropy over the supervised tokens of `examples` (None when there are none).
     `model` is a causal LM, or the training module (CausalLMLoss) around one, as FSDP wraps it."""

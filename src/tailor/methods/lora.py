@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tailor.hardware import precision_for
 from tailor.lora import LoraConfig, add_lora, unload_lora
 from tailor.methods.base import TrainingMethod, cast_weights
 
@@ -26,12 +27,13 @@ def lora_config_for(model: nn.Module, config: TrainConfig) -> LoraConfig:
 
 
 class LoraMethod(TrainingMethod):
-    """Precision (why): the frozen base is *stored* in bf16 (half the memory, no per-step weight casts);
-    the adapter weights stay fp32 (they are the optimizer's master copy) and autocast runs their
-    matmuls in bf16."""
+    """Precision (why): in bf16 the frozen base is *stored* in bf16 (half the memory, no per-step weight
+    casts); the adapter weights stay fp32 (they are the optimizer's master copy) and autocast runs their
+    matmuls in bf16. In fp32 (auto where bf16 is not native) everything is fp32: a bf16-stored base
+    upcast per matmul would save memory at a measured cost (benchmarks/precision_paths.py)."""
 
     def adapt(self, model: nn.Module, config: TrainConfig) -> nn.Module:
-        if config.precision == "bf16":
+        if precision_for(config.precision, next(model.parameters()).device.type) == "bf16":
             cast_weights(model, torch.bfloat16)
         add_lora(model, lora_config_for(model, config))
         return model

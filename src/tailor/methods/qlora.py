@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from tailor.hardware import fast_dtype, precision_for
 from tailor.lora import add_lora
 from tailor.methods.base import cast_weights
 from tailor.methods.lora import LoraMethod, lora_config_for
@@ -61,16 +62,19 @@ class QLoraMethod(LoraMethod):
         self.kind = KIND_FOR_BITS[spec.quantized_bits]
         require_bitsandbytes(spec.name)  # fail at get_method, before any data or model is loaded
 
-    def quantize(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-        """`model`'s weights in `dtype` (buffers kept, as LoRA does), then its block linear layers
-        quantized from them (in place, on the model's device)."""
+    def quantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """`model`'s weights in `dtype` (default: bf16 where the model's device computes it natively, else
+        fp32; buffers kept, as LoRA does), then its block linear layers quantized from them (in place, on
+        the model's device), computing in `dtype`."""
         from tailor.quant import quantize_model
 
+        dtype = dtype or fast_dtype(next(model.parameters()).device.type)
         cast_weights(model, dtype)
         return quantize_model(model, self.kind, compute_dtype=dtype)
 
     def adapt(self, model: nn.Module, config: TrainConfig) -> nn.Module:
-        self.quantize(model, torch.bfloat16 if config.precision == "bf16" else torch.float32)
+        bf16 = precision_for(config.precision, next(model.parameters()).device.type) == "bf16"
+        self.quantize(model, torch.bfloat16 if bf16 else torch.float32)
         # LoRA's adapters (fp32) on the quantized layers. Not LoraMethod.adapt: its cast of every parameter
         # would turn the packed integer weights into floats.
         add_lora(model, lora_config_for(model, config))

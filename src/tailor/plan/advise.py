@@ -8,8 +8,9 @@ user's GPU memory.
 
 A recipe is a mapping of TrainConfig fields (tailor.config): `tailor advise --out recipe.yaml` writes it
 and `tailor train recipe.yaml --data ...` runs it as is; `tailor plan recipe.yaml` plans that same run.
-Each recipe is planned the way `tailor train` runs it (TrainConfig precision bf16: for LoRA a bf16 base
-with fp32 adapters, for full fine-tuning fp32 master weights with bf16 compute; torch AdamW).
+Each recipe is planned the way `tailor train` runs it on the recommended GPU (TrainConfig precision auto,
+which is bf16 there: for LoRA a bf16 base with fp32 adapters, for full fine-tuning fp32 master weights with
+bf16 compute; torch AdamW).
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def _recipe(inputs: AdviceInputs, method: str, batch: int, **adapter: object) ->
     """TrainConfig fields of a starting recipe: the method's lr, 16 sequences per step, 2 epochs."""
     return {"model": inputs.model, "method": method, **adapter, "lr": method_spec(method).default_lr,
             "batch_size": batch, "grad_accum": max(1, 16 // batch), "max_seq_len": inputs.max_seq_len,
-            "gradient_checkpointing": True, "precision": "bf16", "epochs": 2.0}
+            "gradient_checkpointing": True, "precision": "auto", "epochs": 2.0}
 
 
 def lora_recipe(inputs: AdviceInputs) -> dict | None:
@@ -220,7 +221,7 @@ def lora_recipe(inputs: AdviceInputs) -> dict | None:
 
 def _full_recipe(inputs: AdviceInputs) -> dict | None:
     """Full fine-tuning as `tailor train --method full` runs it: fp32 master weights with bf16 compute
-    (TrainConfig precision bf16, the planner's bf16-mixed) and torch AdamW."""
+    (TrainConfig precision auto on a GPU: bf16, the planner's bf16-mixed) and torch AdamW."""
     arch = resolve_model(inputs.model)
     for batch in (8, 4, 2, 1):
         recipe = _recipe(inputs, "full", batch)

@@ -126,8 +126,11 @@ def validate(
 def plan_precision(train_precision: str, method: str) -> str:
     """TrainConfig's precision in the planner's terms. Train's bf16 is a bf16 frozen base with fp32
     adapters for adapter methods (planner: bf16, adapter_dtype fp32) and fp32 master weights with bf16
-    autocast for full fine-tuning (planner: bf16-mixed); fp32 is fp32 throughout."""
+    autocast for full fine-tuning (planner: bf16-mixed); fp32 is fp32 throughout. auto is planned as bf16:
+    the planner sizes runs for the GPUs of its price table, all of which compute bf16 natively."""
     spec = METHOD_SPECS.get(method)
+    if train_precision == "auto":
+        train_precision = "bf16"
     if train_precision == "bf16" and spec is not None and spec.trains_all_weights:
         return "bf16-mixed"
     return train_precision

@@ -87,6 +87,10 @@ def render_report(run_dir: Path) -> str:
     out = [f"# tailor run: {name}", ""]
 
     settings = [[k, f"`{_fmt(config.get(k))}`"] for k in CONFIG_KEYS if k in config]
+    precision = summary.get("precision")
+    if precision:  # what ran, and why (precision auto resolves by the device: tailor.hardware)
+        settings = [[k, f"`{precision['resolved']}` ({precision['reason']})" if k == "precision" else v]
+                    for k, v in settings]
     replay = summary.get("replay")
     if config.get("replay_ratio") and replay:
         settings += [["replay_ratio", f"`{_fmt(config['replay_ratio'])}`"],

@@ -25,7 +25,7 @@ DEMO_RECIPE: dict[str, Any] = {
     "lr": 2.0e-3,
     "warmup_steps": 10,
     "schedule": "cosine",
-    "precision": "bf16",
+    "precision": "auto",  # bf16 where native (AVX512-BF16/AMX, CUDA), fp32 otherwise
     "eval_every": 0,
     "eval_batches": 4,
     "save_every": 40,

@@ -13,6 +13,7 @@ Run directory (runs/<name>/ or --out):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -132,10 +133,16 @@ def check_before_training(config: TrainConfig) -> tuple[list, list]:
 
 def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
            extra_hooks: Sequence[Hook]) -> Path:
+    from tailor.hardware import resolve_precision
     from tailor.lora import trainable_parameters
     from tailor.models import load_model
     from tailor.train.plot import plot_losses
 
+    # auto becomes bf16 or fp32 here, once: config.yaml, the trainer and report.md all see the resolved value
+    precision = resolve_precision(config.precision, device)
+    config = dataclasses.replace(config, precision=precision.resolved)
+    if is_main_process():
+        print(f"precision: {precision.reason}", flush=True)
     method = get_method(config.method)
     run_dir = config.run_dir()
     data_record = data_fingerprint(config, examples)
@@ -162,7 +169,7 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
     model = method.prepare(model, config)
     if main:  # only now, with the data, the model and the method known good, is the run directory written
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        save_config(config, run_dir / "config.yaml", note=f"precision: {precision.reason}")
 
     def save_weights(trained: nn.Module, directory: Path) -> Path:
         return method.save(trained, directory, tokenizer)
@@ -189,7 +196,8 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
             shutil.copytree(best, tmp, dirs_exist_ok=True)
 
     summary = build_summary(config, result, data_stats, trainable, total, out_dir, load_seconds, use_best)
-    summary.update(cpu_seconds=round(cpu_seconds, 1), frozen_weight_bytes=frozen_bytes, replay=replay_record)
+    summary.update(cpu_seconds=round(cpu_seconds, 1), frozen_weight_bytes=frozen_bytes, replay=replay_record,
+                   precision=precision.as_dict())
     if method.spec.deliverable == "adapter":  # the adapter carries what made it (tailor_metadata.json)
         from tailor.adapters.metadata import update_metadata
 
@@ -217,7 +225,6 @@ METADATA_METRICS = ("final_train_loss", "final_val_loss", "best_val_loss", "best
 def data_fingerprint(config: TrainConfig, examples: tuple[list, list]) -> dict[str, Any]:
     """What the run trains on: per source the sha256 of the file's bytes (what `sha256sum FILE` prints),
     or of the examples of a built-in set; `sha256` combines the sources."""
-    import dataclasses
     import hashlib
 
     combined, sources = hashlib.sha256(), []

@@ -1,0 +1,101 @@
+"""precision: auto, resolved by the device (tailor.hardware): the rule, its agreement with a timed matmul on
+this machine, and a training run where config.yaml, report.md, summary.json and the trainer agree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_model_dir, write_arithmetic_jsonl
+
+from tailor import hardware
+from tailor.train import load_config, train
+from tailor.train.hooks import Hook
+
+
+def test_config_defaults_to_auto():
+    assert load_config(data="builtin:support").precision == "auto"
+
+
+@pytest.mark.parametrize(("native", "resolved"), [(False, "fp32"), (True, "bf16")])
+def test_auto_follows_native_bf16(monkeypatch, native, resolved):
+    monkeypatch.setattr(hardware, "native_bf16", lambda device=None: native)
+    precision = hardware.resolve_precision("auto", "cpu")
+    assert (precision.resolved, precision.native_bf16, precision.requested) == (resolved, native, "auto")
+    assert precision.reason.startswith(f"auto -> {resolved}: cpu ({hardware.cpu_capability()}): ")
+    assert ("no native bf16" in precision.reason) is not native
+    assert hardware.fast_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    for explicit in ("bf16", "fp32"):  # an explicit choice is kept
+        assert hardware.precision_for(explicit, "cpu") == explicit
+
+
+def test_the_rule_agrees_with_a_timed_matmul_here():
+    """On this CPU, whatever it is: where the rule says not native, bf16 matmuls are several times slower
+    than fp32 (the fallback kernel); where it says native, not slower than half of fp32's rate."""
+    fp32 = hardware.matmul_gflops(torch.float32, 256, 0.05)
+    bf16 = hardware.matmul_gflops(torch.bfloat16, 256, 0.05)
+    if hardware.native_bf16("cpu"):
+        assert bf16 > 0.5 * fp32, (bf16, fp32)
+    else:
+        assert bf16 < fp32 / 5, (bf16, fp32)
+
+
+def test_explicit_bf16_without_native_warns_with_the_fix(monkeypatch):
+    monkeypatch.setattr(hardware, "native_bf16", lambda device=None: False)
+    with pytest.warns(UserWarning, match=r"no native bf16: its matmuls run .*slower.*--precision auto"):
+        assert hardware.resolve_precision("bf16", "cpu").resolved == "bf16"
+
+
+def test_unknown_precision_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="auto, bf16, fp32"):
+        hardware.resolve_precision("fp8", "cpu")
+    with pytest.raises(ValueError, match="precision: 'fp8' is not one of auto, bf16, fp32"):
+        load_config(data="builtin:support", precision="fp8")
+
+
+class _Dtypes(Hook):
+    """What the trainer computes in: a frozen weight's dtype and whether autocast is on in the forward."""
+
+    def __init__(self) -> None:
+        self.frozen: set[torch.dtype] = set()
+        self.autocast: set[bool] = set()
+
+    def on_start(self, run) -> None:
+        self.frozen = {p.dtype for p in run.model.parameters() if not p.requires_grad}
+        layer = next(m for m in run.model.modules() if type(m).__name__.endswith("DecoderLayer"))
+        layer.register_forward_pre_hook(lambda _m, _a: self.autocast.add(torch.is_autocast_enabled("cpu")))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(("native", "resolved"), [(False, "fp32"), (True, "bf16")])
+def test_train_records_and_runs_the_resolved_precision(tiny_dir, tmp_path, monkeypatch, capsys, native,
+                                                       resolved):
+    monkeypatch.setattr(hardware, "native_bf16", lambda device=None: native)
+    out = tmp_path / "run"
+    config = load_config(model=str(tiny_dir), data=str(write_arithmetic_jsonl(tmp_path / "train.jsonl")),
+                         out=str(out), max_steps=2, batch_size=8, rank=4, progress=False, num_threads=1)
+    assert config.precision == "auto"
+    dtypes = _Dtypes()
+    train(config, extra_hooks=[dtypes])
+
+    reason = hardware.resolve_precision("auto", "cpu").reason
+    assert f"precision: {reason}" in capsys.readouterr().out  # printed once, at the start
+    text = (out / "config.yaml").read_text()
+    assert text.startswith(f"# precision: {reason}\n")
+    assert yaml.safe_load(text)["precision"] == resolved
+    assert load_config(out / "config.yaml").precision == resolved  # the run reloads as it ran
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == {"requested": "auto", "resolved": resolved, "reason": reason,
+                                    "device": "cpu", "cpu_capability": hardware.cpu_capability(),
+                                    "native_bf16": native}
+    assert f"| precision | `{resolved}` ({reason}) |" in (out / "report.md").read_text()
+    assert dtypes.frozen == {torch.bfloat16 if native else torch.float32}
+    assert dtypes.autocast == {native}
