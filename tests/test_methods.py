@@ -10,8 +10,8 @@ from tailor.config import TrainConfig
 from tailor.methods import METHODS, get_method, method_spec
 
 
-def _config(method: str) -> TrainConfig:
-    return TrainConfig(method=method, data="x.jsonl", rank=4, lora_alpha=8.0).validate()
+def _config(method: str, **values) -> TrainConfig:
+    return TrainConfig(method=method, data="x.jsonl", rank=4, lora_alpha=8.0, **values).validate()
 
 
 def test_one_list_of_names_everywhere():
@@ -28,7 +28,7 @@ def test_one_list_of_names_everywhere():
 
 
 def test_lora_trains_only_adapters_on_a_bf16_base_and_keeps_rotary_in_fp32():
-    model = get_method("lora").prepare(tiny_llama(), _config("lora"))
+    model = get_method("lora").prepare(tiny_llama(), _config("lora", precision="bf16"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)

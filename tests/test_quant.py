@@ -21,6 +21,7 @@ from tailor.config import TrainConfig  # noqa: E402
 from tailor.lora import disable_adapters, lora_layers, merge_lora, trainable_parameters  # noqa: E402
 from tailor.loss import collate_batch, supervised_loss, validation_loss  # noqa: E402
 from tailor.methods import get_method  # noqa: E402
+from tailor.methods.base import cast_weights  # noqa: E402
 from tailor.quant import (  # noqa: E402
     MissingDependencyError,
     dequantize_model,
@@ -332,7 +333,8 @@ def test_save_then_attach_on_a_fresh_base_gives_the_same_logits(kind, tmp_path, 
     expected = logits(model, ids)
     method.save(model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    fresh = tiny_llama()  # fp32, as loaded
+    fresh = tiny_llama()
+    cast_weights(fresh, torch.bfloat16)  # loaded in the dtype it trained in (precision bf16; buffers fp32)
     fresh.set_attn_implementation("eager")  # as prepare() set it for training on CPU
     tuned = method.attach(fresh, tmp_path / "adapter")
     assert tuned is fresh and len(quantized_layers(tuned)) == 14

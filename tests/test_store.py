@@ -346,7 +346,7 @@ def test_train_register_records_config_data_hash_and_metrics(tmp_path, monkeypat
     data = write_arithmetic_jsonl(tmp_path / "train.jsonl", n=24)
     config = load_config(model=str(model_dir), data=str(data), out=str(tmp_path / "run"), max_steps=2,
                          batch_size=4, rank=2, lora_alpha=4, progress=False, num_threads=1,
-                         register="support")
+                         register="support", precision="bf16")
     train(config)
     store = AdapterStore()
     assert store.versions("support") == [1]
@@ -355,7 +355,7 @@ def test_train_register_records_config_data_hash_and_metrics(tmp_path, monkeypat
     assert metadata["data"]["examples"] == {"train": 22, "validation": 2}
     assert metadata["train_config"]["register"] == "support" and metadata["train_config"]["rank"] == 2
     assert metadata["metrics"]["steps"] == 2 and "final_val_loss" in metadata["metrics"]
-    assert metadata["precision"]["base_dtype"] == "bfloat16"  # the LoRA recipe stores the base in bf16
+    assert metadata["precision"]["base_dtype"] == "bfloat16"  # LoRA in bf16 stores the base in bf16
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["registered_as"] == "support@1"
     # the registered adapter loads into its base (fp32 here: a dtype warning, no error)
     from tailor.models import load_model

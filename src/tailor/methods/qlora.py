@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from tailor.hardware import fast_dtype, precision_for
+from tailor.hardware import precision_for
 from tailor.lora import add_lora
 from tailor.methods.base import cast_weights
 from tailor.methods.lora import LoraMethod, lora_config_for
@@ -63,12 +63,12 @@ class QLoraMethod(LoraMethod):
         require_bitsandbytes(spec.name)  # fail at get_method, before any data or model is loaded
 
     def quantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        """`model`'s weights in `dtype` (default: bf16 where the model's device computes it natively, else
-        fp32; buffers kept, as LoRA does), then its block linear layers quantized from them (in place, on
-        the model's device), computing in `dtype`."""
+        """`model`'s weights in `dtype` (default: the dtype the model was loaded in, which evaluation picks
+        by the device: tailor.hardware.fast_dtype; buffers kept, as LoRA does), then its block linear layers
+        quantized from them (in place, on the model's device), computing in `dtype`."""
         from tailor.quant import quantize_model
 
-        dtype = dtype or fast_dtype(next(model.parameters()).device.type)
+        dtype = dtype or next(model.parameters()).dtype
         cast_weights(model, dtype)
         return quantize_model(model, self.kind, compute_dtype=dtype)
 
