@@ -100,3 +100,16 @@ def test_train_records_and_runs_the_resolved_precision(tiny_dir, tmp_path, monke
     assert f"| precision | `{resolved}` ({reason}) |" in (out / "report.md").read_text()
     assert dtypes.frozen == {torch.bfloat16 if native else torch.float32}
     assert dtypes.autocast == {native}
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_the_demo_says_which_recipe_it_runs_and_why(monkeypatch, native):
+    from tailor.train.demo import DEMO_RECIPE, FP32_CPU_EVAL_N, FP32_CPU_RECIPE, demo_recipe
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda device=None: native)
+    recipe, eval_n, why = demo_recipe("cpu")
+    if native:
+        assert (recipe, eval_n, why) == (DEMO_RECIPE, None, None)
+    else:
+        assert recipe == {**DEMO_RECIPE, **FP32_CPU_RECIPE} and recipe["precision"] == "auto"
+        assert eval_n == FP32_CPU_EVAL_N and why.startswith("auto -> fp32: cpu (")

@@ -139,7 +139,8 @@ def _launch_processes(nproc: int, config: str | None, overrides: dict) -> None:
 def demo_command(
     out: str = typer.Option("runs/demo", "--out", help="run directory (a previous demo there is replaced)"),
     max_steps: int | None = typer.Option(None, "--max-steps", help="override the recipe's step count"),
-    eval_n: int | None = typer.Option(None, "--eval-n", help="held-out examples to score (default: all)"),
+    eval_n: int | None = typer.Option(None, "--eval-n",
+                                     help="held-out tickets to score (default all; 100 without native bf16)"),
 ) -> None:
     """Train on the built-in support-ticket dataset, then compare base vs tuned on held-out tickets."""
     from tailor.train import ConfigError, NonFiniteLossError

@@ -165,7 +165,7 @@ def replay_cache_file(model: nn.Module, prompts: tuple[str, ...], max_new_tokens
 
 def replay_examples(model_name: str, prompts: tuple[str, ...] = REPLAY_PROMPTS,
                     max_new_tokens: int = REPLAY_MAX_NEW_TOKENS, cache_dir: Path | None = None,
-                    batch_size: int = 16, device: str | None = None) -> tuple[list[Example], dict[str, Any]]:
+                    batch_size: int = 64, device: str | None = None) -> tuple[list[Example], dict[str, Any]]:
     """The base model's greedy answers to `prompts`, as chat Examples (one user turn, one answer).
 
     Loaded from the cache when this model (its weights), these prompts and these settings were answered
