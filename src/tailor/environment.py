@@ -92,11 +92,9 @@ def cache_folders() -> dict[str, dict[str, Any]]:
 def measure_matmuls(device: str, size: int = MATMUL_SIZE, seconds: float = MATMUL_SECONDS
                     ) -> dict[str, float | None]:
     """GFLOPS of a `size` x `size` matmul in each of MATMUL_DTYPES on `device` (None: not supported)."""
-    import torch
-
     from tailor import hardware
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtypes = {name: dtype for dtype, name in hardware.DTYPE_NAMES.items()}
     measured: dict[str, float | None] = {}
     for name in MATMUL_DTYPES:
         try:
@@ -121,7 +119,7 @@ def describe(size: int = MATMUL_SIZE, seconds: float = MATMUL_SECONDS) -> dict[s
         "gpu": torch.cuda.get_device_name(device) if device == "cuda" else None,
         "cpu": {"model": cpu_model(), "capability": hardware.cpu_capability(), "flags": cpu_flags(),
                 "threads": torch.get_num_threads(), "cores": os.cpu_count()},
-        "native_bf16": hardware.native_bf16(device),
+        "native_bf16": precision.native_bf16,
         "precision_auto": {"resolved": precision.resolved, "reason": precision.reason},
         "matmul_gflops": measure_matmuls(device, size, seconds),
         "matmul_size": size,
