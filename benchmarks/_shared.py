@@ -1,5 +1,6 @@
-"""What the training benchmarks share: the recipe's command-line options, device and thread set-up, the
-recipe as a TrainConfig, the data, peak-memory readings, and running one configuration in a child process.
+"""What the benchmarks share: the machine they ran on (every benchmark prints it first and writes it in its
+JSON), and for the training ones the recipe's command-line options, device and thread set-up, the recipe as
+a TrainConfig, the data, peak-memory readings, and running one configuration in a child process.
 
 Imported by the benchmark scripts beside it (`python benchmarks/NAME.py` puts this folder on sys.path).
 """
@@ -18,13 +19,39 @@ from typing import Any
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
+def machine_info(device: str | None = None) -> dict[str, Any]:
+    """The machine a benchmark ran on, as tailor.hardware sees it: torch's CPU capability, whether `device`
+    (default: cuda when available) computes bf16 natively, the precision `auto` resolves to there, torch's
+    threads (call after setting them) and torch's version. A bf16 number from a CPU without native bf16 is
+    ~100x off one with it: every result says which machine it comes from."""
+    import torch
+
+    from tailor import hardware
+
+    precision = hardware.resolve_precision("auto", device)
+    return {"cpu_capability": precision.cpu_capability, "native_bf16": precision.native_bf16,
+            "precision": precision.resolved, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def print_machine(device: str | None = None) -> dict[str, Any]:
+    """Print `machine_info(device)` as one line (a benchmark's first) and return it for the JSON."""
+    info = machine_info(device)
+    print(f"machine: {info['cpu_capability']}, native bf16 {'yes' if info['native_bf16'] else 'no'}, "
+          f"precision auto -> {info['precision']}, {info['threads']} thread{'s' * (info['threads'] != 1)}, "
+          f"torch {info['torch']}",
+          flush=True)
+    return info
+
+
 def add_recipe_args(p: argparse.ArgumentParser, configs: tuple[str, ...], steps: int, train_examples: int,
-                    eval_examples: int, timeout: float, train_examples_help: str = "") -> None:
+                    eval_examples: int, timeout: float, train_examples_help: str = "",
+                    configs_help: str = "") -> None:
     """The options every training benchmark takes: model, data, configurations, steps, the LoRA recipe."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name or local path (tailor.models)")
     p.add_argument("--data", default="builtin:support", help="training data spec (tailor.data)")
     p.add_argument("--configs", default=",".join(configs),
-                   help=f"comma-separated subset of {', '.join(configs)}")
+                   help=f"comma-separated subset of {', '.join(configs)}" + (f" ({configs_help})"
+                                                                             if configs_help else ""))
     p.add_argument("--steps", type=int, default=steps, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     p.add_argument("--batch-size", type=int, default=8)
@@ -72,7 +99,10 @@ def synchronize(device: str) -> None:
 
 
 def train_config(args: argparse.Namespace, method: str, device: str, run_dir: str, share_prefix: bool = True):
-    """The one recipe every configuration follows (PEFT loops read lr/clip/AdamW settings from it)."""
+    """The one recipe every configuration follows (PEFT loops read lr/clip/AdamW settings from it). Its
+    precision is what the trainer's `auto` runs on `device` (bf16 where native, else fp32), given resolved
+    so that the recipe reads the same whichever TrainConfig default and choices are installed."""
+    from tailor.hardware import resolve_precision
     from tailor.train import TrainConfig
 
     return TrainConfig(
@@ -82,6 +112,7 @@ def train_config(args: argparse.Namespace, method: str, device: str, run_dir: st
         lr=args.lr, schedule="constant", warmup_steps=0, seed=args.seed, max_steps=args.warmup + args.steps,
         device=device, num_threads=args.threads, eval_every=0, save_every=0, keep_best=False, progress=False,
         log_every=1, out=run_dir, share_prefix=share_prefix,
+        precision=resolve_precision("auto", device).resolved,
     ).validate()
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (the tests do)
-from _shared import DEFAULT_MODEL  # noqa: E402
+from _shared import DEFAULT_MODEL, print_machine  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -155,6 +155,7 @@ def run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    hardware = print_machine(args.device)  # this process's view; each `tailor train` sets its own threads
     load_before = os.getloadavg()
     results = [run_config(args, name) for name in args.config_list]
     baseline = next((r for r in results if r["config"].startswith("1x") and r["status"] == "ok"), None)
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_path:
         from tailor.files import atomic_write_json
 
-        atomic_write_json(Path(args.json_path), {"machine": machine, "args": vars(args), "results": results})
+        atomic_write_json(Path(args.json_path), {**hardware, "machine": machine, "args": vars(args),
+                                                "results": results})
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 

@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (the tests do)
+from _shared import print_machine  # noqa: E402
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tailor.lora import add_lora_slots
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    machine = print_machine("cpu")
     torch.manual_seed(0)
     shapes = layer_shapes(args.model, args.layers)
     model = nn.ModuleDict({f"l{i}": nn.Linear(d_in, d_out, bias=False)
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     best = {name: min(t) for name, t in times.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
     weights_mb = sum(a.numel() + b.numel() for a, b in rows_read) * 4 / 1e6
-    results = {"settings": {"model": args.model, "rows": args.rows, "rank": args.rank,
+    results = {**machine, "settings": {"model": args.model, "rows": args.rows, "rank": args.rank,
                             "linear_layers": len(shapes), "threads": torch.get_num_threads(),
                             "rows_weights_mb": round(weights_mb, 1)},
                "min_ms": {k: round(v, 2) for k, v in best.items()},

@@ -45,6 +45,7 @@ from _shared import (  # noqa: E402
     load_data,
     peak_rss_mib,
     pick_device,
+    print_machine,
     run_child,
     set_threads,
     synchronize,
@@ -218,6 +219,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def parent_main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    set_threads(args.threads)  # the children's count, so that the machine line says what they run with
+    machine = print_machine(pick_device(args.device))
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.config_list}
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     for repeat in range(args.repeats):
@@ -241,7 +244,7 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"load average {load_before and [round(x, 2) for x in load_before]} -> "
           f"{load_after and [round(x, 2) for x in load_after]}")
-    report = {"summary": summary, "configs": results, "runs": runs,
+    report = {**machine, "summary": summary, "configs": results, "runs": runs,
               "settings": {k: getattr(args, k) for k in (
                   "model", "data", "steps", "warmup", "repeats", "batch_size", "max_seq_len", "rank",
                   "lora_alpha", "lr", "seed", "train_examples", "eval_examples")},

@@ -19,10 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (the tests do)
+from _shared import print_machine  # noqa: E402
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = print_machine()
     answers, _ = replay_examples(args.model)
     model, tokenizer = load_model(args.model, dtype=torch.float32)
     add_lora(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'loss':<10} {'min s':>7} {'median s':>9} {'x ce':>6}")
     for name, r in results.items():
         print(f"{name:<10} {r['min_s']:>7.3f} {r['median_s']:>9.3f} {r['median_s'] / ce:>6.2f}")
-    report = {"model": args.model, "batch": args.batch, "threads": torch.get_num_threads(),
+    report = {**machine, "model": args.model, "batch": args.batch, "threads": torch.get_num_threads(),
               "results": results}
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=1))

@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (the tests do)
+from _shared import print_machine  # noqa: E402
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 PARTS = ("hetero", "base", "hf", "peft", "swap", "cold", "many")
 GOALS = {  # from the serving issue
@@ -318,10 +321,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tailor.models import load_model, parse_dtype
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    machine = print_machine()
     torch.manual_seed(args.seed)
     dtype = parse_dtype(args.dtype)
     parts = set(args.part_list)
-    results: dict[str, Any] = {"settings": {
+    results: dict[str, Any] = {**machine, "settings": {
         "model": args.model, "dtype": str(dtype).removeprefix("torch."), "lora_dtype": args.lora_dtype,
         "requests": args.requests,
         "new_tokens": args.new_tokens, "rank": args.rank, "max_loras": args.max_loras,

@@ -19,6 +19,12 @@ own subprocess so that peak memory does not mix:
     peft-same-batches   the fastest PEFT configuration again, on tailor's length-grouped batches: the
                         like-for-like reference for the loss (runs after the others)
 
+On a device without native bf16 (an AVX2-only CPU: its bf16 matmuls run ~100x slower than fp32) the
+default --configs leave out peft-autocast-bf16 and peft-bf16, which would take hours: PEFT's users on such
+a machine train in fp32, so peft-fp32 is PEFT best there, and tailor trains in fp32 too (its precision is
+what `auto` resolves to). Naming them in --configs still runs them. The run's first line names the
+machine (CPU capability, native bf16, the precision auto runs, threads, torch), and the JSON carries it.
+
 Timing: the first `--warmup` steps (allocator, kernel selection, lazy init) are excluded; a step is the
 time between two consecutive "step done" moments of the loop, so collate, the optimizer and the loop's
 own bookkeeping count. tokens/s counts real (non-pad) tokens only. Wall time is what a user waits; CPU
@@ -62,6 +68,7 @@ from _shared import (  # noqa: E402
     load_data,
     peak_rss_mib,
     pick_device,
+    print_machine,
     run_child,
     set_threads,
     synchronize,
@@ -69,6 +76,7 @@ from _shared import (  # noqa: E402
 )
 
 PEFT_CONFIGS = ("peft-fp32", "peft-autocast-bf16", "peft-bf16")
+BF16_PEFT_CONFIGS = ("peft-autocast-bf16", "peft-bf16")  # left out by default where bf16 is not native
 TAILOR_CONFIGS = ("tailor", "tailor-no-prefix-sharing", "tailor-full")
 SAME_BATCHES = "peft-same-batches"
 ALL_CONFIGS = PEFT_CONFIGS + TAILOR_CONFIGS + (SAME_BATCHES,)
@@ -81,17 +89,42 @@ RESULT_MARKER = "TRAIN_THROUGHPUT_RESULT "
 # ------------------------------------------------------------------------------------------------------
 
 
+def default_configs(device: str) -> tuple[tuple[str, ...], str | None]:
+    """The configurations run when --configs is not given, and why some are left out (None: none are).
+    All of them where `device` computes bf16 natively; elsewhere not the bf16 PEFT ones."""
+    from tailor.hardware import native_bf16
+
+    if native_bf16(device):
+        return ALL_CONFIGS, None
+    return (tuple(c for c in ALL_CONFIGS if c not in BF16_PEFT_CONFIGS),
+            f"skipped {', '.join(BF16_PEFT_CONFIGS)}: {device} has no native bf16, so their matmuls run "
+            "~100x slower than fp32 (hours; PEFT's users here train in fp32). Name them in --configs to "
+            "run them anyway")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_args(p, ALL_CONFIGS, steps=20, train_examples=512, eval_examples=32, timeout=3600.0,
                     train_examples_help="first N examples of the training data (512 = 64 batches: one "
-                                        "length-grouping chunk)")
+                                        "length-grouping chunk)",
+                    configs_help="default: all, except peft-autocast-bf16 and peft-bf16 on a device without "
+                                 "native bf16, where they take hours")
     p.add_argument("--peft-group-by-length", action="store_true",
                    help="give the PEFT loops tailor's length-grouped batches too (default: plain shuffled)")
-    p.add_argument("--same-batches-variant", default="peft-autocast-bf16", choices=PEFT_CONFIGS,
+    p.add_argument("--same-batches-variant", default=None, choices=PEFT_CONFIGS,
                    help=argparse.SUPPRESS)  # internal: which PEFT configuration peft-same-batches repeats
+    p.set_defaults(configs=None)  # None: default_configs(device), which depends on the machine
     args = p.parse_args(argv)
+    device = pick_device(args.device)
+    args.skipped_configs = None
+    if args.configs is None:
+        defaults, args.skipped_configs = default_configs(device)
+        args.configs = ",".join(defaults)
+    if args.same_batches_variant is None:  # when no PEFT configuration ran to be the fastest
+        from tailor.hardware import native_bf16
+
+        args.same_batches_variant = "peft-autocast-bf16" if native_bf16(device) else "peft-fp32"
     args.config_list = config_list(p, args, ALL_CONFIGS)
     if args.steps < 1 or args.warmup < 0:
         p.error(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
@@ -473,7 +506,13 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
     device = pick_device(args.device)
     set_threads(args.threads)
-    peak = {dtype: matmul_tflops(device, dtype) for dtype in ("bfloat16", "float32")}
+    machine = print_machine(device)
+    if args.skipped_configs:
+        print(args.skipped_configs, flush=True)
+    # bf16 at 2048 takes ~13 s a matmul where bf16 is not native (6 of them here); 512 is as telling there
+    bf16_size = 2048 if machine["native_bf16"] else 512
+    peak = {"bfloat16": matmul_tflops(device, "bfloat16", bf16_size),
+            "float32": matmul_tflops(device, "float32")}
     load_before = load_average()
     results: dict[str, dict[str, Any]] = {}
     for name in [c for c in args.config_list if c != SAME_BATCHES]:
@@ -486,11 +525,13 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                                           args.timeout, RESULT_MARKER)
     summary = compare(results, peak["bfloat16"]["wall"], peak["bfloat16"]["cpu"])
     report = {
+        **machine,
+        "skipped_configs": args.skipped_configs,
         "tokens_per_s": {n: r.get("tokens_per_s") for n, r in results.items()},
         **summary,
         "matmul_tflops": {"bf16": peak["bfloat16"]["wall"], "fp32": peak["float32"]["wall"],
                           "bf16_per_cpu_s": peak["bfloat16"]["cpu"], "fp32_per_cpu_s": peak["float32"]["cpu"],
-                          "size": 2048},
+                          "size": 2048, "bf16_size": bf16_size},
         "settings": {k: getattr(args, k) for k in (
             "model", "data", "steps", "warmup", "batch_size", "max_seq_len", "rank", "lora_alpha", "lr",
             "seed", "train_examples", "eval_examples", "peft_group_by_length")},
@@ -504,9 +545,9 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "configs": results,
     }
     print(format_table(results))
-    print(f"\nbf16 matmul ({device}, 2048^2, {torch.get_num_threads()} threads): "
-          f"{peak['bfloat16']['wall']:.3f} TFLOPS (fp32 {peak['float32']['wall']:.3f}); per CPU-second "
-          f"{peak['bfloat16']['cpu'] or 0:.3f} (fp32 {peak['float32']['cpu'] or 0:.3f}); "
+    print(f"\nbf16 matmul ({device}, {bf16_size}^2, {torch.get_num_threads()} threads): "
+          f"{peak['bfloat16']['wall']:.3f} TFLOPS (fp32 at 2048^2 {peak['float32']['wall']:.3f}); "
+          f"per CPU-second {peak['bfloat16']['cpu'] or 0:.3f} (fp32 {peak['float32']['cpu'] or 0:.3f}); "
           f"load average {load_before} -> {report['machine']['load_average_after']}")
     if summary["peft_best"]:
         print(f"PEFT best: {summary['peft_best']}")

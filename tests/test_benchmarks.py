@@ -15,6 +15,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
 
 
+def auto_precision(device: str) -> str:
+    """What the trainer's precision `auto` runs on `device` (tailor.hardware's rule)."""
+    from tailor.hardware import resolve_precision
+
+    return resolve_precision("auto", device).resolved
+
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("train_throughput", BENCHMARK)
@@ -95,8 +102,46 @@ def test_unknown_configuration_is_refused(bench):
         bench.parse_args(["--configs", "peft-fp32,tailr"])
 
 
+def test_default_configs_leave_out_bf16_peft_where_bf16_is_not_native(bench, tmp_path):
+    from _shared import train_config
+
+    from tailor.hardware import native_bf16
+
+    args = bench.parse_args(["--device", "cpu"])
+    if native_bf16("cpu"):
+        assert args.config_list == list(bench.ALL_CONFIGS) and args.skipped_configs is None
+        assert args.same_batches_variant == "peft-autocast-bf16"
+    else:  # ~100x slower bf16 matmuls: hours; PEFT on such a machine runs fp32
+        bf16_peft = ("peft-autocast-bf16", "peft-bf16")
+        assert args.config_list == [c for c in bench.ALL_CONFIGS if c not in bf16_peft]
+        assert "peft-autocast-bf16, peft-bf16" in args.skipped_configs
+        assert "no native bf16" in args.skipped_configs
+        assert args.same_batches_variant == "peft-fp32"
+    explicit = bench.parse_args(["--device", "cpu", "--configs", "peft-bf16,tailor"])
+    assert explicit.config_list == ["peft-bf16", "tailor"] and explicit.skipped_configs is None
+    # tailor trains with what the trainer's `auto` runs here
+    config = train_config(args, "lora", "cpu", str(tmp_path / "run"))
+    assert config.precision == auto_precision("cpu")
+
+
+def test_machine_info_is_what_hardware_says(bench, capsys):
+    from _shared import machine_info, print_machine
+
+    from tailor import hardware
+
+    info = machine_info("cpu")
+    assert info == {"cpu_capability": hardware.cpu_capability(), "native_bf16": hardware.native_bf16("cpu"),
+                    "precision": auto_precision("cpu"), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__}
+    assert print_machine("cpu") == info
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"machine: {info['cpu_capability']}, native bf16 ")
+    assert f"precision auto -> {info['precision']}" in line
+
+
 @pytest.mark.slow
 def test_two_steps_of_each_configuration_on_a_tiny_model(bench, tmp_path):
+    from tailor.hardware import cpu_capability, native_bf16
     from tailor.models import DEFAULT_MODEL, load_tokenizer
 
     torch.manual_seed(0)
@@ -113,7 +158,10 @@ def test_two_steps_of_each_configuration_on_a_tiny_model(bench, tmp_path):
                 "--eval-examples", "8", "--threads", "1", "--json", str(out)])
 
     report = json.loads(out.read_text())
-    assert set(report["tokens_per_s"]) == set(bench.ALL_CONFIGS)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert report["cpu_capability"] == cpu_capability() and report["native_bf16"] == native_bf16(device)
+    assert report["precision"] == auto_precision(device)
+    assert set(report["tokens_per_s"]) == set(bench.default_configs(device)[0])
     for name, result in report["configs"].items():
         assert result["status"] == "ok", (name, result.get("error"))
         assert result["timed_steps"] == 2

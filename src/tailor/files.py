@@ -26,6 +26,12 @@ class OutputPathError(FileExistsError, ValueError):
     reports it as one line with the fix."""
 
 
+def tailor_cache_dir() -> Path:
+    """Root of tailor's cache: $TAILOR_CACHE, else ~/.cache/tailor. Here (no torch) so that the adapter store
+    and `tailor env` read it without loading the model code."""
+    return Path(os.environ.get("TAILOR_CACHE") or "~/.cache/tailor").expanduser()
+
+
 def check_output_path(path: str | os.PathLike, directory: bool = False, writable: bool = True) -> Path:
     """Refuse, before any work is done, an output `path` that `atomic_output` would refuse (see there) or,
     with `writable`, could not write (os.access: no permission in the nearest existing directory)."""

@@ -36,6 +36,7 @@ from tailor.files import (
     check_output_path,
     directory_size,
     remove_stale_temporaries,
+    tailor_cache_dir,
 )
 
 try:  # POSIX; elsewhere the store works without a writer lock
@@ -68,7 +69,7 @@ class StoreError(ValueError):
 def default_root() -> Path:
     if os.environ.get("TAILOR_ADAPTERS"):
         return Path(os.environ["TAILOR_ADAPTERS"]).expanduser()
-    return Path(os.environ.get("TAILOR_CACHE") or "~/.cache/tailor").expanduser() / "adapters"
+    return tailor_cache_dir() / "adapters"
 
 
 def check_name(name: str, what: str = "adapter name") -> str:

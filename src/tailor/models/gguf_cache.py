@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from tailor.files import OutputPathError, atomic_output
+from tailor.files import OutputPathError, atomic_output, tailor_cache_dir
 
 SOURCE_RECORD = "tailor_source.json"
-
-
-def tailor_cache_dir() -> Path:
-    """Root of tailor's cache: $TAILOR_CACHE, else ~/.cache/tailor."""
-    return Path(os.environ.get("TAILOR_CACHE") or "~/.cache/tailor").expanduser()
 
 
 def _source_record(gguf_path: Path) -> dict:
