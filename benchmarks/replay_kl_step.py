@@ -5,8 +5,9 @@
 
 A batch of --batch replayed answers (the base model's own answers to the built-in general prompts, as
 `tailor train --replay-ratio` mixes them in; generated once and cached), LoRA r=16 on the attention
-projections with a moved adapter, bf16 autocast; forward and backward of the loss, measured in the same
-invocation, interleaved, --rounds times each (the machine is shared: min and median):
+projections with a moved adapter, in the precision auto runs here (bf16 autocast where native, else
+fp32); forward and backward of the loss, measured in the same invocation, interleaved, --rounds times
+each (the machine is shared: min and median):
 
     ce           cross-entropy on the answer tokens (replay_loss ce): the yardstick
     kl           KL from the base model, its body run again on the batch (no cache)
@@ -56,7 +57,7 @@ def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor], rounds: int)
     for round_ in range(rounds + 1):  # round 0 warms up (and fills the cache)
         for name, (loss_kind, base_cache) in kinds.items():
             started = time.perf_counter()
-            with compute_context(device, "bf16"):
+            with compute_context(device, "auto"):
                 loss, _ = supervised_loss(model, batch, replay_loss=loss_kind, base_cache=base_cache)
             loss.backward()
             model.zero_grad(set_to_none=True)

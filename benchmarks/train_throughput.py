@@ -41,7 +41,8 @@ Model FLOPs per real token (attention score/value products excluded, as in the u
     full: 6 * N_body + 6 * s * N_head
 with N_body the parameters of the linear layers in the transformer body, N_head = vocab * hidden (the
 output head, run only on supervised positions by tailor, hence the supervised share s), N_lora the
-adapter parameters. The achieved FLOP rate is compared with the measured bf16 matmul peak. When tailor
+adapter parameters. The achieved FLOP rate is compared with the measured matmul peak of the precision
+tailor runs in here (bf16 where native, else fp32: precision auto). When tailor
 runs a batch's shared prefix once, it performs fewer body/adapter FLOPs per real token (N_body and
 N_lora times the computed share c <= 1); the peak fraction counts the FLOPs performed, not per-row ones.
 """
@@ -424,13 +425,13 @@ def fastest_peft(results: dict[str, dict[str, Any]]) -> str | None:
     return max(ok, key=lambda name: results[name]["tokens_per_s"]) if ok else None
 
 
-def compare(results: dict[str, dict[str, Any]], peak_bf16_tflops: float,
-            peak_bf16_tflops_per_cpu_s: float | None = None) -> dict[str, Any]:
+def compare(results: dict[str, dict[str, Any]], peak_tflops: float,
+            peak_tflops_per_cpu_s: float | None = None) -> dict[str, Any]:
     """PEFT best (fastest PEFT configuration), tailor / PEFT best, loss gap, memory, peak fraction.
 
-    The fraction of the bf16 matmul peak is taken per wall second and, on CPU, per CPU second (model
-    FLOPs per CPU second of the training process over matmul FLOPs per CPU second), which stays
-    meaningful when other processes share the cores."""
+    The fraction of the matmul peak (of the precision tailor runs in) is taken per wall second and, on
+    CPU, per CPU second (model FLOPs per CPU second of the training process over matmul FLOPs per CPU
+    second), which stays meaningful when other processes share the cores."""
     ok = {name: r for name, r in results.items() if r.get("status") == "ok"}
     for r in ok.values():
         # performed FLOPs: a shared prefix computed once is counted once (model FLOPs would count it
@@ -438,11 +439,11 @@ def compare(results: dict[str, dict[str, Any]], peak_bf16_tflops: float,
         performed = r.get("computed_flops_per_token") or r["flops_per_token"]
         r["model_tflops"] = round(r["tokens_per_s"] * r["flops_per_token"] / 1e12, 4)
         r["achieved_tflops"] = round(r["tokens_per_s"] * performed / 1e12, 4)
-        r["fraction_of_bf16_peak"] = (round(r["achieved_tflops"] / peak_bf16_tflops, 4)
-                                      if peak_bf16_tflops else None)
-        if peak_bf16_tflops_per_cpu_s and r.get("tokens_per_cpu_s"):
+        r["fraction_of_peak"] = (round(r["achieved_tflops"] / peak_tflops, 4)
+                                      if peak_tflops else None)
+        if peak_tflops_per_cpu_s and r.get("tokens_per_cpu_s"):
             per_cpu = r["tokens_per_cpu_s"] * performed / 1e12
-            r["fraction_of_bf16_peak_per_cpu_s"] = round(per_cpu / peak_bf16_tflops_per_cpu_s, 4)
+            r["fraction_of_peak_per_cpu_s"] = round(per_cpu / peak_tflops_per_cpu_s, 4)
     best = fastest_peft(results)
     out: dict[str, Any] = {"peft_best": best, "ratio_vs_peft_best": None}
     if best and "tailor" in ok:
@@ -472,15 +473,15 @@ def compare(results: dict[str, dict[str, Any]], peak_bf16_tflops: float,
             "peak_rss": (out["peak_rss_ratio_vs_peft_best"] or math.inf) <= GOAL["peak_rss_ratio"],
             "loss_compared_with": SAME_BATCHES if same else best,
         }
-        out["tailor_fraction_of_bf16_peak"] = tailor["fraction_of_bf16_peak"]
-        out["tailor_fraction_of_bf16_peak_per_cpu_s"] = tailor.get("fraction_of_bf16_peak_per_cpu_s")
+        out["tailor_fraction_of_peak"] = tailor["fraction_of_peak"]
+        out["tailor_fraction_of_peak_per_cpu_s"] = tailor.get("fraction_of_peak_per_cpu_s")
     return out
 
 
 COLUMNS = (("tokens_per_s", "10.1f"), ("s_per_step", "9.2f"), ("tokens_per_cpu_s", "11.1f"),
            ("peak_rss_mib", "14.0f"), ("train_peak_rss_mib", "11.0f"), ("eval_loss", "11.4f"),
-           ("last_train_loss", "11.4f"), ("padding_pct", "7.1f"), ("bf16_peak_pct", "8.1f"),
-           ("bf16_peak_cpu_pct", "10.1f"))
+           ("last_train_loss", "11.4f"), ("padding_pct", "7.1f"), ("peak_pct", "8.1f"),
+           ("peak_cpu_pct", "10.1f"))
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -489,8 +490,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines = [header, "-" * len(header)]
     for name, result in results.items():
         r = {**result, "padding_pct": 100 * result.get("padding_share", 0),
-             "bf16_peak_pct": 100 * (result.get("fraction_of_bf16_peak") or 0),
-             "bf16_peak_cpu_pct": 100 * (result.get("fraction_of_bf16_peak_per_cpu_s") or 0)}
+             "peak_pct": 100 * (result.get("fraction_of_peak") or 0),
+             "peak_cpu_pct": 100 * (result.get("fraction_of_peak_per_cpu_s") or 0)}
         if r.get("status") != "ok":
             lines.append(f"{name:<20}{r.get('status', 'failed')}: {r.get('error', '')}"[:200])
             continue
@@ -523,9 +524,11 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         print(f"[{time.strftime('%H:%M:%S')}] {SAME_BATCHES} ({fastest}) ...", file=sys.stderr, flush=True)
         results[SAME_BATCHES] = run_child(__file__, SAME_BATCHES, [*argv, "--same-batches-variant", fastest],
                                           args.timeout, RESULT_MARKER)
-    summary = compare(results, peak["bfloat16"]["wall"], peak["bfloat16"]["cpu"])
+    peak_dtype = "bfloat16" if machine["precision"] == "bf16" else "float32"  # what tailor computes in here
+    summary = compare(results, peak[peak_dtype]["wall"], peak[peak_dtype]["cpu"])
     report = {
         **machine,
+        "peak_dtype": peak_dtype,
         "skipped_configs": args.skipped_configs,
         "tokens_per_s": {n: r.get("tokens_per_s") for n, r in results.items()},
         **summary,
@@ -557,8 +560,9 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
               + (f" (per CPU-second {cpu_ratio:.2f}x)" if cpu_ratio else "")
               + f"; eval loss {100 * summary['eval_loss_gap_vs_peft_best']:+.2f}% vs PEFT best; peak RSS "
               f"{summary['peak_rss_ratio_vs_peft_best']:.2f}x; tailor reaches "
-              f"{100 * (summary['tailor_fraction_of_bf16_peak'] or 0):.1f}% of the bf16 matmul peak "
-              f"({100 * (summary['tailor_fraction_of_bf16_peak_per_cpu_s'] or 0):.1f}% per CPU-second) "
+              f"{100 * (summary['tailor_fraction_of_peak'] or 0):.1f}% of the {report['peak_dtype']} matmul "
+              "peak "
+              f"({100 * (summary['tailor_fraction_of_peak_per_cpu_s'] or 0):.1f}% per CPU-second) "
               f"(FLOPs/token: LoRA 4*N_body + 4*s*N_head + 6*N_lora)")
     if summary.get("eval_loss_gap_vs_peft_same_batches") is not None:
         print(f"eval loss vs {SAME_BATCHES} (PEFT on tailor's batches): "
