@@ -9,8 +9,9 @@ fp32 84 GFLOPS, bf16 0.7), while on one with AVX512-BF16 or AMX bf16 runs 2-4x f
 The rule: a CPU computes bf16 natively when oneDNN takes its bf16 matmul path
 (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`: an AVX512 core or AVX2-VNNI-2 ISA); that is the path
 `torch.matmul` uses for bf16 on the CPU, and the fallback is the slow kernel. A CUDA device does when
-`torch.cuda.is_bf16_supported()`. Both follow `ONEDNN_MAX_CPU_ISA` (e.g. `ONEDNN_MAX_CPU_ISA=AVX2` makes a
-native-bf16 CPU take the AVX2 path).
+`torch.cuda.is_bf16_supported()`. oneDNN's check reads its ISA cap, so `ONEDNN_MAX_CPU_ISA=AVX2` should make
+a native-bf16 CPU report (and take) the AVX2 path; that was not verifiable on the AVX2-only machine this
+was written on.
 """
 
 from __future__ import annotations
