@@ -76,7 +76,10 @@ def test_json_agrees_with_hardware_and_this_process(report):
     assert report["versions"]["torch"] == torch.__version__
     assert report["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
     assert report["cpu"]["cores"] == os.cpu_count()
-    assert report["cpu"]["threads"] == torch.get_num_threads()  # same environment, same OMP_NUM_THREADS
+    # a fresh process in the same environment (this one's thread count may have been set by another test)
+    fresh = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True, check=True)
+    assert report["cpu"]["threads"] == int(fresh.stdout)
 
 
 def test_cpu_flags_are_the_relevant_ones_in_proc_cpuinfo(report):

@@ -192,6 +192,10 @@ def test_advise_train_plan_acceptance(tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     trained = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     recipe = yaml.safe_load((tmp_path / "r.yaml").read_text())
-    assert {k: trained[k] for k in recipe} == recipe
+    from tailor.hardware import precision_for
+
+    assert recipe["precision"] == "auto" and trained["precision"] == precision_for("auto")  # resolved here
+    assert {k: trained[k] for k in recipe if k != "precision"} == {k: v for k, v in recipe.items()
+                                                                   if k != "precision"}
     planned = json.loads(tailor("plan", "r.yaml", "--json"))
     assert planned["setup"]["batch_size"] == recipe["batch_size"] and planned["model"] == "SmolLM2-135M"
