@@ -113,3 +113,39 @@ def test_the_demo_says_which_recipe_it_runs_and_why(monkeypatch, native):
     else:
         assert recipe == {**DEMO_RECIPE, **FP32_CPU_RECIPE} and recipe["precision"] == "auto"
         assert eval_n == FP32_CPU_EVAL_N and why.startswith("auto -> fp32: cpu (")
+
+
+def test_the_demo_fits_its_steps_to_the_step_time_it_measures(tmp_path):
+    """Without native bf16 the demo times real training steps at start-up and sizes the run to its budget:
+    the probe agrees with the steps of a real run, and the step count follows from it by the budget."""
+    import statistics
+
+    from tailor.train.demo import (
+        FIXED_COST_STEPS,
+        MIN_FITTED_STEPS,
+        MIXED_STEP_RATIO,
+        seconds_per_step,
+        steps_within_budget,
+    )
+
+    config = load_config(model=str(tiny_model_dir(tmp_path / "model")), out=str(tmp_path / "run"),
+                         data=str(write_arithmetic_jsonl(tmp_path / "data.jsonl")), batch_size=4, max_steps=8,
+                         precision="fp32", save_every=0, eval_every=0, progress=False)
+    probe = seconds_per_step(config)
+    assert not (tmp_path / "run").exists()  # the probe writes nothing where the run goes
+
+    class StepTimes(Hook):
+        seconds: list[float] = []
+
+        def on_step(self, run, record):
+            self.seconds.append(record.seconds)
+
+    train(config, extra_hooks=[StepTimes()])
+    real = statistics.median(StepTimes.seconds[1:])
+    assert real / 3 < probe < real * 3
+
+    n = 300  # a step time that leaves exactly n steps in a 900 s budget
+    step = 900 / (FIXED_COST_STEPS + MIXED_STEP_RATIO * n)
+    assert steps_within_budget(step * 0.999, 400, 900) == n
+    assert steps_within_budget(step / 2, 400, 900) == 400  # a fast machine runs the recipe's steps, no more
+    assert steps_within_budget(900.0, 400, 900) == MIN_FITTED_STEPS  # a very slow one still learns something

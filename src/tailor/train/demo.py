@@ -3,12 +3,15 @@
 The recipe is sized for 2 CPU cores with native bf16 (AVX512-BF16: 8 minutes end to end, examples/demo.yaml
 is the same recipe as a file; a test keeps the two equal). Where bf16 is not native (AVX2 only), precision
 auto runs fp32, whose matmuls reach 4-8x fewer FLOP/s on 2 cores than bf16 on an AVX512-BF16 CPU; the demo
-then spends fewer tokens (FP32_CPU_RECIPE: half the examples per step, and fewer held-out tickets scored) so
-that it still ends in about a quarter of an hour, and says so when it starts.
+then runs FP32_CPU_RECIPE (steps of 2 examples: on a budget of examples, more, smaller steps learned more
+than fewer large ones, measured) and fits its step count to the machine: it times a few real training
+steps at start-up and runs as many steps as let the whole demo end within FP32_CPU_BUDGET_S (at most the
+recipe's), scoring fewer held-out tickets. It says so when it starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,8 +41,16 @@ DEMO_RECIPE: dict[str, Any] = {
 EVAL_MAX_NEW_TOKENS = 64  # the reference JSON answers are ~40 tokens
 EVAL_BATCH_SIZE = 64  # the engine's rows per decode step: 1.7x the tokens/s of 16 on 2 cores in fp32
 # Where precision auto runs fp32 on a CPU: the changes to DEMO_RECIPE, and how many held-out tickets to score
-FP32_CPU_RECIPE: dict[str, Any] = {"batch_size": 4, "max_steps": 200}
+FP32_CPU_RECIPE: dict[str, Any] = {"batch_size": 2, "max_steps": 400}
 FP32_CPU_EVAL_N = 100
+# ... and its time: the whole demo, first run, in at most FP32_CPU_BUDGET_S (steps_within_budget). Measured
+# on a 2-core AVX2 machine at 2 threads and at 1 (first runs: 178 and 160; 0.93 and 0.90), what is not
+# training costs about FIXED_COST_STEPS of the probe's steps, and a training step (some rows replayed base
+# answers, shorter than tickets) MIXED_STEP_RATIO of one.
+FP32_CPU_BUDGET_S = 14 * 60
+FIXED_COST_STEPS = 170
+MIXED_STEP_RATIO = 0.91
+MIN_FITTED_STEPS = 100
 
 
 def _is_previous_demo(path: Path) -> bool:
@@ -64,9 +75,55 @@ def demo_recipe(device: str | None = None) -> tuple[dict[str, Any], int | None, 
     if device.startswith("cuda") or precision_for(DEMO_RECIPE["precision"], device) == "bf16":
         return dict(DEMO_RECIPE), None, None
     why = (f"{resolve_precision(DEMO_RECIPE['precision'], device).reason}; so the lighter recipe: "
-           f"{FP32_CPU_RECIPE['max_steps']} steps of {FP32_CPU_RECIPE['batch_size']} examples, "
+           f"steps of {FP32_CPU_RECIPE['batch_size']} examples, as many as fit in {FP32_CPU_BUDGET_S / 60:g} "
+           f"minutes (at most {FP32_CPU_RECIPE['max_steps']}), "
            f"{FP32_CPU_EVAL_N} held-out tickets")
     return {**DEMO_RECIPE, **FP32_CPU_RECIPE}, FP32_CPU_EVAL_N, why
+
+
+def seconds_per_step(config: Any, steps: int = 3) -> float:
+    """Seconds one optimizer step of `config` takes on this machine: the median of `steps` real steps of
+    the training loop (after one warm-up step) on the task's first examples, with the model and adapter
+    as training makes them and no replay (a replayed row is shorter: the estimate errs long). Nothing is
+    written outside a throwaway directory."""
+    import statistics
+    import tempfile
+
+    import torch
+
+    from tailor.hardware import resolve_precision
+    from tailor.methods import get_method
+    from tailor.models import load_model
+    from tailor.train.hooks import Hook
+    from tailor.train.loop import fit
+    from tailor.train.run import load_data, prepare_data
+
+    precision = resolve_precision(config.precision, config.device).resolved
+    config = dataclasses.replace(config, precision=precision, max_steps=steps + 1, replay_ratio=0.0,
+                                 eval_every=0, save_every=0, resume=False, warmup_steps=0)
+    model, tokenizer = load_model(config.model, dtype=torch.float32, device=config.device)
+    train_examples, _ = load_data(config)
+    train_set, _, _ = prepare_data(config, tokenizer, (train_examples[: config.batch_size * (steps + 1)], []))
+    model = get_method(config.method).prepare(model, config)
+    seconds: list[float] = []
+
+    class StepTimes(Hook):
+        def on_step(self, run: Any, record: Any) -> None:
+            seconds.append(record.seconds)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        fit(model, train_set, [], config, Path(scratch), tokenizer.pad_token_id, lambda *_: None,
+            hooks=[StepTimes()])
+    return statistics.median(seconds[1:])
+
+
+def steps_within_budget(step_seconds: float, max_steps: int, budget_s: float = FP32_CPU_BUDGET_S) -> int:
+    """How many training steps of `step_seconds` (seconds_per_step's measure) let the whole demo end within
+    `budget_s`: what is not training (model conversion, replay answers, evaluation) costs about
+    FIXED_COST_STEPS steps, and a training step with replayed rows MIXED_STEP_RATIO of a measured one.
+    At most max_steps, at least MIN_FITTED_STEPS (below that the adapter learns too little to show)."""
+    fitted = int((budget_s / step_seconds - FIXED_COST_STEPS) / MIXED_STEP_RATIO)
+    return max(MIN_FITTED_STEPS, min(max_steps, fitted))
 
 
 def run_demo(out: str | Path = "runs/demo", max_steps: int | None = None, eval_n: int | None = None,
@@ -93,6 +150,13 @@ def run_demo(out: str | Path = "runs/demo", max_steps: int | None = None, eval_n
         shutil.rmtree(out)  # a previous demo: the demo always starts fresh
     if lighter:
         console.print(f"[bold]no native bf16 here[/]: {lighter}")
+        if not max_steps:  # fit the steps to this machine's measured speed
+            step_seconds = seconds_per_step(config)
+            fitted = steps_within_budget(step_seconds, config.max_steps)
+            console.print(f"measured {step_seconds:.2f} s per step of {config.batch_size} tickets: "
+                          f"{fitted} steps (at most {config.max_steps}) fit the demo in "
+                          f"{FP32_CPU_BUDGET_S / 60:.0f} minutes here")
+            config = dataclasses.replace(config, max_steps=fitted)
     replay = f", {config.replay_ratio:.0%} replayed base answers" if config.replay_ratio else ""
     console.print(f"[bold]tailor demo[/]: LoRA r={config.rank} on {config.data}{replay}, {config.max_steps} "
                   f"steps of {config.batch_size} examples -> {out}")
