@@ -96,11 +96,12 @@ def seconds_per_step(config: Any, steps: int = 3) -> float:
     from tailor.models import load_model
     from tailor.train.hooks import Hook
     from tailor.train.loop import fit
-    from tailor.train.run import load_data, prepare_data
+    from tailor.train.run import load_data, prepare_data, use_threads
 
     precision = resolve_precision(config.precision, config.device).resolved
     config = dataclasses.replace(config, precision=precision, max_steps=steps + 1, replay_ratio=0.0,
                                  eval_every=0, save_every=0, resume=False, warmup_steps=0)
+    use_threads(config)  # timed at the thread count training will use
     model, tokenizer = load_model(config.model, dtype=torch.float32, device=config.device)
     train_examples, _ = load_data(config)
     train_set, _, _ = prepare_data(config, tokenizer, (train_examples[: config.batch_size * (steps + 1)], []))

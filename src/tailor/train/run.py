@@ -61,6 +61,13 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
+def use_threads(config: TrainConfig) -> None:
+    """Set torch's threads for a run of `config`: its num_threads, else this process's share of the cores
+    (processes on one machine share them; torchrun says how many run here)."""
+    cores_here = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(config.num_threads or max(1, cores_here))
+
+
 def load_data(config: TrainConfig) -> tuple[list, list]:
     """Load and split the train/validation examples (no tokenizer needed): bad data is found here, early."""
     from tailor.data import DataError, DataIssue, load_examples, split_examples
@@ -156,9 +163,7 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
         mixed_in = len(examples[0]) - data_record["examples"]["train"]
         replay_record.update(ratio=config.replay_ratio, mixed_in=mixed_in)
     main = is_main_process()
-    # processes on one machine share its cores (torchrun says how many run here)
-    cores_here = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(config.num_threads or max(1, cores_here))
+    use_threads(config)
     seed_everything(config.seed)  # the same seed everywhere: every process starts from the same weights
 
     started = time.perf_counter()
