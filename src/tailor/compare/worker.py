@@ -54,7 +54,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         if not evaluate:  # a sweep ranks by validation loss only
             return result
         method = get_method(entry["method"])
-        base, tokenizer = load_model(config.model, dtype=parse_dtype("auto"), device=config.device)
+        base, tokenizer = method.load_base(config.model, parse_dtype("auto"), config.device)
         model = method.attach(base, method.deliverable_dir(run_dir))
     else:
         model, tokenizer = load_model(config.model, dtype=parse_dtype("auto"), device=config.device)

@@ -30,7 +30,7 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
     from tailor.data import load_examples
     from tailor.files import check_output_path  # a wrong --out fails before the evaluation, not after it
     from tailor.methods import get_method
-    from tailor.models import DEFAULT_MODEL, load_model, parse_dtype
+    from tailor.models import DEFAULT_MODEL, parse_dtype
 
     run = Path(run_dir) if run_dir is not None else None
     config = _run_config(run) if run is not None else {}
@@ -48,7 +48,7 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
                     max_seq_len=max_seq_len or int(config.get("max_seq_len") or 1024))
     target = check_output_path(Path(out) if out else (run / "eval.json" if run else Path("eval.json")))
 
-    base, tokenizer = load_model(base_name, dtype=parse_dtype(dtype), device=config.get("device"))
+    base, tokenizer = method.load_base(base_name, parse_dtype(dtype), config.get("device"))
     tuned = method.attach(base, deliverable)
     base.eval()
     tuned.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from tailor.files import atomic_output
@@ -42,6 +43,20 @@ class TrainingMethod:
         raise NotImplementedError
 
     # --- shared -----------------------------------------------------------------------------------------
+    quantize: str | None = None  # bitsandbytes kind the frozen block linears are loaded in (QLoRA)
+
+    def train_dtype(self, precision: str) -> torch.dtype:
+        """The dtype the base is loaded in to train at `precision` (resolved: bf16 or fp32): bf16 weights
+        in bf16, else fp32. Full fine-tuning overrides it (fp32 master weights)."""
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def load_base(self, name: str, dtype: torch.dtype, device: str | None = None) -> tuple[nn.Module, Any]:
+        """(model, tokenizer) with the weights stored as this method uses them (quantized for QLoRA),
+        loaded lean: never the whole model in a wider dtype first (tailor.models.lean)."""
+        from tailor.models import load_model
+
+        return load_model(name, dtype=dtype, device=device, quantize=self.quantize)
+
     def prepare(self, model: nn.Module, config: TrainConfig) -> nn.Module:
         """`model` made ready to train by this method: adapted, then the settings every method shares."""
         model = self.adapt(model, config)

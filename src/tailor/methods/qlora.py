@@ -59,13 +59,14 @@ class QLoraMethod(LoraMethod):
         if spec.quantized_bits not in KIND_FOR_BITS:
             raise ValueError(f"method {spec.name}: no quantization for {spec.quantized_bits} bits; "
                              f"supported: {sorted(KIND_FOR_BITS)}")
-        self.kind = KIND_FOR_BITS[spec.quantized_bits]
+        self.kind = self.quantize = KIND_FOR_BITS[spec.quantized_bits]
         require_bitsandbytes(spec.name)  # fail at get_method, before any data or model is loaded
 
     def quantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """`model`'s weights in `dtype` (default: the dtype the model was loaded in, which evaluation picks
         by the device: tailor.hardware.fast_dtype; buffers kept, as LoRA does), then its block linear layers
-        quantized from them (in place, on the model's device), computing in `dtype`."""
+        quantized from them (in place, on the model's device), computing in `dtype`. A base loaded by
+        `load_base` is quantized already (as it was read) and returned as it is."""
         from tailor.quant import quantize_model
 
         dtype = dtype or next(model.parameters()).dtype

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from tailor.hardware import default_device, fast_dtype  # the one rule of what computes fast here
 from tailor.models.gguf_cache import cached_gguf_dir, tailor_cache_dir
+from tailor.quant.bnb import MissingDependencyError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # The hub id people know the default model by; it means the same shipped GGUF here.
@@ -258,29 +260,40 @@ def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype | None = None,
     device: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from this machine (see the module docstring for the order).
 
-    dtype: None -> torch.float32. device: None -> "cuda" when available, else "cpu".
+    dtype: None -> torch.float32. device: None -> "cuda" when available, else "cpu". quantize: None, or
+    "nf4" / "int8": the linear layers of the transformer blocks quantized by bitsandbytes as they are read,
+    computing in `dtype` (tailor.quant; what QLoRA trains on).
+    Loading is lean (tailor.models.lean): the peak is the model as it ends up plus one tensor, never the
+    whole model in a wider dtype first.
     The model is returned in eval mode; `model.name_or_path` is a portable name (the default model's
     name or a repo id) rather than a cache path where there is one.
     """
+    from tailor.models.lean import SafetensorsFiles, WeightFormat, convert_weights
+
     resolved = resolve_model(name_or_path)
     check_model_dir(resolved.directory)
+    fmt = WeightFormat(dtype or torch.float32, quantize)
     try:
+        files = SafetensorsFiles(resolved.directory)
         with _quiet_loading():
+            # in the files' own dtype: zero-copy views of the mapped files, converted one by one below
             model = AutoModelForCausalLM.from_pretrained(
-                resolved.directory, dtype=dtype or torch.float32, local_files_only=True
+                resolved.directory, dtype=files.floating_dtype() or fmt.dtype, local_files_only=True
             )
-    except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError) as exc:
-        if isinstance(exc, torch.OutOfMemoryError):
+        convert_weights(model, files, fmt, device or default_device())
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError, struct.error) as exc:
+        if isinstance(exc, torch.OutOfMemoryError | MissingDependencyError):
             raise
         raise ModelLoadError(
             f"{resolved.directory}: the model cannot be loaded ({_short(exc)}). The weights or config are "
             f"corrupt or incomplete, or not a causal language model. Fix: {_resave(resolved.directory)}."
         ) from None
+    model.config.dtype = fmt.dtype
     model.config.name_or_path = model.name_or_path = resolved.display_name
-    model.to(device or default_device())
     model.eval()
     tokenizer = _load_tokenizer_from(resolved)
     if model.config.pad_token_id is None:

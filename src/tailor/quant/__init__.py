@@ -13,12 +13,16 @@ from tailor.quant.bnb import (
     frozen_weight_bytes,
     import_bitsandbytes,
     is_quantized_layer,
+    quantization_targets,
     quantize_model,
     quantized_layers,
+    quantized_linear,
     quantized_weight_tensors,
+    replace_module,
     require_bitsandbytes,
 )
 
 __all__ = ["INT8_THRESHOLD", "KINDS", "MissingDependencyError", "QuantizedBytes", "dequantize_model",
            "dequantized_weight", "frozen_weight_bytes", "import_bitsandbytes", "is_quantized_layer",
-           "quantize_model", "quantized_layers", "quantized_weight_tensors", "require_bitsandbytes"]
+           "quantization_targets", "quantize_model", "quantized_layers", "quantized_linear",
+           "quantized_weight_tensors", "replace_module", "require_bitsandbytes"]

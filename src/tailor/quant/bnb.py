@@ -130,7 +130,8 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {k: m for k, m in model.named_modules() if isinstance(m, classes)}
 
 
-def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` where the submodule at `path` is."""
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, new)
@@ -153,14 +154,29 @@ def _kept_unquantized(model: nn.Module, skip: Iterable[str]) -> set[str]:
     return keep
 
 
-def _new_layer(bnb: Any, linear: nn.Linear, kind: str, compute_dtype: torch.dtype, double_quant: bool,
-               cpu_inference_repack: bool) -> nn.Module:
-    """A bitsandbytes layer holding `linear`'s weight, quantized on the weight's device; bias kept as is."""
-    weight = linear.weight.detach()
+def quantization_targets(model: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Linear]]:
+    """(path, layer) of the nn.Linear layers QLoRA quantizes: all but the output head, tied weights, a
+    classifier head and modules whose path ends with a `skip` entry (embeddings and norms are not
+    nn.Linear)."""
+    keep = _kept_unquantized(model, skip)
+    return [(k, m) for k, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not is_quantized_layer(m) and k not in keep]
+
+
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, kind: str = "nf4",
+                     compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True,
+                     cpu_inference_repack: bool = False, training: bool = False) -> nn.Module:
+    """A bitsandbytes layer holding `weight` (out_features, in_features) quantized on the weight's device
+    (kind "nf4": `Linear4bit`; "int8": `Linear8bitLt`), computing in `compute_dtype`; `bias` kept as is."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown quantization kind {kind!r}; choose one of {', '.join(KINDS)}")
+    bnb = import_bitsandbytes(_method_name(kind))
+    weight = weight.detach()
     device = weight.device
-    has_bias = linear.bias is not None
+    out_features, in_features = weight.shape
+    has_bias = bias is not None
     if kind == "nf4":
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias,
                                   compute_dtype=compute_dtype, compress_statistics=double_quant,
                                   quant_type="nf4", device="meta")
         # Params4bit quantizes when moved to a device (CUDA or CPU alike): here, where the weight already is.
@@ -171,15 +187,15 @@ def _new_layer(bnb: Any, linear: nn.Linear, kind: str, compute_dtype: torch.dtyp
             # next training step would silently lose this layer's input gradient.
             layer.support_avx512bf16_for_cpu = False
     else:
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=has_bias,
                                     has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
         # Int8Params quantizes only when moved from the CPU to a device (transformers stages it the same
         # way); on a CPU model this is no copy.
         layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False,
                                          has_fp16_weights=False).to(device)
     if has_bias:
-        layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-    layer.train(linear.training)
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    layer.train(training)
     return layer
 
 
@@ -196,7 +212,8 @@ def quantize_model(model: nn.Module, kind: str = "nf4", compute_dtype: torch.dty
     on (a model on CUDA is quantized there). The output head, tied weights, a classifier head and modules
     whose path ends with a `skip` entry stay as they are; so do embeddings and norms (not nn.Linear).
     `cpu_inference_repack=True` restores bitsandbytes' in-place CPU inference repack of 4-bit weights:
-    only for a model that is never trained again (see the module docstring).
+    only for a model that is never trained again (see the module docstring). A model loaded already
+    quantized (tailor.models.load_model(quantize=...)) is returned as it is.
 
     Returns `model`.
 
@@ -206,20 +223,20 @@ def quantize_model(model: nn.Module, kind: str = "nf4", compute_dtype: torch.dty
     """
     if kind not in KINDS:
         raise ValueError(f"unknown quantization kind {kind!r}; choose one of {', '.join(KINDS)}")
-    bnb = import_bitsandbytes(_method_name(kind))
+    import_bitsandbytes(_method_name(kind))
     from tailor.lora import lora_configs, lora_layers
 
     if lora_layers(model) or lora_configs(model):
         raise ValueError("the model already has LoRA adapters: quantize the base first, then add_lora.")
-    keep = _kept_unquantized(model, skip)
-    targets = [(k, m) for k, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not is_quantized_layer(m) and k not in keep]
+    targets = quantization_targets(model, skip)
+    if not targets and quantized_layers(model):
+        return model  # quantized as it was loaded
     if not targets:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize (outside the output "
                          "head and the skipped modules); bitsandbytes quantizes nn.Linear only.")
     for key, linear in targets:
-        _replace_module(model, key, _new_layer(bnb, linear, kind, compute_dtype, double_quant,
-                                               cpu_inference_repack))
+        replace_module(model, key, quantized_linear(linear.weight, linear.bias, kind, compute_dtype,
+                                                    double_quant, cpu_inference_repack, linear.training))
     return model
 
 
@@ -257,7 +274,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
         if layer.bias is not None:
             plain.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
         plain.train(layer.training)
-        _replace_module(model, key, plain)
+        replace_module(model, key, plain)
     return model
 
 
@@ -320,4 +337,5 @@ def frozen_weight_bytes(model: nn.Module) -> QuantizedBytes:
 
 __all__ = ["INT8_THRESHOLD", "KINDS", "MissingDependencyError", "QuantizedBytes", "dequantize_model",
            "dequantized_weight", "frozen_weight_bytes", "import_bitsandbytes", "is_quantized_layer",
-           "quantize_model", "quantized_layers", "quantized_weight_tensors", "require_bitsandbytes"]
+           "quantization_targets", "quantize_model", "quantized_layers", "quantized_linear",
+           "quantized_weight_tensors", "replace_module", "require_bitsandbytes"]

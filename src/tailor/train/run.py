@@ -142,7 +142,6 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
            extra_hooks: Sequence[Hook]) -> Path:
     from tailor.hardware import resolve_precision
     from tailor.lora import trainable_parameters
-    from tailor.models import load_model
     from tailor.train.plot import plot_losses
 
     # auto becomes bf16 or fp32 here, once: config.yaml, the trainer and report.md all see the resolved value
@@ -167,7 +166,8 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
     seed_everything(config.seed)  # the same seed everywhere: every process starts from the same weights
 
     started = time.perf_counter()
-    model, tokenizer = load_model(config.model, dtype=torch.float32, device=device)
+    # stored as the method trains on it (QLoRA: quantized as read), never wider first (tailor.models.lean)
+    model, tokenizer = method.load_base(config.model, method.train_dtype(config.precision), device)
     load_seconds = time.perf_counter() - started
     train_set, val_set, data_stats = prepare_data(config, tokenizer, examples)
     seed_everything(config.seed)  # adapter init independent of how much randomness data prep used
