@@ -240,7 +240,7 @@ def test_a_damaged_run_is_shown_with_its_problem_and_linked_files_stay_unread(tm
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: `apt-get install -y chromium` (make setup does) to run the "
+        pytest.skip(f"no Chromium at {CHROMIUM}: `apt-get install -y chromium` (make test does) to run the "
                     "browser tests")
     from playwright.sync_api import sync_playwright
 

@@ -26,7 +26,7 @@ MATMUL_DTYPES = ("fp32", "bf16", "fp16")
 # 3 matmuls, 0.27 s each. About 1.5 s in all: torch's import (~2 s) is the rest of the command's time.
 MATMUL_SIZE = 512
 MATMUL_SECONDS = 0.2
-CHROMIUM_PATH = "/usr/bin/chromium"  # what `make setup` installs and the page tests drive
+CHROMIUM_PATH = "/usr/bin/chromium"  # what `make test` installs and the page tests drive
 
 
 def package_version(name: str) -> str | None:

@@ -2,7 +2,7 @@
 
 The command line is torchrun's (`--standalone --nproc-per-node N -m tailor train ...`), parsed and run by
 `torch.distributed.run` itself, so `tailor train --nproc N ...` is exactly `torchrun --standalone
---nproc-per-node N -m tailor train ...`. For several machines run torchrun directly (README).
+--nproc-per-node N -m tailor train ...`. For several machines run torchrun directly (docs/distributed.md).
 
 When a process fails (an exception, a kill), torchrun stops the others; `launch` then turns torchrun's
 report into one line naming the rank and what happened to it.
