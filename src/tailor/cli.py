@@ -396,7 +396,7 @@ def eval_command(
 # `tailor plan`'s inputs when neither a flag nor a config gives them (TrainConfig names)
 _PLAN_DEFAULTS: dict = {
     "model": "SmolLM2-135M", "method": "lora", "rank": 16, "lora_alpha": 32.0, "target_modules": "all-linear",
-    "batch_size": 1, "max_seq_len": 2048, "gradient_checkpointing": True, "precision": "bf16",
+    "batch_size": 1, "max_seq_len": 2048, "gradient_checkpointing": True, "precision": "auto",
     "adapter_dtype": "fp32", "lora_dropout": 0.0, "grad_accum": 1, "loss_chunk_tokens": None,
 }
 _PLAN_DEFAULT_TOKENS = 1e7
@@ -418,18 +418,29 @@ def _plan_config_inputs(path: str):
     return load_config(path, data=None if given.get("data") else "builtin:support")  # plan needs no data
 
 
-def _resolve_plan_inputs(config: str | None, flags: dict, tokens: float | None) -> tuple[dict, float, str]:
-    """Flags over the config over plan's defaults -> (plan inputs, tokens, where the tokens come from)."""
+def _this_machine_device() -> str:
+    import torch  # only when --device is left out: the plan is for this machine
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_plan_inputs(config: str | None, flags: dict, tokens: float | None,
+                         device: str = "cuda") -> tuple[dict, float, str]:
+    """Flags over the config over plan's defaults -> (plan inputs, tokens, where the tokens come from), for
+    a run on `device` (precision auto is what the run resolves it to there)."""
     from tailor.methods import METHOD_SPECS
     from tailor.plan.planner import plan_precision, train_config_inputs
 
     train_config = _plan_config_inputs(config) if config else None
-    from_config = train_config_inputs(train_config) if train_config else {}
-    values = {**_PLAN_DEFAULTS, **from_config, **{k: v for k, v in flags.items() if v is not None}}
+    from_config = train_config_inputs(train_config, device) if train_config else {}
+    values = {**_PLAN_DEFAULTS, "attention": "eager" if device == "cpu" else "sdpa", **from_config,
+              **{k: v for k, v in flags.items() if v is not None}}
+    if values["precision"] == "auto":
+        values["precision"] = plan_precision("auto", values["method"], device)
     if train_config is not None and flags.get("method") is not None:  # a flag changed the config's method
         spec = METHOD_SPECS.get(values["method"])
         if flags.get("precision") is None:
-            values["precision"] = plan_precision(train_config.precision, values["method"])
+            values["precision"] = plan_precision(train_config.precision, values["method"], device)
         if flags.get("lora_dropout") is None and spec is not None and spec.trains_all_weights:
             values["lora_dropout"] = 0.0  # train ignores lora_dropout when every weight trains
     if tokens is not None:
@@ -521,6 +532,9 @@ def plan_command(
                               "adds the memory of each"),
     strategy: str = typer.Option("ddp", "--strategy", help="ddp (replicates) | fsdp (shards weights, "
                                  "gradients and optimizer state)"),
+    device: str | None = typer.Option(
+        None, "--device", help="cpu | cuda: where the run trains; its memory is planned there (RSS on a CPU) "
+        "and precision auto is resolved for it (default: this machine)"),
     json_output: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
     """Estimate memory, fit, time and cost of fine-tuning a model, from its configuration alone. With
@@ -536,8 +550,9 @@ def plan_command(
                  gradient_checkpointing=gradient_checkpointing, precision=precision,
                  adapter_dtype=adapter_dtype, lora_dropout=lora_dropout, grad_accum=grad_accum,
                  loss_chunk_tokens=loss_chunk_tokens)
+    device = device or _this_machine_device()
     try:
-        v, tokens, tokens_basis = _resolve_plan_inputs(config, flags, tokens)
+        v, tokens, tokens_basis = _resolve_plan_inputs(config, flags, tokens, device)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -546,7 +561,8 @@ def plan_command(
                            compile=compile_loss, loss_upcast=loss_upcast,
                            optimizer_in_backward=optimizer_in_backward,
                            activation_offloading=activation_offloading, quant_keeps_inputs=quant_keeps_inputs,
-                           grad_accum=v["grad_accum"], optimizer_kernel=optimizer_kernel)
+                           grad_accum=v["grad_accum"], optimizer_kernel=optimizer_kernel,
+                           attention=v["attention"])
 
     business = None
     if cost:
@@ -563,7 +579,7 @@ def plan_command(
                       max_seq_len=v["max_seq_len"], gradient_checkpointing=v["gradient_checkpointing"],
                       optimizer=optimizer, precision=v["precision"], tokens=tokens, gpu=gpu, mfu=mfu,
                       prices=prices, business=business, options=options, tokens_basis=tokens_basis,
-                      nproc=nproc, strategy=strategy)
+                      nproc=nproc, strategy=strategy, device=device)
     except PlanError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -43,7 +43,7 @@ class TrainingMethod:
         raise NotImplementedError
 
     # --- shared -----------------------------------------------------------------------------------------
-    quantize: str | None = None  # bitsandbytes kind the frozen block linears are loaded in (QLoRA)
+    base_quantization: str | None = None  # bitsandbytes kind the frozen block linears are loaded in (QLoRA)
 
     def train_dtype(self, precision: str) -> torch.dtype:
         """The dtype the base is loaded in to train at `precision` (resolved: bf16 or fp32): bf16 weights
@@ -55,7 +55,7 @@ class TrainingMethod:
         loaded lean: never the whole model in a wider dtype first (tailor.models.lean)."""
         from tailor.models import load_model
 
-        return load_model(name, dtype=dtype, device=device, quantize=self.quantize)
+        return load_model(name, dtype=dtype, device=device, quantize=self.base_quantization)
 
     def prepare(self, model: nn.Module, config: TrainConfig) -> nn.Module:
         """`model` made ready to train by this method: adapted, then the settings every method shares."""

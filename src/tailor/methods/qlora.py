@@ -59,7 +59,7 @@ class QLoraMethod(LoraMethod):
         if spec.quantized_bits not in KIND_FOR_BITS:
             raise ValueError(f"method {spec.name}: no quantization for {spec.quantized_bits} bits; "
                              f"supported: {sorted(KIND_FOR_BITS)}")
-        self.kind = self.quantize = KIND_FOR_BITS[spec.quantized_bits]
+        self.kind = self.base_quantization = KIND_FOR_BITS[spec.quantized_bits]
         require_bitsandbytes(spec.name)  # fail at get_method, before any data or model is loaded
 
     def quantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

@@ -110,6 +110,8 @@ OPTIMIZERS = ("adamw", "adamw-8bit", "adamw-paged", "adamw-8bit-paged", "sgd")
 PRECISIONS = ("bf16", "fp16", "fp32", "bf16-mixed")
 ADAPTER_DTYPES = ("fp32", "bf16")
 OPTIMIZER_KERNELS = ("fused", "foreach", "for-loop")
+ATTENTIONS = ("sdpa", "eager")
+DEVICES = ("cuda", "cpu")
 
 # (weight bytes, compute/activation bytes) per precision
 _PRECISION_BYTES = {"bf16": (2, 2), "fp16": (2, 2), "fp32": (4, 4), "bf16-mixed": (4, 2)}
@@ -166,6 +168,7 @@ class TrainingSetup:
     quant_keeps_inputs: bool = False  # bitsandbytes < 0.43.2: every 4-bit linear keeps its input
     optimizer_kernel: str = "fused"  # torch AdamW: fused (tailor), foreach (default on CUDA), for-loop (CPU)
     grad_accum: int = 1  # micro-batches per optimizer step; later ones run with gradients alive
+    attention: str = "sdpa"  # eager (tailor's trainer on CPU) also keeps each block's softmax (s x s)
 
     def __post_init__(self) -> None:
         problems = []
@@ -175,6 +178,8 @@ class TrainingSetup:
             problems.append(f"optimizer_kernel {self.optimizer_kernel!r}: choose one of {OPTIMIZER_KERNELS}")
         if self.grad_accum < 1:
             problems.append(f"grad_accum {self.grad_accum}: must be >= 1")
+        if self.attention not in ATTENTIONS:
+            problems.append(f"attention {self.attention!r}: choose one of {', '.join(ATTENTIONS)}")
         if problems:
             raise ValueError("TrainingSetup: " + "; ".join(problems))
 
@@ -336,6 +341,8 @@ def _layer_bytes_per_token(arch: Architecture, setup: TrainingSetup, device: str
     a = _PRECISION_BYTES[setup.precision][1]
     total = 4 * h * arch.norms_per_layer  # every RMSNorm keeps an fp32 copy of its input
     total += a * (2 * q + 2 * kv)  # SDPA keeps q, k, v and its output
+    if setup.attention == "eager":  # the softmax probabilities, heads x s x s a sequence: nh x s a token
+        total += a * arch.num_heads * setup.max_seq_len
     total += 3 * a * i  # silu input, silu output, up output
     if not setup.is_lora:
         # norm output before and after the (trainable) weight, for both pre-norms; o_proj and down_proj inputs

@@ -17,6 +17,8 @@ from tailor.plan.cost import (
 )
 from tailor.plan.memory import (
     ADAPTER_DTYPES,
+    ATTENTIONS,
+    DEVICES,
     GIB,
     OPTIMIZER_KERNELS,
     OPTIMIZERS,
@@ -52,6 +54,7 @@ class StackOptions:
     quant_keeps_inputs: bool = False  # bitsandbytes < 0.43.2: 4-bit layers keep their inputs
     grad_accum: int = 1  # micro-batches per step; after the first, all gradients are alive in forward
     optimizer_kernel: str = "fused"  # torch AdamW kernel: fused (tailor's trainer), foreach, for-loop
+    attention: str = "sdpa"  # sdpa keeps no s x s matrix; eager (tailor's trainer on CPU) keeps the softmax
 
 
 @dataclass(frozen=True)
@@ -118,28 +121,39 @@ def validate(
         problems.append(f"--mfu {mfu}: a utilisation between 0 and 1 (0.3-0.5 is typical)")
     if tokens <= 0:
         problems.append(f"--tokens {tokens}: must be > 0")
-    if spec is not None and spec.quantized_bits and precision in ("fp32", "bf16-mixed"):
-        problems.append(f"--precision {precision} with {method}: QLoRA computes in bf16 or fp16")
+    if spec is not None and spec.quantized_bits and precision == "bf16-mixed":
+        problems.append(f"--precision {precision} with {method}: QLoRA computes in bf16, fp16 or fp32 (the "
+                        "quantized base has no fp32 master weights to mix with)")
+    if o.attention not in ATTENTIONS:
+        problems.append(f"--attention {o.attention!r} is unknown; valid: {', '.join(ATTENTIONS)}")
     return problems
 
 
-def plan_precision(train_precision: str, method: str) -> str:
-    """TrainConfig's precision in the planner's terms. Train's bf16 is a bf16 frozen base with fp32
-    adapters for adapter methods (planner: bf16, adapter_dtype fp32) and fp32 master weights with bf16
-    autocast for full fine-tuning (planner: bf16-mixed); fp32 is fp32 throughout. auto is planned as bf16:
-    the planner sizes runs for the GPUs of its price table, all of which compute bf16 natively."""
+def plan_precision(train_precision: str, method: str, device: str = "cuda") -> str:
+    """TrainConfig's precision in the planner's terms, on `device` ("cuda" or "cpu"). Train's bf16 is a
+    bf16 frozen base with fp32 adapters for adapter methods (planner: bf16, adapter_dtype fp32) and fp32
+    master weights with bf16 autocast for full fine-tuning (planner: bf16-mixed); fp32 is fp32 throughout.
+    auto is what the run will resolve it to: on CUDA bf16 (every GPU of the price table computes bf16
+    natively), on a CPU what tailor.hardware decides for this machine's CPU (fp32 without native bf16)."""
     spec = METHOD_SPECS.get(method)
     if train_precision == "auto":
-        train_precision = "bf16"
+        train_precision = "bf16" if device != "cpu" else _cpu_auto_precision()
     if train_precision == "bf16" and spec is not None and spec.trains_all_weights:
         return "bf16-mixed"
     return train_precision
 
 
-def train_config_inputs(config: TrainConfig) -> dict:
+def _cpu_auto_precision() -> str:
+    from tailor.hardware import precision_for  # imports torch: only when a CPU run's auto is resolved
+
+    return precision_for("auto", "cpu")
+
+
+def train_config_inputs(config: TrainConfig, device: str = "cuda") -> dict:
     """The planner's inputs (plan()'s keyword names, which are TrainConfig's) for the run `tailor train`
-    makes with `config`: its shapes, precision in the planner's terms, fp32 adapters, the trainer's
-    chunked loss (loss_chunk_size rows of the output head at a time) and torch AdamW (fused)."""
+    makes with `config` on `device`: its shapes, precision in the planner's terms, fp32 adapters, the
+    trainer's chunked loss (loss_chunk_size rows of the output head at a time), torch AdamW (fused), and
+    on a CPU eager attention (tailor.methods.base: faster there than SDPA)."""
     targets = config.target_modules
     trains_all = config.method in METHOD_SPECS and method_spec(config.method).trains_all_weights
     return dict(
@@ -151,17 +165,18 @@ def train_config_inputs(config: TrainConfig) -> dict:
         batch_size=config.batch_size,
         max_seq_len=config.max_seq_len,
         gradient_checkpointing=config.gradient_checkpointing,
-        precision=plan_precision(config.precision, config.method),
+        precision=plan_precision(config.precision, config.method, device),
         adapter_dtype="fp32",
+        attention="eager" if device == "cpu" else "sdpa",
         lora_dropout=0.0 if trains_all else config.lora_dropout,  # train ignores it when every weight trains
         grad_accum=config.grad_accum,
         loss_chunk_tokens=config.loss_chunk_size,
     )
 
 
-def train_config_setup(config: TrainConfig) -> TrainingSetup:
-    """The TrainingSetup of the run `tailor train` makes with `config` (unvalidated: for recipes)."""
-    inputs = train_config_inputs(config)
+def train_config_setup(config: TrainConfig, device: str = "cuda") -> TrainingSetup:
+    """The TrainingSetup of the run `tailor train` makes with `config` on `device` (unvalidated)."""
+    inputs = train_config_inputs(config, device)
     targets = inputs["target_modules"]
     trains_all = method_spec(config.method).trains_all_weights
     return TrainingSetup(
@@ -177,7 +192,19 @@ def train_config_setup(config: TrainConfig) -> TrainingSetup:
         lora_dropout=inputs["lora_dropout"],
         grad_accum=inputs["grad_accum"],
         loss_chunk_tokens=inputs["loss_chunk_tokens"],
+        attention=inputs["attention"],
     )
+
+
+def planned_peak_gib(config: TrainConfig, device: str, model_config: str | None = None) -> float | None:
+    """The peak memory `tailor plan` predicts for the run `config` makes on `device` (GiB; on a CPU the
+    process's peak RSS, on CUDA its peak allocation plus overhead), from `model_config` (a config.json;
+    default: what config.model names). None where the model's architecture cannot be planned."""
+    try:
+        arch = resolve_model(model_config or config.model)
+        return estimate_memory(arch, train_config_setup(config, device), device).total / GIB
+    except (PlanError, ValueError, KeyError):
+        return None
 
 
 def make_setup(
@@ -241,10 +268,14 @@ def plan(
     tokens_basis: str | None = None,
     nproc: int = 1,
     strategy: str = "ddp",
+    device: str = "cuda",
 ) -> dict:
     """The whole plan as a JSON-ready dict (see docs/planning.md for every field). `tokens_basis` says
     where `tokens` comes from (default: given with --tokens); `nproc` > 1 adds the memory of each of
-    that many training processes under `strategy` (ddp or fsdp)."""
+    that many training processes under `strategy` (ddp or fsdp). `device` is where the run trains: its
+    memory is planned there ("cpu": the process's RSS); the GPU table always plans CUDA memory."""
+    if device not in DEVICES:
+        raise PlanError(f"--device {device!r} is unknown; valid: {', '.join(DEVICES)}")
     if nproc < 1 or strategy not in STRATEGIES:
         raise PlanError(f"--nproc {nproc} must be >= 1 and --strategy {strategy!r} one of "
                         f"{', '.join(STRATEGIES)}")
@@ -277,9 +308,9 @@ def plan(
     if gpu is not None and gpu not in table.gpus:
         raise PlanError(f"--gpu {gpu!r} is not in the price table; valid: {', '.join(table.gpus)}")
     result = plan_for(arch, setup, table, tokens=tokens, gpu=gpu, mfu=mfu, business=business,
-                      tokens_basis=tokens_basis)
+                      tokens_basis=tokens_basis, device=device)
     if nproc > 1:
-        parts = per_process_memory(arch, setup, estimate_memory(arch, setup), nproc, strategy)
+        parts = per_process_memory(arch, setup, estimate_memory(arch, setup, device), nproc, strategy)
         result["processes"] = {k: v / GIB if isinstance(v, float) else v for k, v in parts.items()}
     return result
 
@@ -293,14 +324,16 @@ def plan_for(
     mfu: float = 0.35,
     business: BusinessInputs | None = None,
     tokens_basis: str | None = None,
+    device: str = "cuda",
 ) -> dict:
     counts = count_parameters(arch)
     trainable = trainable_parameters(arch, setup)
-    memory = estimate_memory(arch, setup)
+    gpu_memory = estimate_memory(arch, setup, "cuda")  # what decides the fit on each GPU of the table
+    memory = gpu_memory if device == "cuda" else estimate_memory(arch, setup, device)
     flops = training_flops_per_token(arch, setup, trainable)
     fits = []
     for g in table.gpus.values():
-        n = gpus_needed(memory, g)
+        n = gpus_needed(gpu_memory, g)
         hours = training_hours(flops, tokens, g, n, mfu, setup.method) if n else None
         fits.append(
             {
@@ -327,6 +360,7 @@ def plan_for(
         "total_params": counts.total,
         "trainable_params": trainable,
         "trainable_percent": 100 * trainable / counts.total,
+        "device": device,
         "memory_gib": memory.gib(),
         "host_memory_gib": memory.host_gib(),
         "peak_phase": memory.peak_phase,

@@ -201,6 +201,7 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
             shutil.copytree(best, tmp, dirs_exist_ok=True)
 
     summary = build_summary(config, result, data_stats, trainable, total, out_dir, load_seconds, use_best)
+    summary.update(planned_against_measured(config, device, summary))
     summary.update(cpu_seconds=round(cpu_seconds, 1), frozen_weight_bytes=frozen_bytes, replay=replay_record,
                    precision=precision.as_dict())
     if method.spec.deliverable == "adapter":  # the adapter carries what made it (tailor_metadata.json)
@@ -221,6 +222,27 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
 
     write_report(run_dir)
     return run_dir
+
+
+def planned_against_measured(config: TrainConfig, device: str | None, summary: dict[str, Any]) -> dict:
+    """`tailor plan`'s peak for this run beside the measured one (printed, and kept in summary.json):
+    planned_peak_gib, peak_rss_gib, and on CUDA peak_cuda_gib (the allocator's peak)."""
+    from tailor.hardware import default_device
+    from tailor.models import resolve_model
+    from tailor.plan.planner import planned_peak_gib
+
+    where = "cuda" if str(device or default_device()).startswith("cuda") else "cpu"
+    planned = planned_peak_gib(config, where, str(resolve_model(config.model).directory / "config.json"))
+    out = {"planned_peak_gib": None if planned is None else round(planned, 3),
+           "peak_rss_gib": round(summary["peak_rss_mib"] / 1024, 3)}
+    measured = out["peak_rss_gib"]
+    if "cuda_max_allocated_mib" in summary:
+        out["peak_cuda_gib"] = measured = round(summary["cuda_max_allocated_mib"] / 1024, 3)
+    if planned is not None:
+        kind = "peak CUDA allocation" if where == "cuda" else "peak RSS"
+        print(f"memory: planned {planned:.2f} GiB, measured {measured:.2f} GiB {kind} "
+              f"({100 * (measured - planned) / planned:+.0f}%)", flush=True)
+    return out
 
 
 METADATA_METRICS = ("final_train_loss", "final_val_loss", "best_val_loss", "best_step", "steps", "tokens",
