@@ -294,6 +294,11 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+def field_types() -> dict[str, Any]:
+    """Field name -> its type (the flags' types; coerce_field reads it too)."""
+    return typing.get_type_hints(TrainConfig)
+
+
 def field_help() -> dict[str, str]:
     """Field name -> its one-line doc (the string literal under each field in the class body)."""
     import ast
