@@ -41,9 +41,9 @@ def plan_command(
 
 
 def _default_model_name() -> str:
-    from tailor.config import DEFAULT_MODEL_NAME
+    from tailor.names import DEFAULT_MODEL
 
-    return DEFAULT_MODEL_NAME
+    return DEFAULT_MODEL
 
 
 @app.command("advise")

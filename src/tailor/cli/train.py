@@ -8,14 +8,16 @@ from pathlib import Path
 import typer
 
 from tailor.cli.app import app, fail
-from tailor.cli.flags import Field, given, with_flags
-from tailor.config import field_help, field_names, field_types
+from tailor.cli.flags import Field, field_docs, given, with_flags
+from tailor.config import FIELD_SECTION, field_types
+from tailor.config.sections import SECTIONS
 
 
 def _config_fields() -> list[Field]:
     """One flag per training config field, under its flat name (the name the YAML uses)."""
-    types, docs = field_types(), field_help()
-    return [Field(name, types[name], docs.get(name, "")) for name in field_names()]
+    types = field_types()
+    docs = {name: doc for cls in SECTIONS.values() for name, doc in field_docs(cls).items()}
+    return [Field(name, types[name], docs.get(name, "")) for name in FIELD_SECTION]
 
 
 def _train_fail(error: Exception, code: int = 2) -> None:
@@ -54,7 +56,7 @@ def train_command(
     **fields: object,
 ) -> None:
     """Fine-tune a model on a JSONL file (LoRA by default); writes a run directory. Every option is a
-    field of the training config (src/tailor/config.py), also settable in the YAML."""
+    field of the training config (src/tailor/config/sections.py), also settable in the YAML."""
     from tailor.config import parse_assignments
     from tailor.train import ConfigError, NonFiniteLossError, load_config, train
     from tailor.train.distributed import launched_rank, launched_world_size
