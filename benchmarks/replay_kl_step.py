@@ -47,18 +47,17 @@ def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor], rounds: int)
     """Seconds of one forward + backward of each loss, interleaved; and the loss each gave (kl and kl
     cached must agree: the cache changes where the base's hidden states come from, not what they are)."""
     from tailor.loss import compute_context, supervised_loss
-    from tailor.loss.supervised import BaseHiddenCache
+    from tailor.loss.replay import BaseHiddenCache, CrossEntropyReplay, KLReplay
 
-    cache = BaseHiddenCache()
-    kinds = {"ce": ("ce", None), "kl": ("kl", None), "kl cached": ("kl", cache)}
+    kinds = {"ce": CrossEntropyReplay(), "kl": KLReplay(), "kl cached": KLReplay(BaseHiddenCache())}
     times: dict[str, list[float]] = {name: [] for name in kinds}
     losses: dict[str, float] = {}
     device = next(model.parameters()).device
     for round_ in range(rounds + 1):  # round 0 warms up (and fills the cache)
-        for name, (loss_kind, base_cache) in kinds.items():
+        for name, replay in kinds.items():
             started = time.perf_counter()
             with compute_context(device, "auto"):
-                loss, _ = supervised_loss(model, batch, replay_loss=loss_kind, base_cache=base_cache)
+                loss, _ = supervised_loss(model, batch, replay=replay)
             loss.backward()
             model.zero_grad(set_to_none=True)
             if round_:

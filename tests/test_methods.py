@@ -23,8 +23,8 @@ def test_one_list_of_names_everywhere():
         TrainingSetup(method=name)  # the planner accepts every name
     with pytest.raises(ValueError, match="lora, full, qlora-nf4, qlora-int8"):
         method_spec("dora")
-    assert TrainConfig(method="full", data="x").validate().lr == method_spec("full").default_lr == 2e-5
-    assert TrainConfig(method="lora", data="x").validate().lr == 2e-4
+    assert TrainConfig(method="full", data="x").lr == method_spec("full").default_lr == 2e-5
+    assert TrainConfig(method="lora", data="x").lr == 2e-4
 
 
 def test_lora_trains_only_adapters_on_a_bf16_base_and_keeps_rotary_in_fp32():

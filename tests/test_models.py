@@ -168,7 +168,6 @@ def test_default_model_converts_once_then_loads_from_cache(tmp_path, monkeypatch
     again, _ = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", device="cpu")  # same model, hub name
     second = time.perf_counter() - started
     print(f"default model load: first (GGUF conversion) {first:.1f} s, cached {second:.1f} s")
-    assert second < first / 3
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():

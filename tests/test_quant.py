@@ -19,7 +19,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from tailor.config import TrainConfig  # noqa: E402
 from tailor.lora import disable_adapters, lora_layers, merge_lora, trainable_parameters  # noqa: E402
-from tailor.loss import collate_batch, supervised_loss, validation_loss  # noqa: E402
+from tailor.loss import KLReplay, collate_batch, supervised_loss, validation_loss  # noqa: E402
 from tailor.methods import get_method  # noqa: E402
 from tailor.methods.base import cast_weights  # noqa: E402
 from tailor.quant import (  # noqa: E402
@@ -218,7 +218,7 @@ def test_kl_replay_holds_the_model_to_the_quantized_base(kind, ids):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
              "replay_index": torch.tensor([0, 1])}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_sum, n = supervised_loss(model, batch, replay_loss="kl")
+        loss_sum, n = supervised_loss(model, batch, replay=KLReplay())
         tuned = model(ids).logits[:, :-1].float()
         with torch.no_grad(), disable_adapters(model):
             base = model(ids).logits[:, :-1].float()

@@ -135,9 +135,7 @@ def test_versions_tags_rollback_and_resolve(store, adapters):
     assert store.tag("support@prod", "support@3") == (1, 3)
     assert store.tag("support@staging", "support@prod") == (None, 3)  # a tag names a version via a tag
     assert store.resolve("support@prod") == store.root / "support" / "3"
-    started = time.perf_counter()
     assert store.rollback("support@prod") == (3, 1)
-    assert time.perf_counter() - started < 0.5  # milliseconds: one small file replaced
     assert store.resolve("support@prod") == store.root / "support" / "1"
     with pytest.raises(StoreError, match="nothing to roll back"):
         store.rollback("support@prod")

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tailor.config import ConfigError, TrainConfig, field_help, field_names, load_config
+from tailor.cli.flags import field_docs
+from tailor.config import ConfigError, Sections, TrainConfig, field_names, load_config, save_config
+from tailor.config.sections import SECTIONS
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
 
@@ -23,9 +25,54 @@ def test_example_configs_parse(path):
 
 
 def test_every_field_has_a_doc_line():
-    docs = field_help()
+    docs = {name: doc for cls in SECTIONS.values() for name, doc in field_docs(cls).items()}
     assert set(docs) == set(field_names())
     assert all(docs.values())
+    assert docs["rank"] == "LoRA rank r."
+
+
+def test_sections_hold_the_flat_names_users_write():
+    config = TrainConfig(rank=8, lr=1e-4, precision="bf16", model="m", data="d.jsonl", strategy="fsdp")
+    assert config.sections.lora.rank == config.rank == 8
+    assert config.sections.optimization.lr == config.lr == 1e-4
+    assert config.sections.precision.precision == config.precision == "bf16"
+    assert config.sections.model.model == config.model == "m"
+    assert config.sections.data.data == config.data == "d.jsonl"
+    assert config.sections.distributed.strategy == "fsdp"
+    assert list(SECTIONS) == [f for f in Sections.__dataclass_fields__]
+    assert len(field_names()) == len(set(field_names())) == 49  # each flat name in one section
+    with pytest.raises(AttributeError, match="no field 'rnak'"):
+        config.rnak  # noqa: B018 - a misspelt name is an error, not a fall-through
+    with pytest.raises(TypeError, match="unknown field"):
+        TrainConfig(rnak=4)
+
+
+def test_config_is_immutable_and_replace_makes_a_copy():
+    config = TrainConfig(data="d.jsonl")
+    with pytest.raises(AttributeError, match="replace"):
+        config.rank = 4
+    changed = config.replace(rank=4)
+    assert (config.rank, changed.rank) == (16, 4)
+    assert changed.replace(rank=16) == config
+
+
+def test_validate_changes_nothing_and_lr_is_the_methods_default_from_the_start():
+    config = TrainConfig(method="full", data="x")
+    assert config.lr == 2e-5  # fixed when made, not by validate
+    before = config.to_dict()
+    assert config.validate() is config and config.to_dict() == before
+
+
+def test_a_saved_config_loads_again_unchanged(tmp_path):
+    """config.yaml (flat, as runs have always written it) is what --resume, eval and the UI read."""
+    config = load_config(data="builtin:support", rank=4, target_modules=["q_proj"], adam_betas=[0.9, 0.95])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    old = tmp_path / "old.yaml"  # a run's config.yaml from before the sections: the same flat keys
+    old.write_text("method: lora\nmodel: SmolLM2-135M-Instruct\ndata: builtin:support\nrank: 4\nlr: 0.0002\n"
+                   "precision: fp32\nstrategy: ddp\nresume: false\nadam_betas: [0.9, 0.999]\n")
+    assert load_config(old).to_dict() == {**TrainConfig(data="builtin:support", rank=4, precision="fp32")
+                                          .to_dict()}
 
 
 def test_yaml_then_overrides(tmp_path):

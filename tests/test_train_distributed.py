@@ -177,14 +177,12 @@ def test_exception_on_one_rank_ends_the_job_naming_it(runs, tmp_path):
         "        return step(*args, **kwargs)\n"
         "    loop.train_step = failing_step\n")
     path = os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])
-    started = time.monotonic()
     launcher = _tailor_nproc(*_settings(runs["model"], runs["data"], tmp_path / "run", 2), "--timeout", "60",
                              PYTHONPATH=path)
     _, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode == 1
     assert stderr.strip().splitlines()[-1] == ("error: training process rank 1 (of 2) failed: RuntimeError: "
                                                "injected failure; torchrun stopped the other processes.")
-    assert time.monotonic() - started < 60  # ended by the failure, not by the collective timeout
     assert not (tmp_path / "run" / "adapter").exists()
 
 
@@ -194,21 +192,26 @@ def test_exception_on_one_rank_ends_the_job_naming_it(runs, tmp_path):
     (["--method", "qlora-nf4", "--strategy", "fsdp"], "use strategy ddp"),
     (["--data", "missing.jsonl"], "missing.jsonl"),
 ])
-def test_bad_input_with_nproc_stops_before_any_process_starts(tmp_path, arguments, expected):
+def test_bad_input_with_nproc_stops_before_any_process_starts(tmp_path, monkeypatch, arguments, expected):
     from typer.testing import CliRunner
+
+    import tailor.train.launch
+
+    def no_launch(*_args, **_kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(tailor.train.launch, "launch", no_launch)  # refused before any process starts
 
     from tailor.cli import app
 
     data = write_arithmetic_jsonl(tmp_path / "train.jsonl", n=8)
     out = tmp_path / "run"
-    started = time.monotonic()
     result = CliRunner().invoke(app, ["train", "--nproc", "2", "--data", str(data), "--out", str(out),
                                       *arguments])
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert text.startswith("error:") and expected in text and "Traceback" not in text
     assert not out.exists()  # nothing written
-    assert time.monotonic() - started < 5  # refused here: no process was started, no model loaded
 
 
 def test_kl_replay_in_two_processes_follows_one_process(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import torch
 from conftest import VOCAB, prefixed_batch, tiny_gpt2, tiny_llama, tiny_qwen2
 
 from tailor.lora import LoraConfig, add_lora, lora_layers
-from tailor.loss import MIN_SHARED_PREFIX, count_supervised, shared_prefix_length, supervised_loss
+from tailor.loss import MIN_SHARED_PREFIX, KLReplay, count_supervised, shared_prefix_length, supervised_loss
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -156,7 +156,7 @@ def test_kl_replay_loss_is_ce_on_task_rows_plus_kl_from_the_base_on_replayed_row
 
     model = _lora_llama()
     batch = {**_batch(), "replay_index": torch.tensor([-1, 0, 1])}
-    loss_sum, n = supervised_loss(model, batch, chunk_size=5, replay_loss="kl")
+    loss_sum, n = supervised_loss(model, batch, chunk_size=5, replay=KLReplay())
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     logits = model(**inputs).logits[:, :-1].float()
@@ -186,29 +186,29 @@ def test_kl_replay_loss_is_ce_on_task_rows_plus_kl_from_the_base_on_replayed_row
 
 
 def test_kl_replay_reads_the_base_hidden_states_of_known_answers_from_the_cache():
-    from tailor.loss.supervised import BaseHiddenCache
+    from tailor.loss.replay import BaseHiddenCache
 
     model = _lora_llama()
     batch = {**_batch(), "replay_index": torch.tensor([-1, 4, 9])}
-    fresh, _ = supervised_loss(model, batch, chunk_size=5, replay_loss="kl")
+    fresh, _ = supervised_loss(model, batch, chunk_size=5, replay=KLReplay())
     cache = BaseHiddenCache()
-    first, _ = supervised_loss(model, batch, chunk_size=5, replay_loss="kl", base_cache=cache)
+    first, _ = supervised_loss(model, batch, chunk_size=5, replay=KLReplay(cache))
     supervised = batch["labels"][:, 1:] != -100
     assert set(cache.rows) == {4, 9}
     assert [len(cache.rows[i]) for i in (4, 9)] == supervised[1:].sum(1).tolist()
     torch.testing.assert_close(first, fresh)
     # one answer known, one new (the same text under another index): read one, compute the other
     again, _ = supervised_loss(model, {**batch, "replay_index": torch.tensor([-1, 4, 5])}, chunk_size=5,
-                               replay_loss="kl", base_cache=cache)
+                               replay=KLReplay(cache))
     torch.testing.assert_close(again, fresh)
     assert set(cache.rows) == {4, 5, 9}
     # it is read: a spoiled entry changes the loss
     cache.rows[4] = 10 * torch.randn(cache.rows[4].shape, generator=torch.Generator().manual_seed(0))
-    spoiled, _ = supervised_loss(model, batch, chunk_size=5, replay_loss="kl", base_cache=cache)
+    spoiled, _ = supervised_loss(model, batch, chunk_size=5, replay=KLReplay(cache))
     assert abs(float(spoiled - fresh)) > 0.1
     # past its budget it keeps nothing and the loss is the same
     small = BaseHiddenCache(max_bytes=0)
-    kept_nothing, _ = supervised_loss(model, batch, chunk_size=5, replay_loss="kl", base_cache=small)
+    kept_nothing, _ = supervised_loss(model, batch, chunk_size=5, replay=KLReplay(small))
     torch.testing.assert_close(kept_nothing, fresh)
     assert not small.rows and small.bytes == 0
 
@@ -216,7 +216,7 @@ def test_kl_replay_reads_the_base_hidden_states_of_known_answers_from_the_cache(
 def test_kl_replay_loss_is_zero_with_zero_gradient_while_the_adapter_is_untouched():
     model = add_lora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     batch = {**_batch(), "replay_index": torch.tensor([0, 1, 2])}
-    loss_sum, n = supervised_loss(model, batch, replay_loss="kl")
+    loss_sum, n = supervised_loss(model, batch, replay=KLReplay())
     assert n > 0 and abs(float(loss_sum.detach())) < 1e-5
     loss_sum.backward()
     assert all(float(p.grad.abs().max()) < 1e-6 for p in model.parameters() if p.requires_grad)

@@ -12,7 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from tailor.cli import app
-from tailor.config import DEFAULT_MODEL_NAME, field_names, load_config
+from tailor.config import field_names, load_config
+from tailor.names import DEFAULT_MODEL
 
 runner = CliRunner()
 
@@ -53,7 +54,7 @@ def test_every_key_advise_writes_is_a_train_config_field_and_loads(tmp_path, arg
     config = load_config(out, data="builtin:support")  # train's own validation
     assert config.method == method and config.lr == recipe["lr"]
     if "--model" not in args:
-        assert config.model == DEFAULT_MODEL_NAME  # trains as is: the model `tailor train` loads by default
+        assert config.model == DEFAULT_MODEL  # trains as is: the model `tailor train` loads by default
     # JSON mode keeps stdout valid JSON (the "wrote" line goes to stderr) and uses the same keys
     result = runner.invoke(app, [*argv[:-1], str(tmp_path / "r2.yaml"), "--json"])
     assert result.exit_code == 0, result.output

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-PRECISION_CHOICES = ("auto", "bf16", "fp32")
+from tailor.names import PRECISIONS as PRECISION_CHOICES
+
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 

@@ -83,9 +83,7 @@ def run_sweep(config: dict[str, Any], grid: dict[str, list[Any]], out: str | Pat
         lines.append(f"| {row['method']} | {loss} | {row.get('train_seconds') or 0:.0f} | "
                      f"{row.get('trainable_params') or 0:,} |")
     if best:
-        best_config = load_config(**{**config, **best["settings"]})
-        best_config.out = best_config.name = None
-        best_config.resume = False
+        best_config = load_config(**{**config, **best["settings"]}).replace(out=None, name=None, resume=False)
         save_config(best_config, out / "best.yaml")
         lines += ["", f"Best: **{best['method']}** (validation loss {best['final_val_loss']:.4f}); "
                   "its config: `best.yaml` (`tailor train best.yaml --out DIR`)."]

@@ -42,7 +42,7 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
                  if missing else "no run directory or --adapter given")
         raise ValueError(f"nothing to compare: {where}; pass a run directory that holds adapter/ or model/, "
                          "or --adapter DIR.")
-    base_name = model or config.get("model") or _adapter_base_model(deliverable) or DEFAULT_MODEL
+    base_name = model or config.get("model") or adapter_base_model(deliverable) or DEFAULT_MODEL
     examples = load_examples(data)[: n if n else None]
     settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, retention=retention,
                     max_seq_len=max_seq_len or int(config.get("max_seq_len") or 1024))
@@ -76,12 +76,16 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
                          "--adapter instead.") from None
 
 
-def _adapter_base_model(directory: Path) -> str | None:
-    """The base model an adapter was trained on (adapter_config.json's base_model_name_or_path)."""
+def adapter_base_model(directory: str | Path | None) -> str | None:
+    """The base model an adapter was trained on (adapter_config.json's base_model_name_or_path): the model
+    to load under it when the user names none. None when there is no adapter or it does not say."""
+    if not directory:
+        return None
     try:
-        return json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        config = json.loads((Path(directory) / "adapter_config.json").read_text())
+        return config.get("base_model_name_or_path")
     except (OSError, ValueError):
         return None
 
 
-__all__ = ["DEFAULT_EVAL_DATA", "evaluate_run"]
+__all__ = ["DEFAULT_EVAL_DATA", "adapter_base_model", "evaluate_run"]

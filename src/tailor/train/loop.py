@@ -23,6 +23,7 @@ from torch import nn
 from tailor.config import TrainConfig
 from tailor.files import remove_stale_temporaries
 from tailor.loss import CausalLMLoss, Tokenized, collate_batch, compute_context, count_supervised
+from tailor.loss.replay import replay_loss_for
 from tailor.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from tailor.train.distributed import (
     is_main_process,
@@ -172,7 +173,9 @@ def fit(model: nn.Module, train_set: Sequence[Tokenized], val_set: Sequence[Toke
     run_dir.mkdir(parents=True, exist_ok=True)
     total = total_steps_for(config, len(train_set))
     warmup = warmup_steps_for(total, config.warmup_steps, config.warmup_ratio)
-    module = CausalLMLoss(model, config.loss_chunk_size, config.share_prefix, config.replay_loss)
+    numbers, data = config.sections.precision, config.sections.data
+    replay = replay_loss_for(data.replay_loss)
+    module = CausalLMLoss(model, numbers.loss_chunk_size, numbers.share_prefix, replay)
     # wrapped before the optimizer is made: FSDP replaces the parameters by their shards
     module = wrap(module) if wrap else module
     optimizer = make_optimizer(model, config)

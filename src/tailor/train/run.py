@@ -146,7 +146,7 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
 
     # auto becomes bf16 or fp32 here, once: config.yaml, the trainer and report.md all see the resolved value
     precision = resolve_precision(config.precision, device)
-    config = dataclasses.replace(config, precision=precision.resolved)
+    config = config.replace(precision=precision.resolved)
     if is_main_process():
         print(f"precision: {precision.reason}", flush=True)
     method = get_method(config.method)

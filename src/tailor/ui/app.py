@@ -194,14 +194,15 @@ async def _change(store: AdapterStore | None, tag_ref: str, change) -> tuple[int
 
 def _plan_form() -> dict[str, Any]:
     """The form's fields with `tailor plan`'s defaults, and the choices the planner knows."""
-    from tailor.config import DEFAULT_MODEL_NAME, METHOD_SPECS
+    from tailor.methods import METHOD_SPECS
+    from tailor.names import DEFAULT_MODEL
     from tailor.plan.catalogue import CATALOGUE
     from tailor.plan.memory import OPTIMIZERS, PRECISIONS
     from tailor.plan.planner import StackOptions, plan
 
     parameters = inspect.signature(plan).parameters
     defaults = {name: parameters[name].default for name in PlanRequest.model_fields if name in parameters}
-    defaults.update(model=DEFAULT_MODEL_NAME, grad_accum=StackOptions().grad_accum)
+    defaults.update(model=DEFAULT_MODEL, grad_accum=StackOptions().grad_accum)
     return {"defaults": defaults, "models": sorted(CATALOGUE), "methods": sorted(METHOD_SPECS),
             "optimizers": list(OPTIMIZERS), "precisions": list(PRECISIONS)}
 

@@ -1,0 +1,121 @@
+"""`tailor generate`, `chat` and `eval`: use a model, with or without an adapter."""
+
+from __future__ import annotations
+
+import typer
+
+from tailor.cli.app import DTYPE_HELP, FORCE_HELP, MODEL_HELP, app, fail
+
+
+def _load_for_use(model_name: str | None, adapter: str | None, dtype: str, force: bool = False):
+    """Model (+ adapter when given) and tokenizer; model defaults to the adapter's base, else the default.
+    `adapter` may be a store reference (NAME@TAG)."""
+    from tailor.adapters import load_adapter, read_adapter_config
+    from tailor.adapters.store import locate
+    from tailor.eval.run import adapter_base_model
+    from tailor.models import DEFAULT_MODEL, load_model, parse_dtype
+
+    if adapter:
+        adapter = str(locate(adapter)[0])
+        read_adapter_config(adapter)  # a wrong adapter path fails here, before the slow model load
+    name = model_name or adapter_base_model(adapter) or DEFAULT_MODEL
+    model, tokenizer = load_model(name, dtype=parse_dtype(dtype))
+    if adapter:
+        load_adapter(model, adapter, force=force)
+    return model, tokenizer
+
+
+
+@app.command("generate")
+def generate_command(
+    prompt: str = typer.Argument(..., help="the user message"),
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
+    adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter directory (PEFT format)"),
+    system: str | None = typer.Option(None, "--system", help="system prompt (default: the template's)"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Answer one prompt (greedy) with the base model or with an adapter."""
+    from tailor.eval import generate
+
+    try:
+        loaded, tokenizer = _load_for_use(model, adapter, dtype, force)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+        typer.echo(generate(loaded, tokenizer, [messages], max_new_tokens=max_new_tokens)[0])
+    except ValueError as error:
+        fail(error)
+
+
+@app.command("chat")
+def chat_command(
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
+    adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter directory (PEFT format)"),
+    system: str | None = typer.Option(None, "--system", help="system prompt (default: the template's)"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Talk to the model line by line (stdin); the conversation is kept. /reset forgets it, /exit quits."""
+    import sys
+
+    from tailor.eval import generate
+
+    try:
+        loaded, tokenizer = _load_for_use(model, adapter, dtype, force)
+    except ValueError as error:
+        fail(error)
+    interactive = sys.stdin.isatty()
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    if interactive:
+        typer.echo("Type a message; /reset clears the conversation, /exit quits.")
+    while True:
+        if interactive:
+            typer.echo("you> ", nl=False)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = list(start)
+            continue
+        history.append({"role": "user", "content": text})
+        answer = generate(loaded, tokenizer, [history], max_new_tokens=max_new_tokens)[0]
+        history.append({"role": "assistant", "content": answer})
+        typer.echo(f"model> {answer}" if interactive else answer)
+
+
+@app.command("eval")
+def eval_command(
+    run_dir: str | None = typer.Argument(None, help="run directory (its adapter/ or model/, config.yaml)"),
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP + " (default: the run's)"),
+    adapter: str | None = typer.Option(None, "--adapter", help="adapter dir (default: RUN_DIR/adapter)"),
+    data: str = typer.Option("builtin:support:test", "--data", help="held-out data: file or builtin spec"),
+    n: int | None = typer.Option(None, "--n", help="score only the first N examples"),
+    out: str | None = typer.Option(None, "--out", help="eval.json path (default: RUN_DIR/eval.json)"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_seq_len: int | None = typer.Option(None, "--max-seq-len", help="for val loss (default: the run's)"),
+    retention: bool = typer.Option(True, "--retention/--no-retention", help="re-ask general prompts"),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+) -> None:
+    """Base vs tuned on held-out data: task metrics, validation loss, capability retention -> eval.json."""
+    from rich.console import Console
+
+    from tailor.eval import evaluate_run, print_evaluation
+
+    console = Console()
+    try:
+        console.print(f"evaluating {run_dir or adapter} on {data}", highlight=False, markup=False)
+        result = evaluate_run(run_dir, model=model, adapter=adapter, data=data, n=n, out=out,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_len=max_seq_len,
+                              retention=retention, dtype=dtype)
+    except ValueError as error:
+        fail(error)
+    print_evaluation(result, console)

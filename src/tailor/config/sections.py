@@ -1,0 +1,278 @@
+"""The training config's sections: each field once, with its type, default and doc line, in the section of
+the component that uses it. A new field is one line (and its doc) in one section; its flat name is its
+field name, which the YAML, the flags and `--set` use. Each section checks its own values (`problems`);
+what ties two sections together is checked by TrainConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tailor.names import DEFAULT_MODEL, PRECISIONS, STRATEGIES
+
+SCHEDULES = ("cosine", "linear", "constant")
+OVERFLOWS = ("truncate", "drop")
+FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
+REPLAY_LOSSES = ("ce", "kl")
+
+
+class _Checks:
+    """Collects one section's problems, each as `field: value and what is wrong`."""
+
+    def __init__(self, section: object) -> None:
+        self.section, self.problems = section, []
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self.section, name)
+        if value not in choices:
+            self.problems.append(f"{name}: {value!r} is not one of {', '.join(choices)}")
+
+    def positive(self, *names: str, allow_zero: bool = False) -> None:
+        for name in names:
+            value = getattr(self.section, name)
+            if value is not None and ((value < 0) if allow_zero else (value <= 0)):
+                self.problems.append(f"{name}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+    def share(self, name: str, closed: bool = False, hint: str = "") -> None:
+        value = getattr(self.section, name)
+        if not (0 <= value <= 1 if closed else 0 <= value < 1):
+            self.problems.append(f"{name}: {value!r} must be in [0, 1{']' if closed else ')'}{hint}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """What is trained: the method and the base model."""
+
+    method: str = "lora"
+    """lora: a low-rank adapter on a frozen base; full: every weight; qlora-nf4 / qlora-int8: LoRA on a
+    4-bit / 8-bit quantized base."""
+    model: str = DEFAULT_MODEL
+    """Base model: a local HF directory, a name in the local HF cache, a .gguf file, or the default."""
+
+    def problems(self) -> list[str]:
+        from tailor.methods import METHODS
+
+        c = _Checks(self)
+        c.choice("method", METHODS)
+        return c.problems
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """The examples: where they come from, how they are read and cut, and what is replayed."""
+
+    data: str | None = None
+    """Training data: a JSONL/JSON file, or builtin:support for the built-in support-ticket dataset."""
+    val_data: str | None = None
+    """Validation file; when absent, val_fraction of `data` is held out (builtin: its validation split)."""
+    val_fraction: float = 0.1
+    """Share of `data` held out for validation when no val_data is given (0 disables validation)."""
+    format: str = "auto"
+    """Data format: auto|alpaca|chat|prompt_completion|text."""
+    max_seq_len: int = 512
+    """Longest tokenized example; longer ones follow `overflow`."""
+    overflow: str = "truncate"
+    """What to do with examples longer than max_seq_len: truncate|drop."""
+    group_by_length: bool = True
+    """Put examples of similar length in the same batch (less padding, same data each epoch)."""
+    replay_ratio: float = 0.0
+    """Share of training examples that replay the base model's own answers to general prompts, so it keeps
+    answering them as before (self-distillation; answers generated once and cached; 0: off)."""
+    replay_prompts: str | None = None
+    """Text file of general prompts to replay, one per line (blank lines and lines opening with # skipped);
+    default: the built-in ones (tailor.train.replay.REPLAY_PROMPTS)."""
+    replay_loss: str = "ce"
+    """How replayed answers are learned: ce (cross-entropy on the base model's answer tokens) or kl (the
+    KL divergence from the base model's whole next-token distribution at each answer token, computed with
+    the adapter switched off; LoRA methods only)."""
+
+    def problems(self) -> list[str]:
+        c = _Checks(self)
+        c.choice("overflow", OVERFLOWS)
+        c.choice("format", FORMATS)
+        c.choice("replay_loss", REPLAY_LOSSES)
+        if not self.data:
+            c.problems.append("data: missing; give a JSONL file (--data FILE.jsonl) or builtin:support")
+        c.positive("max_seq_len")
+        c.share("val_fraction")
+        c.share("replay_ratio", hint=" (e.g. 0.2: one example in five is replayed)")
+        if self.replay_prompts and not self.replay_ratio:
+            c.problems.append("replay_prompts: given, and replay_ratio is 0, so nothing is replayed; set "
+                              "replay_ratio (e.g. 0.4) or leave replay_prompts out")
+        if self.replay_loss == "kl" and not self.replay_ratio:
+            c.problems.append("replay_loss: kl applies to replayed examples, and replay_ratio is 0; set "
+                              "replay_ratio (e.g. 0.4) or leave replay_loss out")
+        return c.problems
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """The adapter's shape (ignored by method full)."""
+
+    rank: int = 16
+    """LoRA rank r."""
+    lora_alpha: float = 32.0
+    """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input (0 skips the work entirely)."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get an adapter: all-linear, a regex, or a list of module-name suffixes."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+
+    def problems(self) -> list[str]:
+        c = _Checks(self)
+        c.positive("rank", "lora_alpha")
+        c.share("lora_dropout")
+        if not self.target_modules:
+            c.problems.append("target_modules: empty; use all-linear, a regex, or a list of module names")
+        return c.problems
+
+
+@dataclass(frozen=True)
+class OptimizationSection:
+    """How long and how fast: steps, batches, AdamW and its schedule."""
+
+    seed: int = 0
+    """Seed for initialisation, data order, split and dropout."""
+    max_steps: int | None = None
+    """Optimizer steps to take; when absent, `epochs` passes over the training data."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is absent (may be fractional)."""
+    batch_size: int = 8
+    """Examples per micro-batch in each process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum * processes)."""
+    lr: float | None = None
+    """Peak learning rate of AdamW (default: the method's, 2e-4 for LoRA and QLoRA, 2e-5 for full)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (applied to matrices only, never to norms or biases)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warmup steps (overrides warmup_ratio when > 0)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a share of all steps, used when warmup_steps is 0."""
+    schedule: str = "cosine"
+    """Learning-rate decay after warmup: cosine|linear|constant."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decayed learning rate, as a share of lr."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (null: no clipping)."""
+
+    def problems(self) -> list[str]:
+        c = _Checks(self)
+        c.choice("schedule", SCHEDULES)
+        c.positive("batch_size", "grad_accum", "max_steps", "lr", "epochs")
+        c.positive("weight_decay", "warmup_steps", "warmup_ratio", "min_lr_ratio", allow_zero=True)
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            c.problems.append(f"max_grad_norm: {self.max_grad_norm!r} must be > 0 (or null for no clipping)")
+        c.share("warmup_ratio")
+        c.share("min_lr_ratio", closed=True)
+        if any(not 0 <= b < 1 for b in self.adam_betas):
+            c.problems.append(f"adam_betas: {list(self.adam_betas)!r} must both be in [0, 1)")
+        return c.problems
+
+
+@dataclass(frozen=True)
+class PrecisionSection:
+    """Numbers and memory: the dtype rule, recomputation, loss chunks, shared prefixes."""
+
+    precision: str = "auto"
+    """auto: bf16 where the device computes it natively, else fp32 (tailor env says which); bf16: frozen base
+    stored in bf16, compute in bf16 autocast, trainable weights fp32; fp32: all fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (about 30% slower)."""
+    loss_chunk_size: int = 1024
+    """Rows of the output head computed at once (bounds the fp32 logits memory)."""
+    share_prefix: bool = True
+    """Run the token prefix that all rows of a batch share (one system prompt) once per batch, not per row."""
+
+    def problems(self) -> list[str]:
+        c = _Checks(self)
+        c.choice("precision", PRECISIONS)
+        c.positive("loss_chunk_size")
+        return c.problems
+
+
+@dataclass(frozen=True)
+class DistributedSection:
+    """Where it computes: the device, CPU threads, and several processes (torchrun)."""
+
+    device: str | None = None
+    """cuda or cpu; default cuda when available."""
+    num_threads: int | None = None
+    """CPU threads for torch; default os.cpu_count()."""
+    strategy: str = "ddp"
+    """ddp: every process holds the whole model; fsdp: weights, gradients and optimizer state are split
+    across the processes (FSDP2)."""
+    timeout: float = 600.0
+    """Seconds a process waits for the others at a collective before the job fails (several processes)."""
+
+    def problems(self) -> list[str]:
+        c = _Checks(self)
+        c.choice("strategy", STRATEGIES)
+        c.positive("num_threads", "timeout")
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
+            c.problems.append(f"device: {self.device!r} is not cpu or cuda")
+        return c.problems
+
+
+@dataclass(frozen=True)
+class EvaluationSection:
+    """What the run reports while it trains: validation loss, metrics lines, the bar."""
+
+    eval_every: int = 0
+    """Validation loss every N steps (0: only at the end)."""
+    eval_batches: int | None = None
+    """Cap on validation batches per evaluation (null: the whole validation split)."""
+    log_every: int = 1
+    """Write a metrics.jsonl line every N steps."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def problems(self) -> list[str]:
+        c = _Checks(self)
+        c.positive("log_every", "eval_batches")
+        c.positive("eval_every", allow_zero=True)
+        return c.problems
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    """What the run writes and where: the run directory, checkpoints, the store."""
+
+    out: str | None = None
+    """Run directory; default runs/<name>."""
+    name: str | None = None
+    """Run name (default: <method>-<data stem>)."""
+    register: str | None = None
+    """Add the trained adapter to the adapter store as the next version of this name ($TAILOR_ADAPTERS)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep on disk."""
+    keep_best: bool = True
+    """Save the adapter with the lowest validation loss to best/ and use it as the final adapter."""
+    resume: bool = False
+    """Continue from the latest checkpoint in the run directory."""
+
+    def problems(self) -> list[str]:
+        c = _Checks(self)
+        c.positive("keep_checkpoints")
+        c.positive("save_every", allow_zero=True)
+        if self.register is not None:
+            from tailor.adapters.store import StoreError, check_name
+
+            try:
+                check_name(self.register)
+            except StoreError as error:
+                c.problems.append(f"register: {error}")
+        return c.problems
+
+
+# attribute name on TrainConfig.sections -> section class, in the order config.yaml lists them
+SECTIONS: dict[str, type] = {
+    "model": ModelSection, "data": DataSection, "lora": LoraSection, "optimization": OptimizationSection,
+    "precision": PrecisionSection, "distributed": DistributedSection, "evaluation": EvaluationSection,
+    "checkpoints": CheckpointSection,
+}
