@@ -329,6 +329,22 @@ def adapter_shapes(model: nn.Module, path: str, name: str, r: int) -> dict[str, 
     return {"lora_A.weight": (r * num_experts, d_in), "lora_B.weight": (d_out, r * num_experts)}
 
 
+def nested_paths(wrappers: Mapping[str, LoraParam], targets: Sequence[str]) -> dict[str, str]:
+    """`saved_paths` from existing wrappers {parameter key: LoraParam} (serving slots): {saved module path:
+    parameter key} for an adapter with these target_parameters."""
+    by_module: dict[str, tuple[nn.Module, set[str]]] = {}
+    for key, layer in wrappers.items():
+        if parameter_matches(targets, key):
+            entry = by_module.setdefault(key.rpartition(".")[0], (layer.get_base_layer(), set()))
+            entry[1].add(layer.parameter_name)
+    paths = {}
+    for path, (module, names) in by_module.items():
+        ordered = [n for n in module._parameters if n in names]  # registration order
+        for i, name in enumerate(ordered):
+            paths[path + ".base_layer" * (len(ordered) - 1 - i)] = f"{path}.{name}"
+    return paths
+
+
 def wrapper_for(model: nn.Module, path: str, name: str) -> LoraParam | None:
     """The LoraParam adapting parameter `name` of the module at bare path `path`, if there is one."""
     try:

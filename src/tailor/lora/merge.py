@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import _replace_module, _wrappers, lora_configs, lora_layers
 from .experts import LoraParam
+from .inject import _replace_module, _wrappers, lora_configs, lora_layers
 from .layer import LoraLayer
 
 
