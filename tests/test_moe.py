@@ -223,3 +223,22 @@ def test_serving_a_mixed_batch_equals_peft_greedy(arch, tmp_path):
     for request, prompt, name in zip(requests, prompts, names, strict=True):
         reference = MOE[arch]() if name is None else peft_model(arch, root / name)
         assert request.output_ids == _greedy(reference, prompt, 5), name
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_planner_counts_the_experts(arch):
+    """Total parameters (every expert) and all-linear's LoRA parameters (experts and router included, as
+    PEFT adapts them) equal the tiny models' actual counts."""
+    from tailor.plan.catalogue import architecture_from_hf_config
+    from tailor.plan.params import count_parameters, lora_parameters
+
+    model = MOE[arch]()
+    shape = architecture_from_hf_config(model.config.to_dict(), "config.json")
+    assert shape.num_experts == 4
+    assert count_parameters(shape).total == sum(p.numel() for p in model.parameters())
+    for rank in (2, 8):
+        adapted = add_lora(MOE[arch](), LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear"))
+        assert lora_parameters(shape, rank, "all-linear") == trainable_parameters(adapted)[0]
+    adapted = add_lora(MOE[arch](), LoraConfig(r=4, target_modules=["q_proj"],
+                                               target_parameters=["gate_up_proj", "down_proj"]))
+    assert lora_parameters(shape, 4, ["q_proj", "gate_up_proj", "down_proj"]) == trainable_parameters(adapted)[0]
