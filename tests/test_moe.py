@@ -31,7 +31,8 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
 MOE = {"mixtral": tiny_mixtral, "qwen3_moe": tiny_qwen3_moe}
 ALL_LINEAR = {"r": 2, "lora_alpha": 4, "target_modules": "all-linear"}
-DOWN_ONLY = {"r": 3, "lora_alpha": 6, "target_modules": ["q_proj"], "target_parameters": ["mlp.experts.down_proj"]}
+DOWN_ONLY = {"r": 3, "lora_alpha": 6, "target_modules": ["q_proj"],
+             "target_parameters": ["mlp.experts.down_proj"]}
 
 
 def _quiet(fn, *args, **kwargs):
@@ -56,7 +57,8 @@ def test_all_linear_adapts_experts_and_router_as_peft_does(arch):
     config = lora_configs(model)["default"]
     assert config.target_modules == ["k_proj", "o_proj", "q_proj", "v_proj"]  # short names, as PEFT writes
     assert config.target_parameters == ["down_proj", "gate.weight", "gate_up_proj"]
-    assert config.rank_pattern == {r".*\.gate_up_proj": 4} and config.alpha_pattern == {r".*\.gate_up_proj": 8}
+    assert config.rank_pattern == {r".*\.gate_up_proj": 4}
+    assert config.alpha_pattern == {r".*\.gate_up_proj": 8}
     expected = {f"model.layers.{i}.mlp.{p}" for i in range(2)
                 for p in ("experts.gate_up_proj", "experts.down_proj", "gate.weight")}
     assert set(param_wrappers(model)) == expected
@@ -241,4 +243,5 @@ def test_planner_counts_the_experts(arch):
         assert lora_parameters(shape, rank, "all-linear") == trainable_parameters(adapted)[0]
     adapted = add_lora(MOE[arch](), LoraConfig(r=4, target_modules=["q_proj"],
                                                target_parameters=["gate_up_proj", "down_proj"]))
-    assert lora_parameters(shape, 4, ["q_proj", "gate_up_proj", "down_proj"]) == trainable_parameters(adapted)[0]
+    targets = ["q_proj", "gate_up_proj", "down_proj"]
+    assert lora_parameters(shape, 4, targets) == trainable_parameters(adapted)[0]

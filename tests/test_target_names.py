@@ -52,7 +52,8 @@ def _odd_llama():
     (tiny_llama, {"exclude_modules": ["model.layers.0.self_attn.q_proj"]}, True),  # so is the exclusion
     (_odd_llama, {}, False),  # full paths: "down_proj" would also match the layer that was not adapted
 ], ids=["all-linear", "layer-1", "one-path-excluded", "same-name-not-linear"])
-def test_all_linear_is_saved_as_peft_writes_it_and_peft_adapts_the_same_modules(build, extra, short, tmp_path):
+def test_all_linear_is_saved_as_peft_writes_it_and_peft_adapts_the_same_modules(build, extra, short,
+                                                                                tmp_path):
     model = add_lora(build(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", **extra))
     randomise_trainable(model)
     save_adapter(model, tmp_path / "a")
@@ -73,7 +74,8 @@ def test_all_linear_is_saved_as_peft_writes_it_and_peft_adapts_the_same_modules(
 def test_an_adapter_saved_with_full_paths_still_loads(tmp_path):
     """What tailor wrote before: every module path of all-linear (14 for two layers)."""
     paths = [f"model.layers.{i}.{kind}.{name}" for i in range(2) for kind, names in
-             (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+             (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+              ("mlp", ("gate_proj", "up_proj", "down_proj")))
              for name in names]
     model = add_lora(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=paths))
     randomise_trainable(model)

@@ -128,7 +128,8 @@ def _problems(c: LoraConfig) -> list[str]:
     _check_names("target_modules", c.target_modules, problems)
     _check_names("exclude_modules", c.exclude_modules, problems)
     params = c.target_parameters
-    if params is not None and not (isinstance(params, list) and all(isinstance(p, str) and p for p in params)):
+    names_ok = isinstance(params, list) and all(isinstance(p, str) and p for p in params)
+    if params is not None and not names_ok:
         problems.append(f"target_parameters={params!r} must be None or a list of parameter names "
                         "(e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']).")
     elif params and (c.lora_dropout or c.fan_in_fan_out):

@@ -129,7 +129,7 @@ class LoraParam(LoraLayer):
         return [self.lora_A[name].weight, self.lora_B[name].weight]
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``scaling * B_e A_e`` for every expert, in the parameter's layout, fp32 (autograd flows through)."""
+        """``scaling * B_e A_e`` for every expert, in the parameter's layout, fp32 (autograd flows)."""
         return expert_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
                             self.num_experts, self.swapped, self.get_param().dim())
 
@@ -244,7 +244,8 @@ def _grouped_forward(module: nn.Module, named: dict, banks: list[LoraParam], slo
     n = first.shape[0]
     if n % rows:
         raise RuntimeError(f"LoRA slots on {type(module).__name__}: its input has {n} tokens, not a multiple "
-                           f"of the {rows} rows; per-row parameter adapters need (rows x tokens, ...) inputs.")
+                           f"of the {rows} rows; per-row parameter adapters need (rows x tokens, ...) "
+                           "inputs.")
     per_row = n // rows
     token_row = torch.arange(n, device=first.device) // per_row
     slot_of_row = torch.tensor(list(slots), device=first.device)
@@ -420,5 +421,6 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-__all__ = ["LoraParam", "ParamSlotBank", "adapter_shapes", "expert_delta", "moe_all_linear", "param_wrappers", "saved_paths",
+__all__ = ["LoraParam", "ParamSlotBank", "adapter_shapes", "expert_delta", "moe_all_linear", "nested_paths",
+           "param_wrappers", "saved_paths",
            "target_parameter_keys", "wrap_parameter", "wrapper_for"]

@@ -177,7 +177,7 @@ def _resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
         targets = _short_names(model, dataclasses.replace(probe, modules_to_save=modules_to_save), paths)
         moe, factors = experts.moe_all_linear(model, paths)
         if moe:
-            if config.layers_to_transform is not None:  # PEFT's parameter match has no layer filter: full keys
+            if config.layers_to_transform is not None:  # PEFT matches parameters without a layer filter
                 moe = [f"{p}.{n}" for p, n in experts.target_parameter_keys(model, moe)
                        if _layer_index_ok(config, f"{p}.{n}")]
             params = sorted(set(params or []) | set(moe))
@@ -186,7 +186,8 @@ def _resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     rank_pattern = {**config.rank_pattern, **{k: config.r * f for k, f in patterns.items()}}
     alpha_pattern = {**config.alpha_pattern, **{k: config.lora_alpha * f for k, f in patterns.items()}}
     return dataclasses.replace(config, target_modules=targets, modules_to_save=modules_to_save,
-                               target_parameters=params, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+                               target_parameters=params, rank_pattern=rank_pattern,
+                               alpha_pattern=alpha_pattern)
 
 
 def _short_names(model: nn.Module, config: LoraConfig, paths: list[str]) -> list[str]:
@@ -273,10 +274,12 @@ def _plan_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, st
     found = experts.target_parameter_keys(model, names)
     missing = [n for n in names if not any(experts.parameter_matches([n], f"{p}.{k}") for p, k in found)]
     if missing:
-        example = next((f"{k}.{n}" for k, m in model.named_modules() if not isinstance(m, (nn.Linear, LoraLayer))
+        example = next((f"{k}.{n}" for k, m in model.named_modules()
+                        if not isinstance(m, (nn.Linear, LoraLayer))
                         for n, p in m.named_parameters(recurse=False) if p.dim() == 3), None)
         raise LoraTargetError(f"target_parameters {missing} match no parameter of {type(model).__name__}"
-                              + (f" (e.g. {example!r})." if example else "; it has no 3-D expert parameters."))
+                              + (f" (e.g. {example!r})." if example
+                                 else "; it has no 3-D expert parameters."))
     clash = sorted({p for p, _ in found if target_matches(config, p)})
     if clash:
         raise LoraTargetError(f"{clash[:3]} are targeted both as modules (target_modules) and through their "

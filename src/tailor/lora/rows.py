@@ -238,15 +238,18 @@ class LoraSlots:
             raise SlotError(f"the adapter has weights for modules without slots: {unknown[:3]} "
                             f"({len(unknown)} in all); slots exist for {len(self.layers)} linear layers, "
                             f"e.g. {sorted(self.layers)[:2]}"
-                            + (f", and {len(self.params)} parameters (target_parameters)." if self.params else "."))
+                            + (f", and {len(self.params)} parameters (target_parameters)." if self.params
+                               else "."))
         for path, (a, b, _) in weights.items():
             if path in self.params:  # PEFT's (r*E, d_in) and (d_out, r*E)
                 layer = self.params[path]
                 experts = layer.num_experts
                 r = a.shape[0] // experts
-                fits = a.shape == (r * experts, layer.in_features) and b.shape == (layer.out_features, r * experts)
+                fits = (a.shape == (r * experts, layer.in_features)
+                        and b.shape == (layer.out_features, r * experts))
                 if not fits or r == 0:
-                    raise SlotError(f"parameter {path!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                    raise SlotError(f"parameter {path!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}"
+                                    " "
                                     f"do not fit {experts} expert(s) of ({layer.out_features} x "
                                     f"{layer.in_features}); was the adapter trained on another base model?")
                 if r > self.max_rank:
@@ -377,7 +380,8 @@ def add_lora_slots(
         LoraTargetError: the targets match nothing; ValueError: a target is not a linear layer, or the
             model already has slots.
     """
-    plan = plan_lora(model, LoraConfig(r=1, target_modules=target_modules, target_parameters=target_parameters))
+    plan = plan_lora(model, LoraConfig(r=1, target_modules=target_modules,
+                                       target_parameters=target_parameters))
     layers: dict[str, LoraLinear] = {}
     for path, module, _, _ in plan.targets:
         layer = module if isinstance(module, LoraLayer) else wrap_layer(module)

@@ -352,10 +352,10 @@ def architecture_from_hf_config(cfg: dict, source: str) -> Architecture:
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     default_tied = mt in ("gemma2",)
-    num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)  # hub files / transformers 5
+    num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)  # transformers 5 / hub
     if mt == "qwen3_moe" and (cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1):
-        raise PlanError(f"{source}: Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) is not "
-                        "counted by the planner; pass a raw parameter count instead.")
+        raise PlanError(f"{source}: Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) "
+                        "is not counted by the planner; pass a raw parameter count instead.")
     moe_width = cfg.get("moe_intermediate_size") if mt == "qwen3_moe" else cfg["intermediate_size"]
     extra = (
         {"pad_token_id": cfg["pad_token_id"]} if mt == "phi3" and cfg.get("pad_token_id") is not None else {}
