@@ -228,7 +228,7 @@ def test_serving_a_mixed_batch_equals_peft_greedy(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", sorted(MOE))
-def test_planner_counts_the_experts(arch):
+def test_planner_counts_the_experts(arch, tmp_path):
     """Total parameters (every expert) and all-linear's LoRA parameters (experts and router included, as
     PEFT adapts them) equal the tiny models' actual counts."""
     from tailor.plan.catalogue import architecture_from_hf_config
@@ -245,3 +245,11 @@ def test_planner_counts_the_experts(arch):
                                                target_parameters=["gate_up_proj", "down_proj"]))
     targets = ["q_proj", "gate_up_proj", "down_proj"]
     assert lora_parameters(shape, 4, targets) == trainable_parameters(adapted)[0]
+    model.config.to_json_file(tmp_path / "config.json")
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+
+    result = CliRunner().invoke(app, ["plan", "--model", str(tmp_path / "config.json"), "--method", "lora",
+                                      "--target-modules", "all-linear", "--rank", "2"])
+    assert result.exit_code == 0, result.output  # the memory estimate runs for an MoE model too
