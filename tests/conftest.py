@@ -65,6 +65,32 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config).eval()
 
 
+def tiny_mixtral(seed: int = 0, **overrides):
+    """A tiny Mixtral: experts as 3-D parameters (transformers 5), 4 experts, top-2, 2 layers."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        **overrides,
+    )
+    return MixtralForCausalLM(config).eval()
+
+
+def tiny_qwen3_moe(seed: int = 0, **overrides):
+    """A tiny Qwen3-MoE: 4 experts of moe_intermediate_size 24, top-2, 2 layers, head_dim 8."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=128, **overrides,
+    )
+    return Qwen3MoeForCausalLM(config).eval()
+
+
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)
@@ -178,8 +204,9 @@ def serving(app) -> Iterator[str]:
         thread.join(timeout=30)
 
 
-def tiny_model_dir(path: Path, seed: int = 0) -> Path:
-    """A tiny random Llama + a character tokenizer (ids < VOCAB) with ChatML, saved as an HF dir."""
+def tiny_model_dir(path: Path, seed: int = 0, builder=None) -> Path:
+    """A tiny random Llama (or `builder`'s model) + a character tokenizer (ids < VOCAB) with ChatML, saved
+    as an HF dir."""
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
     vocab = {token: i for i, token in enumerate(CHAR_SPECIALS + chars)}
     assert len(vocab) <= VOCAB
@@ -189,7 +216,7 @@ def tiny_model_dir(path: Path, seed: int = 0) -> Path:
                                         pad_token="<|im_end|>", additional_special_tokens=CHAR_SPECIALS[1:])
     tokenizer.chat_template = CHATML
     end = vocab["<|im_end|>"]
-    model = tiny_llama(seed, bos_token_id=None, eos_token_id=end, pad_token_id=end)
+    model = (builder or tiny_llama)(seed, bos_token_id=None, eos_token_id=end, pad_token_id=end)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -33,6 +33,8 @@ from tailor.adapters.metadata import (
 )
 from tailor.files import atomic_output, atomic_write_text
 from tailor.lora import LoraConfig, LoraConfigError, add_lora, delete_adapter, lora_configs, plan_lora
+from tailor.lora.experts import LoraParam, saved_paths, strip_base_layer
+from tailor.lora.experts import adapter_shapes as parameter_shapes
 from tailor.lora.inject import _wrappers, lora_layers
 from tailor.lora.layer import LoraLayer, adapter_shapes, adapter_tensors
 from tailor.lora.modules_to_save import ModulesToSaveWrapper
@@ -52,7 +54,7 @@ INFORMATIONAL_KEYS = {
 PEFT_DEFAULTS: dict[str, Any] = {
     "auto_mapping": None, "inference_mode": True, "layer_replication": None, "loftq_config": {},
     "lora_bias": False, "megatron_config": None, "megatron_core": "megatron.core", "revision": None,
-    "target_parameters": None, "trainable_token_indices": None, "use_dora": False,
+    "trainable_token_indices": None, "use_dora": False,
 }
 
 
@@ -235,8 +237,11 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     if name not in configs:
         raise ValueError(f"The model has no adapter {name!r}; it has {sorted(configs)}.")
     state: dict[str, torch.Tensor] = {}
+    saved = _parameter_paths(model, configs[name])
     for key, layer in lora_layers(model).items():
         if name in layer.adapter_names:
+            if isinstance(layer, LoraParam):  # under PEFT's nesting for this adapter's parameters
+                key = saved[f"{strip_base_layer(key)}.{layer.parameter_name}"]
             for suffix, tensor in adapter_tensors(layer, name).items():
                 state[f"{key}.{suffix}"] = tensor
             if configs[name].bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
@@ -252,6 +257,15 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
             if (key == "bias" or key.endswith(".bias")) and not inside_wrapper:
                 state[key] = p
     return {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def _parameter_paths(model: nn.Module, config: LoraConfig) -> dict[str, str]:
+    """{parameter key: the module path its tensors are saved under} (PEFT nests one wrapper per adapted
+    parameter of a module; the path depends on this adapter's target_parameters only, not on the wrappers
+    other adapters or serving slots put into the model)."""
+    if not config.target_parameters:
+        return {}
+    return {param: path for path, param in saved_paths(model, config.target_parameters).items()}
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -316,6 +330,10 @@ def _check_fit(model: nn.Module, config: LoraConfig, weights: dict[str, torch.Te
     for key, module, r, _ in plan.targets:
         for suffix, shape in adapter_shapes(module, r).items():
             expected[f"{key}.{suffix}"] = shape
+    saved = _parameter_paths(model, plan.config)
+    for path, param_name, r, _ in plan.parameters:
+        for suffix, shape in parameter_shapes(model, path, param_name, r).items():
+            expected[f"{saved[f'{path}.{param_name}']}.{suffix}"] = shape
     for key, module in plan.modules_to_save:
         original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
         for k, tensor in original.state_dict().items():
@@ -402,7 +420,10 @@ def _check_metadata(model: nn.Module, directory: Path, force: bool) -> None:
 
 @torch.no_grad()
 def _copy_weights(model: nn.Module, name: str, weights: dict[str, torch.Tensor], extras: dict) -> None:
+    saved = _parameter_paths(model, lora_configs(model)[name])
     for key, layer in lora_layers(model).items():
+        if isinstance(layer, LoraParam) and name in layer.adapter_names:
+            key = saved[f"{strip_base_layer(key)}.{layer.parameter_name}"]
         if isinstance(layer, LoraLayer) and name in layer.adapter_names:
             for suffix, param in adapter_tensors(layer, name).items():
                 param.copy_(weights[f"{key}.{suffix}"].to(param.dtype))

@@ -14,9 +14,11 @@ reported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,9 +323,26 @@ def _logits_in(model: nn.Module, prompts: list[torch.Tensor], dtype: torch.dtype
         return _logits(model, prompts)
     model.to(dtype)
     try:
-        return [logits.double() for logits in _logits(model, prompts)]
+        with _eager_experts(model):
+            return [logits.double() for logits in _logits(model, prompts)]
     finally:
         model.to(before)
+
+
+@contextlib.contextmanager
+def _eager_experts(model: nn.Module) -> Iterator[None]:
+    """Mixture-of-experts models run their experts with transformers' "grouped_mm" kernel by default, which
+    has no float64 ("Expected mat_a to be Float32, BFloat16 or Float16"): the float64 check runs them with
+    the "eager" implementation (the same function, one matmul per expert)."""
+    current = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    if current in (None, "eager") or not hasattr(model, "set_experts_implementation"):
+        yield
+        return
+    model.set_experts_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(current)
 
 
 def _tolerance(check: torch.dtype, reference: list[torch.Tensor]) -> float:

@@ -36,6 +36,12 @@ class LoraConfig:
     target_modules: list[str] | str | None = None
     """Module names (suffix match on '.'), a regex (full match on the module path), or "all-linear"
     (every nn.Linear / Conv1D except the output head). None: PEFT's default for the model type."""
+    target_parameters: list[str] | None = None
+    """Parameters adapted directly (PEFT's ``target_parameters``): names matched as suffixes of
+    ``<module path>.<parameter name>`` (e.g. "mlp.experts.gate_up_proj", "gate.weight"), no regex. For the
+    3-D expert stacks of mixture-of-experts models (E, d_out, d_in) that are not nn.Linear: each expert e
+    gets its own rank-r update ``scaling * B_e A_e`` (tailor.lora.experts). "all-linear" fills it in for
+    MoE models as PEFT does."""
     exclude_modules: list[str] | str | None = None
     """Module names (suffix match) or a regex (full match) never to adapt."""
     bias: str = "none"
@@ -65,6 +71,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_parameters, (tuple, set)):
+            self.target_parameters = sorted(self.target_parameters)
         if isinstance(self.exclude_modules, (tuple, set)):
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (tuple, set)):
@@ -119,6 +127,14 @@ def _problems(c: LoraConfig) -> list[str]:
         problems.append(f"lora_dropout={c.lora_dropout!r} must be a number in [0, 1).")
     _check_names("target_modules", c.target_modules, problems)
     _check_names("exclude_modules", c.exclude_modules, problems)
+    params = c.target_parameters
+    names_ok = isinstance(params, list) and all(isinstance(p, str) and p for p in params)
+    if params is not None and not names_ok:
+        problems.append(f"target_parameters={params!r} must be None or a list of parameter names "
+                        "(e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']).")
+    elif params and (c.lora_dropout or c.fan_in_fan_out):
+        problems.append("target_parameters cannot be combined with lora_dropout > 0 or fan_in_fan_out (as in "
+                        "PEFT: the update is added to the parameter, so x cannot be dropped out).")
     if c.bias not in BIAS_CHOICES:
         problems.append(f"bias={c.bias!r} must be one of {list(BIAS_CHOICES)}.")
     if not (isinstance(c.init_lora_weights, bool) or c.init_lora_weights == "gaussian"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import experts
 from .config import ALL_LINEAR, LoraConfig
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, is_conv1d, wrap_layer
 from .modules_to_save import ModulesToSaveWrapper
@@ -35,11 +36,13 @@ class LoraTargetError(ValueError):
 
 @dataclass
 class LoraPlan:
-    """What add_lora will do: the resolved config, (path, module, r, alpha) targets, modules to save."""
+    """What add_lora will do: the resolved config, (path, module, r, alpha) targets, modules to save, and
+    (module path, parameter name, r, alpha) for the parameters adapted directly (target_parameters)."""
 
     config: LoraConfig
     targets: list[tuple[str, nn.Module, int, float]]
     modules_to_save: list[tuple[str, nn.Module]]
+    parameters: list[tuple[str, str, int, float]] = dataclasses.field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- matching
@@ -141,13 +144,21 @@ def _describe_layers(model: nn.Module) -> str:
 
 
 def _resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """Turn None / "all-linear" into explicit targets and add PEFT's SEQ_CLS head to modules_to_save."""
+    """Turn None / "all-linear" into explicit targets and add PEFT's SEQ_CLS head to modules_to_save.
+
+    "all-linear" is written as PEFT writes it: the short names of the adapted layers (``q_proj``, ...), or
+    their full paths where the short names would also match layers that are not adapted; on an MoE model
+    also PEFT's target_parameters for the experts and the router (tailor.lora.experts.moe_all_linear).
+    """
     targets = config.target_modules
+    params, patterns = config.target_parameters, {}
     modules_to_save = list(config.modules_to_save) if config.modules_to_save else None
     if config.task_type == "SEQ_CLS":
         modules_to_save = modules_to_save or []
         modules_to_save += [n for n in CLASSIFIER_HEAD_NAMES if n not in modules_to_save]
-    if targets is None:
+    if targets is None and params:
+        targets = []  # PEFT: only the parameters are adapted
+    elif targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
             raise LoraTargetError(
@@ -159,11 +170,33 @@ def _resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
         heads = _output_head_names(model)
         probe = dataclasses.replace(config, target_modules=[], modules_to_save=modules_to_save)
         # Resolve to full paths (what PEFT saves); apply the layer filter here because exact paths bypass it.
-        targets = sorted(
+        paths = sorted(
             k for k, m in _candidate_modules(model)
             if _is_linear(m) and k not in heads and not _excluded(probe, k) and _layer_index_ok(config, k)
         )
-    return dataclasses.replace(config, target_modules=targets, modules_to_save=modules_to_save)
+        targets = _short_names(model, dataclasses.replace(probe, modules_to_save=modules_to_save), paths)
+        moe, factors = experts.moe_all_linear(model, paths)
+        if moe:
+            if config.layers_to_transform is not None:  # PEFT matches parameters without a layer filter
+                moe = [f"{p}.{n}" for p, n in experts.target_parameter_keys(model, moe)
+                       if _layer_index_ok(config, f"{p}.{n}")]
+            params = sorted(set(params or []) | set(moe))
+            for name, factor in factors.items():  # PEFT: the fused pair keeps alpha / r of each v4 half
+                patterns[rf".*\.{name}"] = factor
+    rank_pattern = {**config.rank_pattern, **{k: config.r * f for k, f in patterns.items()}}
+    alpha_pattern = {**config.alpha_pattern, **{k: config.lora_alpha * f for k, f in patterns.items()}}
+    return dataclasses.replace(config, target_modules=targets, modules_to_save=modules_to_save,
+                               target_parameters=params, rank_pattern=rank_pattern,
+                               alpha_pattern=alpha_pattern)
+
+
+def _short_names(model: nn.Module, config: LoraConfig, paths: list[str]) -> list[str]:
+    """The layers' short names (PEFT's form) if they select exactly `paths` under `config`'s layer filter
+    and exclusions; otherwise the full paths."""
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    probe = dataclasses.replace(config, target_modules=names)
+    selected = [k for k, _ in _candidate_modules(model) if target_matches(probe, k)]
+    return names if sorted(selected) == paths else paths
 
 
 def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
@@ -184,11 +217,13 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
                 f"target_modules {missing} match no module of {type(model).__name__}. "
                 + _describe_layers(model)
             )
+    parameters = _plan_parameters(model, config)
     targets, unsupported = [], []
     for key, module in candidates:
         if not target_matches(config, key):
             continue
-        if not isinstance(module, (nn.Linear, nn.Embedding, LoraLayer)) and not is_conv1d(module):
+        if isinstance(module, experts.LoraParam) or (
+                not isinstance(module, (nn.Linear, nn.Embedding, LoraLayer)) and not is_conv1d(module)):
             unsupported.append(f"{key} ({type(module).__name__})")
             continue
         r = pattern_value(config.rank_pattern, key, config.r)
@@ -199,7 +234,7 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
             f"target_modules {config.target_modules!r} match modules LoRA cannot wrap: {unsupported[:5]}. "
             "Supported are nn.Linear, GPT-2 Conv1D and nn.Embedding. " + _describe_layers(model)
         )
-    if not targets:
+    if not targets and not parameters:
         raise LoraTargetError(
             f"No module was targeted (target_modules={config.target_modules!r}, "
             f"exclude_modules={config.exclude_modules!r}, "
@@ -208,7 +243,8 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
         )
     for field_name in ("rank_pattern", "alpha_pattern"):
         patterns = getattr(config, field_name)
-        unused = [p for p in patterns if all(pattern_value({p: 1}, t[0], None) is None for t in targets)]
+        keys = [t[0] for t in targets] + [f"{p}.{n}" for p, n, _, _ in parameters]
+        unused = [p for p in patterns if all(pattern_value({p: 1}, k, None) is None for k in keys)]
         if unused:
             warnings.warn(f"{field_name} keys {unused} match no targeted module; ignored.", stacklevel=3)
     saves: list[tuple[str, nn.Module]] = []
@@ -223,7 +259,37 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
         )
     if any(is_conv1d(m.base_layer if isinstance(m, LoraLayer) else m) for _, m, _, _ in targets):
         config = dataclasses.replace(config, fan_in_fan_out=True)  # PEFT records this for Conv1D models
-    return LoraPlan(config=config, targets=targets, modules_to_save=saves)
+    return LoraPlan(config=config, targets=targets, modules_to_save=saves, parameters=parameters)
+
+
+def _plan_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, str, int, float]]:
+    """(module path, parameter name, r, alpha) of the parameters config.target_parameters names.
+
+    Raises:
+        LoraTargetError: a name matches nothing, or the parameter's module is also a module target.
+    """
+    names = config.target_parameters or []
+    if not names:
+        return []
+    found = experts.target_parameter_keys(model, names)
+    missing = [n for n in names if not any(experts.parameter_matches([n], f"{p}.{k}") for p, k in found)]
+    if missing:
+        example = next((f"{k}.{n}" for k, m in model.named_modules()
+                        if not isinstance(m, (nn.Linear, LoraLayer))
+                        for n, p in m.named_parameters(recurse=False) if p.dim() == 3), None)
+        raise LoraTargetError(f"target_parameters {missing} match no parameter of {type(model).__name__}"
+                              + (f" (e.g. {example!r})." if example
+                                 else "; it has no 3-D expert parameters."))
+    clash = sorted({p for p, _ in found if target_matches(config, p)})
+    if clash:
+        raise LoraTargetError(f"{clash[:3]} are targeted both as modules (target_modules) and through their "
+                              "parameters (target_parameters); PEFT refuses this too: name them once.")
+    planned = []
+    for path, name in found:
+        key = f"{path}.{name}"
+        r = pattern_value(config.rank_pattern, key, config.r)
+        planned.append((path, name, r, pattern_value(config.alpha_pattern, key, config.lora_alpha)))
+    return planned
 
 
 def _suffix_match_any(keys: list[str], name: str) -> bool:
@@ -277,6 +343,9 @@ def add_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.
             layer.add_adapter(name, r, alpha, plan.config.lora_dropout, plan.config.use_rslora, init)
             if layer is not module:
                 _replace_module(model, key, layer)
+        for path, param_name, r, alpha in plan.parameters:
+            layer = experts.wrap_parameter(model, path, param_name)
+            layer.add_adapter(name, r, alpha, 0.0, plan.config.use_rslora, init)
         for key, module in plan.modules_to_save:
             wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
             wrapper.add_adapter(name)
@@ -360,8 +429,11 @@ def _remove_adapter(model: nn.Module, name: str) -> None:
     for key, layer in lora_layers(model).items():
         if name in layer.adapter_names:
             layer.delete_adapter(name)
+        if isinstance(layer, experts.LoraParam):  # taken out below, innermost first
+            continue
         if not layer.adapter_names and layer.slot_bank is None:  # a layer with adapter slots stays wrapped
             _replace_module(model, key, layer.base_layer)
+    experts.unwrap_empty(model)
     for key, wrapper in _wrappers(model).items():
         if name in wrapper.adapter_names:
             wrapper.delete_adapter(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .experts import LoraParam
 from .inject import _replace_module, _wrappers, lora_configs, lora_layers
 from .layer import LoraLayer
 
@@ -13,9 +14,14 @@ class UnsafeMergeError(ValueError):
     """A safe merge found non-finite values; nothing was changed."""
 
 
+def _weight(layer: LoraLayer) -> torch.Tensor:
+    """The tensor the adapter updates: the base layer's weight, or the adapted parameter (LoraParam)."""
+    return layer.get_param() if isinstance(layer, LoraParam) else layer.base_layer.weight
+
+
 def _merged_weight(layer: LoraLayer, name: str) -> torch.Tensor:
     """W + delta computed in fp32 (also for bf16/fp16 bases), cast back to W's dtype."""
-    weight = layer.base_layer.weight
+    weight = _weight(layer)
     return (weight.float() + layer.delta_weight(name).to(weight.device)).to(weight.dtype)
 
 
@@ -38,7 +44,7 @@ def merge_lora(model: nn.Module, safe: bool = False, adapter_names: list[str] | 
     """
     layers = lora_layers(model)
     for key, layer in layers.items():
-        weight = layer.base_layer.weight
+        weight = _weight(layer)
         if _to_merge(layer, adapter_names) and not weight.is_floating_point():
             raise ValueError(
                 f"Cannot merge into {key!r}: its base weight is stored as {weight.dtype} "
@@ -55,7 +61,7 @@ def merge_lora(model: nn.Module, safe: bool = False, adapter_names: list[str] | 
                     )
     for layer in layers.values():
         for name in _to_merge(layer, adapter_names):
-            layer.base_layer.weight.data = _merged_weight(layer, name)
+            _weight(layer).data = _merged_weight(layer, name)
             layer.merged_adapters.append(name)
     return model
 
@@ -64,7 +70,7 @@ def merge_lora(model: nn.Module, safe: bool = False, adapter_names: list[str] | 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Subtract every merged adapter again, last merged first (fp32 arithmetic)."""
     for layer in lora_layers(model).values():
-        weight = layer.base_layer.weight
+        weight = _weight(layer)
         while layer.merged_adapters:
             name = layer.merged_adapters.pop()
             weight.data = (weight.float() - layer.delta_weight(name).to(weight.device)).to(weight.dtype)
@@ -79,7 +85,8 @@ def unload_lora(model: nn.Module, merge: bool = True, safe: bool = False) -> nn.
     """
     if merge:
         merge_lora(model, safe=safe)
-    for key, layer in lora_layers(model).items():
+    # innermost first: nested wrappers (several parameters of one module) keep valid paths
+    for key, layer in reversed(lora_layers(model).items()):
         _replace_module(model, key, layer.base_layer)
     for key, wrapper in _wrappers(model).items():
         _replace_module(model, key, wrapper._current() if merge else wrapper.original_module)

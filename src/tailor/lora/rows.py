@@ -23,6 +23,10 @@ fresh buffers before the ``bmm`` read them (`benchmarks/lora_rows_decode.py`: th
 faster with the copies kept; whole engine decode steps 1.05-1.33x). The copies cost one adapter per
 running row; the engine frees them when idle (`LoraSlots.drop_row_copies`).
 
+Parameters adapted directly (MoE experts and routers, ``target_parameters``: tailor.lora.experts) hold
+their slots as PEFT's tensors (A (r*E, d_in), scaling * B (d_out, r*E)); their module runs once per group of
+rows sharing a slot, with that slot's update added to the parameter (``experts.ParamSlotBank``).
+
 The slots live beside the layers' named adapters (``add_lora``), which still apply to every row as before.
 Usage::
 
@@ -42,8 +46,9 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .inject import _replace_module, plan_lora
-from .layer import LoraLayer, LoraLinear, wrap_layer
+from .experts import LoraParam, ParamSlotBank, nested_paths, wrap_parameter
+from .inject import _replace_module, pattern_value, plan_lora
+from .layer import LoraLayer, LoraLinear, lora_scaling, wrap_layer
 
 NO_ADAPTER = -1  # a row's slot when it uses no adapter
 
@@ -169,11 +174,12 @@ class LoraSlots:
     """
 
     def __init__(self, layers: Mapping[str, LoraLinear], num_slots: int, max_rank: int,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, params: Mapping[str, LoraParam] | None = None) -> None:
         if num_slots < 1 or max_rank < 1:
             raise ValueError(f"num_slots={num_slots} and max_rank={max_rank} must both be >= 1.")
         self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
         self.layers = dict(layers)
+        self.params = dict(params or {})  # {parameter key: LoraParam}
         self.index: torch.Tensor | None = None  # (B,) slot per row, num_slots meaning none
         self.values: tuple[int, ...] = ()  # the same as a tuple
         self.uniform: int | None = num_slots  # the slot every row uses; None when rows differ
@@ -184,6 +190,8 @@ class LoraSlots:
             a = torch.zeros(num_slots + 1, layer.in_features, max_rank, dtype=dtype, device=device)
             b = torch.zeros(num_slots + 1, max_rank, layer.out_features, dtype=dtype, device=device)
             layer.slot_bank = SlotBank(self, a, b)
+        for param in self.params.values():
+            param.slot_bank = ParamSlotBank(self)
 
     def cast(self, x: torch.Tensor) -> torch.Tensor:
         """x in the banks' dtype; q/k/v (and gate/up) get the same input tensor: it is converted once."""
@@ -199,7 +207,25 @@ class LoraSlots:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.layers.values())).slot_bank.a.device
+        if self.layers:
+            return next(iter(self.layers.values())).slot_bank.a.device
+        return next(iter(self.params.values())).get_param().device
+
+    def adapter_weights(self, config: LoraConfig, halves: Mapping[str, Sequence[torch.Tensor]]
+                        ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], int]:
+        """An adapter's saved tensors {saved module path: (A, B)} as `write` takes them, {key: (A, B,
+        scaling)}, and its largest rank. Module paths stay; PEFT's nested parameter paths
+        (``<module>[.base_layer]``) become parameter keys (``<module>.<parameter>``), whose rank is
+        A's rows / E. Scaling uses `config`'s alpha (alpha_pattern: module path or parameter key)."""
+        paths = nested_paths(self.params, config.target_parameters or [])
+        weights, rank = {}, 0
+        for path, (a, b) in halves.items():
+            key = paths.get(path, path)
+            r = a.shape[0] // self.params[key].num_experts if key in self.params else a.shape[0]
+            alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
+            weights[key] = (a, b, lora_scaling(max(r, 1), alpha, config.use_rslora))
+            rank = max(rank, r)
+        return weights, rank
 
     def check(self, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         """Refuse weights that would not fit: unknown module, wrong shapes, rank above max_rank.
@@ -207,12 +233,30 @@ class LoraSlots:
         Raises:
             SlotError: naming the module, the shapes and the fix.
         """
-        unknown = sorted(set(weights) - set(self.layers))
+        unknown = sorted(set(weights) - set(self.layers) - set(self.params))
         if unknown:
             raise SlotError(f"the adapter has weights for modules without slots: {unknown[:3]} "
                             f"({len(unknown)} in all); slots exist for {len(self.layers)} linear layers, "
-                            f"e.g. {sorted(self.layers)[:2]}.")
+                            f"e.g. {sorted(self.layers)[:2]}"
+                            + (f", and {len(self.params)} parameters (target_parameters)." if self.params
+                               else "."))
         for path, (a, b, _) in weights.items():
+            if path in self.params:  # PEFT's (r*E, d_in) and (d_out, r*E)
+                layer = self.params[path]
+                experts = layer.num_experts
+                r = a.shape[0] // experts
+                fits = (a.shape == (r * experts, layer.in_features)
+                        and b.shape == (layer.out_features, r * experts))
+                if not fits or r == 0:
+                    raise SlotError(f"parameter {path!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}"
+                                    " "
+                                    f"do not fit {experts} expert(s) of ({layer.out_features} x "
+                                    f"{layer.in_features}); was the adapter trained on another base model?")
+                if r > self.max_rank:
+                    raise SlotError(f"parameter {path!r} has rank {r}, above max_lora_rank={self.max_rank}; "
+                                    "raise max_lora_rank (all-linear on an MoE model gives the experts' "
+                                    "gate_up_proj twice the rank, as PEFT does) or use a lower rank.")
+                continue
             layer = self.layers[path]
             r = a.shape[0]
             if a.shape != (r, layer.in_features) or b.shape != (layer.out_features, r):
@@ -236,6 +280,10 @@ class LoraSlots:
         self.check(weights)
         prepared = {}
         for path, (a, b, scaling) in weights.items():
+            if path in self.params:  # kept in PEFT's layout, scaling folded into B
+                prepared[path] = (a.to(self.dtype).contiguous(),
+                                  (b.to(torch.float32) * scaling).to(self.dtype).contiguous())
+                continue
             a_t = a.T.to(self.dtype).contiguous()  # (r, d_in) -> (d_in, r)
             b_t = (b.to(torch.float32) * scaling).T.to(self.dtype).contiguous()  # (d_out, r) -> (r, d_out)
             prepared[path] = (a_t, b_t)
@@ -257,9 +305,15 @@ class LoraSlots:
         """Put an adapter from `prepare` into `slot` (copies only; ranks below max_rank zero padded)."""
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} is outside [0, {self.num_slots}).")
-        unknown = set(prepared) - set(self.layers)
+        unknown = set(prepared) - set(self.layers) - set(self.params)
         if unknown:
             raise SlotError(f"prepared weights for modules without slots: {sorted(unknown)[:3]}.")
+        for key, param in self.params.items():
+            if key in prepared:
+                a, b = prepared[key]
+                param.slot_bank.weights[slot] = (a, b, 1.0)
+            else:
+                param.slot_bank.weights.pop(slot, None)
         for path, layer in self.layers.items():
             bank = layer.slot_bank
             bank.forget_slot(slot)
@@ -314,9 +368,10 @@ class LoraSlots:
 
 def add_lora_slots(
     model: nn.Module, num_slots: int, max_rank: int, target_modules: str | list[str] = ALL_LINEAR,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, target_parameters: list[str] | None = None,
 ) -> LoraSlots:
-    """Give the targeted linear layers (default: all but the output head) `num_slots` adapter slots.
+    """Give the targeted linear layers (default: all but the output head; on an MoE model also the experts'
+    and routers' parameters, as "all-linear" resolves them) `num_slots` adapter slots.
 
     Layers are wrapped in ``LoraLinear`` where they are not LoRA layers yet (named adapters added before or
     after keep working). Returns the `LoraSlots` that fills the slots and sets the rows' slots.
@@ -325,7 +380,8 @@ def add_lora_slots(
         LoraTargetError: the targets match nothing; ValueError: a target is not a linear layer, or the
             model already has slots.
     """
-    plan = plan_lora(model, LoraConfig(r=1, target_modules=target_modules))
+    plan = plan_lora(model, LoraConfig(r=1, target_modules=target_modules,
+                                       target_parameters=target_parameters))
     layers: dict[str, LoraLinear] = {}
     for path, module, _, _ in plan.targets:
         layer = module if isinstance(module, LoraLayer) else wrap_layer(module)
@@ -337,7 +393,13 @@ def add_lora_slots(
         if layer is not module:
             _replace_module(model, path, layer)
         layers[path] = layer
-    return LoraSlots(layers, num_slots, max_rank, dtype)
+    params: dict[str, LoraParam] = {}
+    for path, name, _, _ in plan.parameters:
+        param = wrap_parameter(model, path, name)
+        if param.slot_bank is not None:
+            raise ValueError(f"{path}.{name!r} already has adapter slots; add them once per model.")
+        params[f"{path}.{name}"] = param
+    return LoraSlots(layers, num_slots, max_rank, dtype, params=params)
 
 
 __all__ = ["NO_ADAPTER", "LoraSlots", "SlotBank", "SlotError", "add_lora_slots"]

@@ -42,6 +42,9 @@ class Architecture:
     norms_per_layer: int = 2  # Gemma-2 has four RMSNorms per block (pre and post, attention and MLP)
     fused_qkv: bool = False  # Phi-3: one qkv_proj and one gate_up_proj
     max_position_embeddings: int = 4096
+    num_experts: int = 0  # mixture-of-experts: experts per layer (0: a dense MLP)
+    moe_intermediate_size: int = 0  # each expert's MLP width (Mixtral: intermediate_size)
+    qk_norm: bool = False  # Qwen3(-MoE): RMSNorms of head_dim on q and k in every layer
     source: str = "catalogue"  # where the shape came from, shown in the output
     published_params: int | None = None  # the total the model card / HF reports, when known
     assumption: str | None = None  # stated when the shape was guessed (raw parameter count)
@@ -63,6 +66,10 @@ class Architecture:
             "tie_word_embeddings": self.tie_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
         }
+        if self.num_experts:
+            cfg["num_local_experts" if self.model_type == "mixtral" else "num_experts"] = self.num_experts
+            if self.model_type != "mixtral":
+                cfg["moe_intermediate_size"] = self.moe_intermediate_size
         cfg.update(self.extra_hf)
         return cfg
 
@@ -241,7 +248,7 @@ _ENTRIES = [
 ]
 CATALOGUE: dict[str, Architecture] = {a.name: a for a in _ENTRIES}
 
-_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma2", "phi3")
+_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma2", "phi3", "mixtral", "qwen3_moe")
 
 
 def _normalise(name: str) -> str:
@@ -345,6 +352,11 @@ def architecture_from_hf_config(cfg: dict, source: str) -> Architecture:
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     default_tied = mt in ("gemma2",)
+    num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)  # transformers 5 / hub
+    if mt == "qwen3_moe" and (cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1):
+        raise PlanError(f"{source}: Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step) "
+                        "is not counted by the planner; pass a raw parameter count instead.")
+    moe_width = cfg.get("moe_intermediate_size") if mt == "qwen3_moe" else cfg["intermediate_size"]
     extra = (
         {"pad_token_id": cfg["pad_token_id"]} if mt == "phi3" and cfg.get("pad_token_id") is not None else {}
     )
@@ -363,6 +375,9 @@ def architecture_from_hf_config(cfg: dict, source: str) -> Architecture:
         norms_per_layer=4 if mt == "gemma2" else 2,
         fused_qkv=mt == "phi3",
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        num_experts=num_experts if mt in ("mixtral", "qwen3_moe") else 0,
+        moe_intermediate_size=int(moe_width or 0) if mt in ("mixtral", "qwen3_moe") else 0,
+        qk_norm=mt == "qwen3_moe",
         source=source,
         extra_hf=extra,
     )

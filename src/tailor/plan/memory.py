@@ -139,6 +139,7 @@ _INPUT_OF = {
     "up_proj": "mlp_in",
     "gate_up_proj": "mlp_in",
     "down_proj": "down_in",
+    "gate": "mlp_in",  # an MoE router (plan.params.moe_parameters) reads the MLP input
 }
 
 

@@ -29,8 +29,7 @@ from tailor.adapters.format import (
     read_adapter_config,
     read_adapter_weights,
 )
-from tailor.lora import LoraSlots, SlotError, add_lora_slots, lora_scaling
-from tailor.lora.inject import pattern_value
+from tailor.lora import LoraSlots, SlotError, add_lora_slots
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
 
@@ -95,15 +94,12 @@ def read_for_slots(directory: Path, slots: LoraSlots) -> tuple[dict, int]:
     if incomplete or not halves:
         raise AdapterRefusedError(f"{directory}: lora_A/lora_B pairs are incomplete for {incomplete[:3]} "
                                   "(or there are none); save the adapter again.")
-    weights = {}
-    for path, (a, b) in halves.items():
-        alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
-        weights[path] = (a, b, lora_scaling(a.shape[0], alpha, config.use_rslora))
+    weights, rank = slots.adapter_weights(config, halves)  # MoE parameters: PEFT's paths -> their keys
     try:
         prepared = slots.prepare(weights)  # checked, transposed, scaled: a slot write is then a copy
     except SlotError as error:
         raise AdapterRefusedError(f"{directory}: {error}") from None
-    return prepared, max(a.shape[0] for a, _, _ in weights.values())
+    return prepared, rank
 
 
 class AdapterManager:
