@@ -182,7 +182,7 @@ def test_published_rows_within_15_percent_except_the_quantiser_spike():
 def test_cli_stack_flags_reach_the_plan():
     args = ["plan", "--model", "Llama-3.1-8B", "--method", "full", "--optimizer", "adamw-8bit-paged",
             "--optimizer-in-backward", "--compile", "--loss-chunk-tokens", "512", "--activation-offloading",
-            "--batch-size", "2", "--seq-len", "2048", "--json"]
+            "--batch-size", "2", "--seq-len", "2048", "--precision", "bf16", "--device", "cuda", "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)

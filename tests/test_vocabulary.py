@@ -25,7 +25,9 @@ def _invoke(*args: str) -> str:
 
 
 def _plan_json(*args: str) -> dict:
-    return json.loads(_invoke("plan", *args, "--json"))
+    """The plan for a GPU run (what advise's recipes are for); `tailor plan` plans this machine's device
+    when --device is left out."""
+    return json.loads(_invoke("plan", *args, "--device", "cuda", "--json"))
 
 
 def _write(path: Path, text: str) -> str:

@@ -29,6 +29,8 @@ Every part is bytes = (number of elements) x (bytes per element); the choices be
   compute-dtype bytes and f the adapter-dtype bytes, per layer:
       every RMSNorm        4H  (it upcasts its input to fp32 and keeps that copy)
       attention (SDPA)     a*(2*nh*d + 2*nkv*d)  (q, k, v, output; RoPE and GQA add nothing)
+      eager attention      + a*nh*s: the softmax probabilities (heads x s x s a sequence), what tailor's
+                           trainer keeps on a CPU, where it runs eager attention (faster there)
       SwiGLU MLP           3*a*I  (silu input, silu output, up output)
       full fine-tuning     + a*(4H + nh*d + I): each pre-norm's output before and after its weight,
                            the o_proj and down_proj inputs (inputs of trainable linears are kept)
@@ -91,7 +93,9 @@ Every part is bytes = (number of elements) x (bytes per element); the choices be
   holds on top of weights, optimizer state and activations (`all_gradients` is the full size).
   tests/test_plan_memory.py counts live tensor bytes through real steps of a tiny model, phase by phase.
 - Framework overhead: CUDA context and cuBLAS/cuDNN workspaces (a fixed 0.6 GiB, typical of PyTorch 2.x
-  on recent GPUs) plus 8% of everything else for the caching allocator's fragmentation. On CPU, 0.
+  on recent GPUs) plus 8% of everything else for the caching allocator's fragmentation. On a CPU the peak
+  is the process's RSS: the process before any model (CPU_PROCESS_GIB) plus what torch allocates besides
+  tensors at the first steps (CPU_RUNTIME_GIB), both fitted on measurements (their comments).
   `torch.cuda.max_memory_allocated` corresponds to the total without overhead; `max_memory_reserved`
   to the total without the CUDA context; nvidia-smi to the total.
 """
@@ -119,6 +123,14 @@ _PRECISION_BYTES = {"bf16": (2, 2), "fp16": (2, 2), "fp32": (4, 4), "bf16-mixed"
 NF4_BITS_DOUBLE_QUANT = 4 + 8 / 64 + 32 / (64 * 256)
 NF4_BITS = 4 + 32 / 64
 CUDA_CONTEXT_GIB = 0.6
+# On a CPU the peak is the process's RSS, which holds more than tensors. Fitted on measurements:
+# the process itself, before any model: the interpreter with torch, transformers, tokenizers, bitsandbytes
+# and tailor imported, the tokenizer and the data loaded (0.47 GiB in `tailor train`, AVX512-BF16 EPYC)
+CPU_PROCESS_GIB = 0.45
+# what torch allocates at the first training steps besides tensors (oneDNN / MKL scratch, thread pools, the
+# autograd engine): plan/measure.py's tiny case peaks this much above its live tensors, 0.067 GiB on an AVX2
+# EPYC and 0.084 on an AVX512-BF16 one (tests/test_plan_memory.py)
+CPU_RUNTIME_GIB = 0.08
 ALLOCATOR_FRACTION = 0.08
 ADAPTER_BYTES = 4  # tailor keeps adapters in fp32
 _ADAPTER_DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -508,8 +520,9 @@ def phase_parts(
 
 
 def estimate_memory(arch: Architecture, setup: TrainingSetup, device: str = "cuda") -> MemoryBreakdown:
-    """Peak training memory, part by part (bytes): the largest of phase_bytes(). `device="cpu"` drops
-    the CUDA overhead."""
+    """Peak training memory, part by part (bytes): the largest of phase_bytes(). The overhead is the CUDA
+    context and allocator's on CUDA, the process and torch's runtime on a CPU (the peak is then the
+    process's RSS: what `tailor train` records as peak_rss_gib)."""
     state_bytes = _state_bytes(setup)
     frozen, adapter = _weight_bytes(arch, setup)
     optim, host_optim = _optimizer_bytes(arch, setup, state_bytes)
@@ -517,8 +530,9 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup, device: str = "cud
     phases = phase_parts(arch, setup, device)
     peak_phase = max(phases, key=lambda phase: sum(phases[phase]))
     grads, acts = phases[peak_phase]  # what is alive at the peak moment, besides weights and state
-    overhead = 0.0
-    if device != "cpu":
+    if device == "cpu":
+        overhead = (CPU_PROCESS_GIB + CPU_RUNTIME_GIB) * GIB
+    else:
         overhead = CUDA_CONTEXT_GIB * GIB + ALLOCATOR_FRACTION * (frozen + adapter + grads + optim + acts)
     all_grads = trainable_parameters(arch, setup) * state_bytes
     return MemoryBreakdown(
