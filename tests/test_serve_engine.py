@@ -66,15 +66,13 @@ def logits_alone(model, prompt: list[int], output: list[int]) -> torch.Tensor:
 
 def record_logits(engine: Engine) -> dict[str, list[torch.Tensor]]:
     seen: dict[str, list[torch.Tensor]] = {}
-    accept = engine._accept
 
     def recording(requests, logits):
         for request, row in zip(requests, logits, strict=True):
             if not request.finished:
                 seen.setdefault(request.id, []).append(row.clone())
-        accept(requests, logits)
 
-    engine._accept = recording
+    engine.logits_listeners.append(recording)
     return seen
 
 
@@ -319,17 +317,16 @@ def test_bf16_greedy_choice_is_the_fp32_scored_argmax(one_thread, tokenizer, pro
     """bf16 logits round near-ties to equal values; the engine re-scores the top candidates in fp32."""
     model = fresh_model(tokenizer).to(torch.bfloat16)
     engine = Engine(model, tokenizer, max_batch=4)
-    assert engine._split is not None
+    assert engine.runner.split is not None
     chosen = []
-    accept = engine._accept
 
     def check(requests, logits):
-        exact = engine._hidden.float() @ model.lm_head.weight.float().T  # (B, V) the fp32-accumulated head
-        chosen.append((engine._greedy(logits), exact.argmax(dim=-1)))
-        accept(requests, logits)
+        exact = engine.runner.hidden.float() @ model.lm_head.weight.float().T  # (B, V): the fp32 head
+        chosen.append((engine.runner.refine_greedy(logits), exact.argmax(dim=-1)))
 
-    engine._accept = check
+    engine.logits_listeners.append(check)
     engine.generate(prompts[:4], SamplingParams(max_tokens=5))
+    assert chosen
     for refined, exact in chosen:
         assert torch.equal(refined, exact)
-    assert Engine(fresh_model(tokenizer), tokenizer)._split is None  # fp32: the logits are exact already
+    assert Engine(fresh_model(tokenizer), tokenizer).runner.split is None  # fp32: the logits are exact
