@@ -360,7 +360,7 @@ def _remove_adapter(model: nn.Module, name: str) -> None:
     for key, layer in lora_layers(model).items():
         if name in layer.adapter_names:
             layer.delete_adapter(name)
-        if not layer.adapter_names and layer.slot_bank is None:  # a layer with adapter slots stays wrapped
+        if not layer.adapter_names and layer.unwrap_when_empty:  # a layer with adapter slots stays wrapped
             _replace_module(model, key, layer.base_layer)
     for key, wrapper in _wrappers(model).items():
         if name in wrapper.adapter_names:
