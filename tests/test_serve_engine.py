@@ -14,7 +14,7 @@ from conftest import chat_tokenizer, tiny_chat_llama
 from tailor.adapters.format import load_adapter, save_adapter
 from tailor.lora import LoraConfig, add_lora, disable_adapters, lora_layers
 from tailor.serve import adapters as serve_adapters
-from tailor.serve.adapters import AdapterManager, AdapterRefusedError, UnknownAdapterError
+from tailor.serve.adapters import AdapterManager, AdapterRef, AdapterRefusedError, UnknownAdapterError
 from tailor.serve.engine import Engine, Request
 from tailor.serve.sampling import SamplingParams, stop_token_ids
 
@@ -66,15 +66,13 @@ def logits_alone(model, prompt: list[int], output: list[int]) -> torch.Tensor:
 
 def record_logits(engine: Engine) -> dict[str, list[torch.Tensor]]:
     seen: dict[str, list[torch.Tensor]] = {}
-    accept = engine._accept
 
     def recording(requests, logits):
         for request, row in zip(requests, logits, strict=True):
             if not request.finished:
                 seen.setdefault(request.id, []).append(row.clone())
-        accept(requests, logits)
 
-    engine._accept = recording
+    engine.logits_listeners.append(recording)
     return seen
 
 
@@ -177,12 +175,12 @@ def test_adapter_load_during_traffic_neither_stalls_nor_corrupts(one_thread, tok
     manager = AdapterManager(model, adapter_root, max_loras=2, max_lora_rank=8)
     engine = Engine(model, tokenizer, adapters=manager, max_batch=4)
     seen = record_logits(engine)
-    reading = threading.Event()
+    reading, release = threading.Event(), threading.Event()
     read = serve_adapters.read_for_slots
 
-    def slow_read(directory, slots):  # a slow disk: the load takes 0.5 s
+    def slow_read(directory, slots):  # a slow disk: the load lasts until the test lets it end
         reading.set()
-        time.sleep(0.5)
+        assert release.wait(60)
         return read(directory, slots)
 
     engine.generate([prompts[0]], SamplingParams(max_tokens=1), adapters=["alpha"])  # alpha resident
@@ -194,10 +192,14 @@ def test_adapter_load_during_traffic_neither_stalls_nor_corrupts(one_thread, tok
         while not running.output_ids:
             time.sleep(0.005)
         late = engine.submit(Request(prompts[2], SamplingParams(max_tokens=5), adapter="beta"))
-        assert reading.wait(5)
+        assert reading.wait(30)
         before = len(running.output_ids)
-        time.sleep(0.3)
-        assert not late.output_ids and len(running.output_ids) > before  # decoding went on during the load
+        deadline = time.monotonic() + 60
+        while len(running.output_ids) < before + 3 and not running.finished and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(running.output_ids) >= before + 3  # decoding went on while the load was held
+        assert not late.output_ids and not late.finished
+        release.set()
         assert late.done.wait(30) and running.done.wait(60)
     finally:
         engine.stop()
@@ -211,6 +213,25 @@ def test_adapter_load_during_traffic_neither_stalls_nor_corrupts(one_thread, tok
         set_active_adapters(reference, name)
         torch.testing.assert_close(torch.stack(seen[request.id][: len(request.output_ids)]),
                                    logits_alone(reference, prompt, request.output_ids), atol=1e-4, rtol=1e-4)
+
+
+def test_each_request_resolves_its_adapter_once(one_thread, tokenizer, prompts, adapter_root):
+    """A name is resolved once, at submit; the reference travels with the request. An adapter in host
+    memory is not read again, nor queued for a background read."""
+    model = fresh_model(tokenizer)
+    manager = AdapterManager(model, adapter_root, max_loras=2, max_lora_rank=8)
+    engine = Engine(model, tokenizer, adapters=manager)
+    params = SamplingParams(max_tokens=2)
+    engine.generate(prompts[:3], params, adapters=["alpha", "beta", None])
+    assert (manager.stats["resolves"], manager.stats["loads"]) == (2, 2)
+    requests = engine.generate(prompts[:4], params, adapters=["alpha", "alpha", "beta", None])
+    assert (manager.stats["resolves"], manager.stats["loads"]) == (5, 2)
+    first, second, third, base = requests
+    assert first.adapter == second.adapter == AdapterRef("alpha", (adapter_root / "alpha").resolve(), 0)
+    assert third.adapter.name == "beta" and base.adapter is None
+    manager.register("alpha")  # reloaded: a new generation, read again at its next request
+    engine.generate(prompts[:1], params, adapters=["alpha"])
+    assert (manager.stats["resolves"], manager.stats["loads"]) == (6, 3)
 
 
 def test_adapter_names_never_escape_the_root(tmp_path, tokenizer, adapter_root):
@@ -319,17 +340,16 @@ def test_bf16_greedy_choice_is_the_fp32_scored_argmax(one_thread, tokenizer, pro
     """bf16 logits round near-ties to equal values; the engine re-scores the top candidates in fp32."""
     model = fresh_model(tokenizer).to(torch.bfloat16)
     engine = Engine(model, tokenizer, max_batch=4)
-    assert engine._split is not None
+    assert engine.runner.split is not None
     chosen = []
-    accept = engine._accept
 
     def check(requests, logits):
-        exact = engine._hidden.float() @ model.lm_head.weight.float().T  # (B, V) the fp32-accumulated head
-        chosen.append((engine._greedy(logits), exact.argmax(dim=-1)))
-        accept(requests, logits)
+        exact = engine.runner.hidden.float() @ model.lm_head.weight.float().T  # (B, V): the fp32 head
+        chosen.append((engine.runner.refine_greedy(logits), exact.argmax(dim=-1)))
 
-    engine._accept = check
+    engine.logits_listeners.append(check)
     engine.generate(prompts[:4], SamplingParams(max_tokens=5))
+    assert chosen
     for refined, exact in chosen:
         assert torch.equal(refined, exact)
-    assert Engine(fresh_model(tokenizer), tokenizer)._split is None  # fp32: the logits are exact already
+    assert Engine(fresh_model(tokenizer), tokenizer).runner.split is None  # fp32: the logits are exact

@@ -61,6 +61,10 @@ class LoraParam(LoraLayer):
         ValueError: the parameter is not 2-D or 3-D.
     """
 
+    # serving's per-row adapter slots for this parameter (tailor.lora.rows.ParamSlotBank), set by
+    # add_lora_slots; None outside serving
+    slot_bank = None
+
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
         super().__init__(base_layer)
         self.parameter_name = parameter_name

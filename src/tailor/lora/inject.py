@@ -431,7 +431,7 @@ def _remove_adapter(model: nn.Module, name: str) -> None:
             layer.delete_adapter(name)
         if isinstance(layer, experts.LoraParam):  # taken out below, innermost first
             continue
-        if not layer.adapter_names and layer.slot_bank is None:  # a layer with adapter slots stays wrapped
+        if not layer.adapter_names and layer.unwrap_when_empty:  # a layer with adapter slots stays wrapped
             _replace_module(model, key, layer.base_layer)
     experts.unwrap_empty(model)
     for key, wrapper in _wrappers(model).items():

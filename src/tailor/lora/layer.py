@@ -52,6 +52,10 @@ class LoraLayer(nn.Module):
     ``.in_features``, ``.nf`` ...), so model code that inspects its layers keeps working.
     """
 
+    # A layer left without named adapters goes back to its base module (`delete_adapter`), unless a
+    # subclass adds a term of its own (per-row adapter slots, `tailor.lora.rows.SlottedLinear`).
+    unwrap_when_empty = True
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -61,7 +65,6 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        self.slot_bank = None  # per-row adapter slots (tailor.lora.rows), when the model serves many adapters
 
     def __getattr__(self, name: str):
         try:
@@ -106,8 +109,6 @@ class LoraLayer(nn.Module):
         if delta is not None:
             # PEFT semantics: the sum is formed in the wider of the two dtypes, then cast back once.
             result = (result + delta).to(result.dtype)
-        if self.slot_bank is not None:  # each row's own adapter, for the whole batch at once (lora/rows.py)
-            result = self.slot_bank.add_to(x, result)
         return result
 
     def lora_delta(self, x: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor | None:

@@ -160,6 +160,27 @@ class SlotBank:
         return result.add_(term)  # in place: computed in the wider dtype, cast back once
 
 
+class SlottedLinear(LoraLinear):
+    """A `LoraLinear` that also adds each row's adapter from its slot bank (`LoraSlots`).
+
+    The slots are the server's: the layer's own named adapters (training, `add_lora`) keep working
+    beside them, and a layer stays wrapped while it has slots, adapters or not.
+    """
+
+    unwrap_when_empty = False
+    slot_bank: SlotBank
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # LoraLayer.forward written out, not called: one Python call less per layer and decode step
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        delta = self.lora_delta(x)
+        if delta is not None:
+            result = (result + delta).to(result.dtype)
+        return self.slot_bank.add_to(x, result)  # each row's own adapter, for the whole batch at once
+
+
 class LoraSlots:
     """Fixed adapter slots on a model's LoRA layers, and which slot each row of the next forward uses.
 
@@ -173,7 +194,7 @@ class LoraSlots:
         dtype: the banks' dtype (float32: PEFT's adapter precision).
     """
 
-    def __init__(self, layers: Mapping[str, LoraLinear], num_slots: int, max_rank: int,
+    def __init__(self, layers: Mapping[str, SlottedLinear], num_slots: int, max_rank: int,
                  dtype: torch.dtype = torch.float32, params: Mapping[str, LoraParam] | None = None) -> None:
         if num_slots < 1 or max_rank < 1:
             raise ValueError(f"num_slots={num_slots} and max_rank={max_rank} must both be >= 1.")
@@ -373,8 +394,9 @@ def add_lora_slots(
     """Give the targeted linear layers (default: all but the output head; on an MoE model also the experts'
     and routers' parameters, as "all-linear" resolves them) `num_slots` adapter slots.
 
-    Layers are wrapped in ``LoraLinear`` where they are not LoRA layers yet (named adapters added before or
-    after keep working). Returns the `LoraSlots` that fills the slots and sets the rows' slots.
+    Layers are wrapped in ``SlottedLinear`` (a ``LoraLinear``); a layer that is a ``LoraLinear`` already
+    becomes one in place (its named adapters, added before or after, keep working). Returns the
+    `LoraSlots` that fills the slots and sets the rows' slots.
 
     Raises:
         LoraTargetError: the targets match nothing; ValueError: a target is not a linear layer, or the
@@ -382,14 +404,17 @@ def add_lora_slots(
     """
     plan = plan_lora(model, LoraConfig(r=1, target_modules=target_modules,
                                        target_parameters=target_parameters))
-    layers: dict[str, LoraLinear] = {}
+    layers: dict[str, SlottedLinear] = {}
     for path, module, _, _ in plan.targets:
         layer = module if isinstance(module, LoraLayer) else wrap_layer(module)
         if not isinstance(layer, LoraLinear):
             raise ValueError(f"{path!r} is a {type(layer.base_layer).__name__}; adapter slots go on linear "
                              "layers only.")
-        if layer.slot_bank is not None:
+        if isinstance(layer, SlottedLinear):
             raise ValueError(f"{path!r} already has adapter slots; add them once per model.")
+        if type(layer) is not LoraLinear:
+            raise ValueError(f"{path!r} is a {type(layer).__name__}; adapter slots go on LoraLinear layers.")
+        layer.__class__ = SlottedLinear  # the same module (adapters, place kept); its forward adds slots
         if layer is not module:
             _replace_module(model, path, layer)
         layers[path] = layer
@@ -402,4 +427,4 @@ def add_lora_slots(
     return LoraSlots(layers, num_slots, max_rank, dtype, params=params)
 
 
-__all__ = ["NO_ADAPTER", "LoraSlots", "SlotBank", "SlotError", "add_lora_slots"]
+__all__ = ["NO_ADAPTER", "LoraSlots", "SlotBank", "SlotError", "SlottedLinear", "add_lora_slots"]

@@ -25,35 +25,7 @@ from tailor.data.tokenize import IGNORE_INDEX  # noqa: E402  (one definition, wh
 if TYPE_CHECKING:
     from tailor.loss.replay import ReplayLoss
 
-
-def transformer_body(model: nn.Module) -> nn.Module:
-    """The part of an HF causal LM that returns hidden states (everything but the output head)."""
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        try:
-            body = get_decoder()
-        except (AttributeError, NotImplementedError):
-            body = None
-        if body is not None and body is not model:
-            return body
-    prefix = getattr(model, "base_model_prefix", "")
-    body = getattr(model, prefix, None) if prefix else None
-    if body is None or body is model:
-        raise TypeError(
-            f"{type(model).__name__} exposes no transformer body (get_decoder() or "
-            f"`{prefix or 'base_model_prefix'}`); supervised_loss needs an HF causal LM."
-        )
-    return body
-
-
-def output_head(model: nn.Module) -> nn.Module:
-    head = model.get_output_embeddings()
-    if head is None:
-        raise TypeError(f"{type(model).__name__} has no output head (get_output_embeddings() is None).")
-    return head
-
-
-MIN_SHARED_PREFIX = 16  # below this the second body call costs more than the rows it saves
+from tailor.models.parts import MIN_SHARED_PREFIX, output_head, transformer_body  # noqa: E402
 
 
 def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:

@@ -4,9 +4,9 @@ cache, shared prefixes) and, in `tailor.serve.server`, the OpenAI-compatible HTT
 The server module imports FastAPI; this package's top level does not (evaluation uses the engine only).
 """
 
-from tailor.serve.adapters import AdapterManager, AdapterRefusedError, UnknownAdapterError
+from tailor.serve.adapters import AdapterManager, AdapterRef, AdapterRefusedError, UnknownAdapterError
 from tailor.serve.engine import Engine, Request
 from tailor.serve.sampling import SamplingParams, stop_token_ids
 
-__all__ = ["AdapterManager", "AdapterRefusedError", "Engine", "Request", "SamplingParams",
+__all__ = ["AdapterManager", "AdapterRef", "AdapterRefusedError", "Engine", "Request", "SamplingParams",
            "UnknownAdapterError", "stop_token_ids"]

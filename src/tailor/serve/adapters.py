@@ -5,19 +5,28 @@ slots between engine steps.
 Three tiers, as in LoRAX and vLLM: disk (every subdirectory of the root is an adapter named after it) ->
 host memory (`max_cpu_loras` adapters, already converted to the slots' layout) -> slots (`max_loras`,
 ranks padded to `max_lora_rank`; a slot whose adapter is used by a running request is never evicted).
-A name is a name, never a path: anything that would resolve outside the root is refused.
+A name is a name, never a path: anything that would resolve outside the root is refused. Names follow
+the adapter store's rule (`tailor.adapters.store.parse_ref`: NAME, NAME@VERSION, NAME@TAG), one rule for
+both.
+
+A request resolves its adapter name once (`resolve`) into an `AdapterRef` (name, directory, generation)
+that travels with it: the host cache, the background load and the slot all key on that reference, so a
+store tag that moves or an adapter reloaded under the same name never mixes two versions in one request.
+
+The engine uses the manager through the small interface `EngineAdapters`; the server and the admin API
+use `resolve`, `ensure`, `load`, `unregister`, `names` and `path`.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -29,9 +38,8 @@ from tailor.adapters.format import (
     read_adapter_config,
     read_adapter_weights,
 )
+from tailor.adapters.store import NAME_RE, AdapterStore, StoreError, parse_ref
 from tailor.lora import LoraSlots, SlotError, add_lora_slots
-
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
 
 
 class UnknownAdapterError(LookupError):
@@ -41,6 +49,19 @@ class UnknownAdapterError(LookupError):
 class AdapterRefusedError(ValueError):
     """An adapter name or files the server will not serve: a path, an escape from the root, unsupported
     LoRA features, a rank above max_lora_rank, shapes of another base (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """What an adapter name stood for when a request asked for it: resolved once, then carried along.
+
+    `generation` counts the (re)loads and unloads of the name, so a reference taken before an adapter
+    was reloaded from new files never matches the new weights (nor the new ones the old reference).
+    """
+
+    name: str
+    directory: Path
+    generation: int
 
 
 @dataclass
@@ -57,6 +78,29 @@ class HostAdapter:
 
     def __post_init__(self) -> None:
         self.nbytes = sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+
+    @property
+    def ref(self) -> AdapterRef:
+        return AdapterRef(self.name, self.path, self.generation)
+
+
+class EngineAdapters(Protocol):
+    """What the engine asks of per-row adapters (`AdapterManager` is the one implementation).
+
+    The engine thread calls every method but `resolve`, `prefetch` and `close` (any thread).
+    """
+
+    max_cpu_loras: int  # adapters that may load at once; later requests wait their turn
+    on_ready: Callable[[], None] | None  # called when a background load ends (wakes the engine)
+
+    def resolve(self, name: str) -> AdapterRef: ...
+    def prefetch(self, ref: AdapterRef) -> None: ...
+    def failure(self, ref: AdapterRef) -> Exception | None: ...
+    def acquire(self, ref: AdapterRef) -> int | None: ...
+    def release(self, slot: int) -> None: ...
+    def use_rows(self, slots: Sequence[int] | None) -> None: ...
+    def idle(self) -> None: ...
+    def close(self) -> None: ...
 
 
 def read_for_slots(directory: Path, slots: LoraSlots) -> tuple[dict, int]:
@@ -130,29 +174,45 @@ class AdapterManager:
         self._lock = threading.Lock()
         self._registered: dict[str, Path] = {}  # names given by `register` (the load endpoint, tests)
         self._unloaded: set[str] = set()  # root subdirectories unloaded through the API
-        self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # least recently used first
-        self._loading: dict[str, Future] = {}
-        self._failed: dict[str, Exception] = {}
+        self._host: OrderedDict[AdapterRef, HostAdapter] = OrderedDict()  # least recently used first
+        self._loading: dict[AdapterRef, Future] = {}
+        self._failed: dict[AdapterRef, Exception] = {}
         self._generation: dict[str, int] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tailor-adapter-load")
         # slots: engine thread only
         self.owner: list[str | None] = [None] * max_loras
-        self.keys: list[tuple[str, str, int] | None] = [None] * max_loras  # (name, directory, generation)
+        self.keys: list[AdapterRef | None] = [None] * max_loras  # what each slot holds
         self.pins = [0] * max_loras
         self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(max_loras))
-        self.stats = {"loads": 0, "hits": 0, "misses": 0, "evictions": 0}
+        # resolves: names resolved for requests (`resolve`), one per request that names an adapter
+        self.stats = {"loads": 0, "hits": 0, "misses": 0, "evictions": 0, "resolves": 0}
         self.listeners: list[Callable[[str, str, float], None]] = []  # (event, adapter, seconds)
 
     # --- names ---------------------------------------------------------------------------------------
     def check_name(self, name: str) -> None:
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
-            raise AdapterRefusedError(f"adapter name {name!r} is not a name: use letters, digits and . _ - @ "
-                                      "(no path separators, no '..'); adapters live under the adapter root.")
+        """Refuse what is not an adapter name or reference (the store's rule; never a path)."""
+        try:
+            parse_ref(name)
+        except StoreError as error:
+            raise AdapterRefusedError(f"{error} Adapters live under the adapter root.") from None
+
+    def resolve(self, name: str) -> AdapterRef:
+        """What `name` stands for now, as the reference a request carries (`path` plus the generation).
+        Call it once per request: everything after takes the reference.
+
+        Raises:
+            AdapterRefusedError, UnknownAdapterError: see `path`.
+        """
+        directory = self.path(name)
+        with self._lock:
+            self.stats["resolves"] += 1
+            return AdapterRef(name, directory, self._generation.get(name, 0))
 
     def path(self, name: str) -> Path:
         """The directory adapter `name` stands for now: a subdirectory of the root, a store reference
         (NAME, NAME@VERSION, NAME@TAG) when the root is an adapter store (tailor.adapters.store), a
         reference into the default store when it has an '@', or a name given to `register`/`load`.
+        For listing and checks; a request resolves its name with `resolve`.
 
         Raises:
             AdapterRefusedError: not a name, or it resolves outside the adapter root (a symlink out).
@@ -187,7 +247,7 @@ class AdapterManager:
         found = set()
         if self.root is not None:
             for child in self.root.iterdir():
-                if NAME_PATTERN.fullmatch(child.name) and (child / CONFIG_NAME).is_file():
+                if NAME_RE.fullmatch(child.name) and (child / CONFIG_NAME).is_file():
                     try:
                         self.path(child.name)
                         found.add(child.name)
@@ -209,10 +269,16 @@ class AdapterManager:
         with self._lock:
             self._registered[name] = directory
             self._unloaded.discard(name)
-            self._failed.pop(name, None)
-            self._host.pop(name, None)  # a (re)load reads the files again
-            self._generation[name] = self._generation.get(name, 0) + 1
+            self._forget(name)  # a (re)load reads the files again
         return directory
+
+    def _forget(self, name: str) -> None:
+        """A new generation of `name` (lock held): its copies in host memory and its failures go."""
+        for ref in [ref for ref in self._host if ref.name == name]:
+            del self._host[ref]
+        for ref in [ref for ref in self._failed if ref.name == name]:
+            del self._failed[ref]
+        self._generation[name] = self._generation.get(name, 0) + 1
 
     def load(self, name: str, path: str | Path | None = None) -> HostAdapter:
         """Read and check an adapter, then serve it as `name` (the load endpoint): nothing changes if
@@ -235,24 +301,24 @@ class AdapterManager:
     def _keep(self, adapter: HostAdapter) -> HostAdapter:
         """Hold a freshly read adapter in host memory, most recently used; count and announce the load."""
         with self._lock:
-            self._host[adapter.name] = adapter
-            self._host.move_to_end(adapter.name)
+            self._host[adapter.ref] = adapter
+            self._host.move_to_end(adapter.ref)
             while len(self._host) > self.max_cpu_loras:  # least recently used out (never the new one)
                 self._host.popitem(last=False)
             self.stats["loads"] += 1
         self._notify("load", adapter.name, adapter.load_ms / 1000)
         return adapter
 
-    def ensure(self, name: str) -> HostAdapter:
-        """Adapter `name` in host memory (waiting for a background load of it), or its error."""
+    def ensure(self, ref: AdapterRef) -> HostAdapter:
+        """The adapter in host memory (waiting for a background load of it), or its error."""
         with self._lock:
-            future = self._loading.get(name)
+            future = self._loading.get(ref)
         if future is not None:
             future.result()
-            failure = self.failure(name)
+            failure = self.failure(ref)
             if failure is not None:
                 raise failure
-        return self.read(name)
+        return self.read(ref)
 
     def _inside_root(self, path: str | Path) -> Path:
         if self.root is None:
@@ -274,70 +340,69 @@ class AdapterManager:
         with self._lock:
             self._registered.pop(name, None)
             self._unloaded.add(name)
-            self._host.pop(name, None)
-            self._generation[name] = self._generation.get(name, 0) + 1
+            self._forget(name)
 
     # --- disk -> host ----------------------------------------------------------------------------------
-    def read(self, name: str, directory: Path | None = None) -> HostAdapter:
-        """Adapter `name` in host memory, read from disk now if needed (blocking; raises its errors).
-        What is in memory counts only while `name` still stands for the same directory (a store tag
-        moved: read again)."""
-        directory = directory if directory is not None else self.path(name)
-        generation = self._generation.get(name, 0)
+    def read(self, ref: AdapterRef | str) -> HostAdapter:
+        """The adapter in host memory, read from disk now if needed (blocking; raises its errors). A
+        name is resolved first; what is in memory counts only for the same reference (a store tag
+        moved, the adapter was reloaded: read again)."""
+        ref = self.resolve(ref) if isinstance(ref, str) else ref
         with self._lock:
-            cached = self._host.get(name)
-            if cached is not None and cached.path == directory and cached.generation == generation:
-                self._host.move_to_end(name)
+            cached = self._host.get(ref)
+            if cached is not None:
+                self._host.move_to_end(ref)
                 return cached
         started = time.perf_counter()
-        weights, rank = read_for_slots(directory, self.slots)
+        weights, rank = read_for_slots(ref.directory, self.slots)
         milliseconds = (time.perf_counter() - started) * 1000
-        adapter = HostAdapter(name, directory, generation, weights, rank, milliseconds)
+        adapter = HostAdapter(ref.name, ref.directory, ref.generation, weights, rank, milliseconds)
         return self._keep(adapter)
 
-    def prefetch(self, name: str) -> None:
-        """Start reading `name` in the background unless it is loading already."""
+    def prefetch(self, ref: AdapterRef) -> None:
+        """Start reading the adapter in the background unless it is in host memory or loading already."""
         with self._lock:
-            if name in self._loading:
+            if ref in self._host or ref in self._loading:
                 return
-            self._failed.pop(name, None)
-            self._loading[name] = self._executor.submit(self._load_in_background, name)
+            self._failed.pop(ref, None)
+            self._loading[ref] = self._executor.submit(self._load_in_background, ref)
 
-    def _load_in_background(self, name: str) -> None:
+    def _load_in_background(self, ref: AdapterRef) -> None:
         try:
-            self.read(name)
+            self.read(ref)
         except Exception as error:  # reported to the requests waiting for it
             with self._lock:
-                self._failed[name] = error
+                self._failed[ref] = error
         finally:
             with self._lock:
-                self._loading.pop(name, None)
+                self._loading.pop(ref, None)
             if self.on_ready is not None:
                 self.on_ready()
 
-    def failure(self, name: str) -> Exception | None:
+    def failure(self, ref: AdapterRef) -> Exception | None:
+        """Why the background load of `ref` failed, or None."""
         with self._lock:
-            return self._failed.get(name)
+            return self._failed.get(ref)
 
     # --- host -> slot (engine thread, between steps) ------------------------------------------------
-    def acquire(self, name: str, directory: Path | None = None) -> int | None:
-        """A slot holding `name` (as `directory`, default: what it stands for now), pinned for one request;
-        None while it loads (in the background) or while every slot is pinned."""
-        directory = directory if directory is not None else self.path(name)
-        key = (name, str(directory), self._generation.get(name, 0))
+    def acquire(self, ref: AdapterRef | str) -> int | None:
+        """A slot holding the adapter (a name is resolved first), pinned for one request; None while it
+        loads (in the background) or while every slot is pinned."""
+        ref = self.resolve(ref) if isinstance(ref, str) else ref
+        name = ref.name
         for slot, held in enumerate(self.keys):
-            if held == key:
+            if held == ref:
                 self.pins[slot] += 1
                 self._slot_lru.move_to_end(slot)
                 self.stats["hits"] += 1
                 self._notify("hit", name, 0.0)
                 return slot
         with self._lock:
-            adapter = self._host.get(name)
+            adapter = self._host.get(ref)
             if adapter is not None:
-                self._host.move_to_end(name)
-        if adapter is None or (name, str(adapter.path), adapter.generation) != key:
-            self.prefetch(name)
+                self._host.move_to_end(ref)
+        if adapter is None:
+            self.prefetch(ref)
             return None
         free = next((s for s in self._slot_lru if self.pins[s] == 0), None)
         if free is None:
@@ -346,7 +411,7 @@ class AdapterManager:
             self.stats["evictions"] += 1
         started = time.perf_counter()
         self.slots.write_prepared(free, adapter.weights)
-        self.owner[free], self.keys[free] = name, key
+        self.owner[free], self.keys[free] = name, ref
         self.pins[free] = 1
         self._slot_lru.move_to_end(free)
         self.stats["misses"] += 1
@@ -356,9 +421,17 @@ class AdapterManager:
     def release(self, slot: int) -> None:
         self.pins[slot] -= 1
 
-    def key(self, slot: int) -> tuple[str, str, int] | None:
-        """What a slot holds (name, directory, generation): the prefix store's key for its keys/values."""
+    def key(self, slot: int) -> AdapterRef | None:
+        """What a slot holds."""
         return self.keys[slot]
+
+    def use_rows(self, slots: Sequence[int] | None) -> None:
+        """The slot of each row of the following forwards (-1: no adapter); None after them."""
+        self.slots.set_rows(slots)
+
+    def idle(self) -> None:
+        """No request runs: free the decode rows' copies of their adapters."""
+        self.slots.drop_row_copies()
 
     def _notify(self, event: str, name: str, seconds: float) -> None:
         for listener in self.listeners:
@@ -368,12 +441,8 @@ class AdapterManager:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _store_resolve(ref: str, root: Path | None) -> Path | None:
+def _store_resolve(ref: str, root: Path | None = None) -> Path | None:
     """A reference (``support@prod``) in tailor's adapter store at `root` (None: the default store)."""
-    try:
-        from tailor.adapters.store import AdapterStore
-    except ImportError:  # the store is optional here
-        return None
     try:
         path = AdapterStore(root).resolve(ref)
     except Exception:  # an unknown ref is an unknown adapter, whatever the store raises
@@ -383,10 +452,6 @@ def _store_resolve(ref: str, root: Path | None) -> Path | None:
 
 def _store_refs(root: Path) -> list[str]:
     """NAME, NAME@VERSION and NAME@TAG of every adapter of the store at `root` (none if it is not one)."""
-    try:
-        from tailor.adapters.store import AdapterStore
-    except ImportError:
-        return []
     refs = []
     try:
         store = AdapterStore(root)
@@ -399,4 +464,5 @@ def _store_refs(root: Path) -> list[str]:
     return refs
 
 
-__all__ = ["AdapterManager", "AdapterRefusedError", "HostAdapter", "UnknownAdapterError", "read_for_slots"]
+__all__ = ["AdapterManager", "AdapterRef", "AdapterRefusedError", "EngineAdapters", "HostAdapter",
+           "UnknownAdapterError", "read_for_slots"]

@@ -2,11 +2,13 @@
 
 Per adapter (label ``adapter``: the version that served, ``""`` for the base model): requests by status,
 latency, time to first token, prompt and generated tokens, adapter loads, slot hits and misses; for the
-engine: tokens per second, queue depth, running requests.
+engine: tokens per second, queue depth, running requests. `metrics_router` serves them with /health.
 """
 
 from __future__ import annotations
 
+from fastapi import APIRouter
+from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
@@ -62,3 +64,21 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def metrics_router(engine, metrics: ServerMetrics, model_name: str) -> APIRouter:
+    """GET /health (liveness, with the engine's queue) and GET /metrics (Prometheus text)."""
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, "running": len(engine.running),
+                "waiting": len(engine.waiting)}
+
+    @router.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.queue_depth.set(len(engine.waiting))
+        metrics.running.set(len(engine.running))
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return router

@@ -31,8 +31,8 @@ from starlette.concurrency import run_in_threadpool
 
 from tailor.adapters.store import AdapterStore, StoreError, parse_ref
 from tailor.compare.runner import DEFAULT_MARGIN, DEFAULT_PRICE_PER_HOUR
+from tailor.serve.http import ServerConfig, authorize, read_json
 from tailor.serve.protocol import APIError, bad_request, parse
-from tailor.serve.server import ServerConfig, authorize, read_json
 from tailor.ui.runs import RunIndex, UnknownRunError
 
 STATIC = Path(__file__).parent / "static"

@@ -1,0 +1,319 @@
+"""The OpenAI API's generation endpoints: /v1/models, /v1/completions and /v1/chat/completions.
+
+Both endpoints turn their body into token prompts and hand them to one generation path (`Completions`):
+the model name picks the adapter (resolved once into the reference the engine requests carry), each
+prompt x n becomes an engine request, and the answer is awaited whole or streamed as server-sent events,
+written by the one formatter (`tailor.serve.formatting.ResponseFormat`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from tailor.serve.adapters import AdapterManager, AdapterRef, AdapterRefusedError, UnknownAdapterError
+from tailor.serve.engine import Engine
+from tailor.serve.formatting import ResponseFormat, sse
+from tailor.serve.http import ServerConfig, authorize, read_json
+from tailor.serve.metrics import ServerMetrics
+from tailor.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    bad_request,
+    model_not_found,
+    parse,
+)
+from tailor.serve.request import Request as EngineRequest
+from tailor.serve.routes import Routes
+from tailor.serve.sampling import SamplingParams
+
+MAX_CHOICES = 32  # completions per request (prompts x n)
+
+
+@dataclass
+class Job:
+    """One engine request of an HTTP request (choice `index`), and the queue its text arrives on."""
+
+    request: EngineRequest
+    index: int
+    queue: asyncio.Queue
+
+
+class Completions:
+    """The generation path shared by completions and chat completions."""
+
+    def __init__(self, engine: Engine, config: ServerConfig, routes: Routes, metrics: ServerMetrics) -> None:
+        self.engine, self.config, self.routes, self.metrics = engine, config, routes, metrics
+        self.manager: AdapterManager | None = engine.adapters
+        self.max_prompt = min(config.max_prompt_tokens or engine.max_model_len - 1, engine.max_model_len - 1)
+
+    async def answer(self, http: Request, body, prompts: list[list[int]], max_tokens: int | None,
+                     chat: bool):
+        """Generate for `prompts` (each `body.n` times) and answer whole or as a stream."""
+        adapter, served = await self._resolve_model(body.model, body.user)
+        http.state.model = body.model
+        for ids in prompts:
+            self._check_prompt(ids)
+        self._check_queue()
+        jobs = self._jobs(body, prompts, max_tokens, adapter)
+        try:
+            for job in jobs:
+                self.engine.submit(job.request)
+        except UnknownAdapterError:
+            self._abort(jobs)
+            raise model_not_found(served) from None
+        except ValueError as error:
+            self._abort(jobs)
+            raise bad_request(str(error)) from None
+        form = ResponseFormat(chat, served)
+        label = adapter.name if adapter is not None else ""
+        headers = {"x-tailor-adapter": label}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = self._events(jobs, form, include_usage, body.model, label)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        await self._wait(jobs)
+        failed = next((j.request for j in jobs if j.request.finish_reason == "error"), None)
+        if failed is not None:
+            raise APIError(500, f"generation failed: {failed.error}", type="server_error")
+        self._observe(body.model, label, jobs)
+        return JSONResponse(form.response([(job.index, job.request) for job in jobs]), headers=headers)
+
+    # --- before generating ---------------------------------------------------------------------------
+    async def _resolve_model(self, name: str, user: str | None) -> tuple[AdapterRef | None, str]:
+        """(the adapter, resolved once, or None for the base; the name that serves: a route's version)."""
+        config = self.config
+        if name == config.model_name or name in config.model_aliases:
+            return None, config.model_name
+        route = self.routes.get(name)
+        if route is not None:
+            name = route.choose(user)
+            self.metrics.routed.labels(route.name, name).inc()
+        if self.manager is None:
+            raise model_not_found(name)
+        try:
+            ref = await run_in_threadpool(self.manager.resolve, name)
+            await run_in_threadpool(self.manager.ensure, ref)  # read from disk now: its errors are ours
+        except UnknownAdapterError:
+            raise model_not_found(name) from None
+        except AdapterRefusedError as error:
+            raise bad_request(str(error), param="model", code="adapter_refused") from None
+        return ref, name
+
+    def _check_queue(self) -> None:
+        waiting = len(self.engine.waiting)
+        if waiting >= self.config.max_queue:
+            raise APIError(429, f"The server is busy ({waiting} requests waiting); retry shortly.",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise bad_request("The prompt is empty.", param="prompt")
+        if len(ids) > self.max_prompt:
+            raise bad_request(f"The prompt has {len(ids)} tokens; this server takes at most "
+                              f"{self.max_prompt}.", param="prompt", code="context_length_exceeded")
+        vocab = len(self.engine.tokenizer)
+        if any(not 0 <= t < vocab for t in ids):
+            raise bad_request(f"The prompt holds token ids outside [0, {vocab}).", param="prompt")
+
+    def _sampling(self, body, max_tokens: int | None, prompt_len: int, seed_offset: int) -> SamplingParams:
+        limit, context = self.config.max_tokens, self.engine.max_model_len
+        room = context - prompt_len
+        if max_tokens is None:
+            max_tokens = min(limit, room)
+        if max_tokens > limit:
+            raise bad_request(f"max_tokens={max_tokens} is above this server's limit of {limit}.",
+                              param="max_tokens")
+        if max_tokens > room:
+            raise bad_request(f"This model's context length is {context} tokens; the prompt has "
+                              f"{prompt_len}, so max_tokens can be at most {room} (asked: {max_tokens}).",
+                              param="max_tokens", code="context_length_exceeded")
+        seed = body.seed + seed_offset if body.seed is not None else None
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              stop=tuple(body.stop or ()), seed=seed)
+
+    def _jobs(self, body, prompts: list[list[int]], max_tokens: int | None,
+              adapter: AdapterRef | None) -> list[Job]:
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for p, ids in enumerate(prompts):
+            for k in range(body.n):
+                index = p * body.n + k
+                params = self._sampling(body, max_tokens, len(ids), index)
+                queue: asyncio.Queue = asyncio.Queue()
+
+                def push(request, delta, queue=queue):
+                    loop.call_soon_threadsafe(queue.put_nowait, (delta, request.finished))
+
+                def done(request, queue=queue):
+                    loop.call_soon_threadsafe(queue.put_nowait, ("", True))
+
+                request = (EngineRequest(ids, params, adapter, on_update=push) if body.stream
+                           else EngineRequest(ids, params, adapter, on_finish=done))
+                jobs.append(Job(request, index, queue))
+        return jobs
+
+    # --- while generating ----------------------------------------------------------------------------
+    async def _wait(self, jobs: list[Job]) -> None:
+        """Until every job finished (504 past the timeout; the requests stopped if the client leaves)."""
+        deadline = time.monotonic() + self.config.timeout
+        try:
+            for job in jobs:
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    _, finished = await asyncio.wait_for(job.queue.get(), remaining)
+                    if finished:
+                        break
+        except (TimeoutError, asyncio.TimeoutError):
+            self._abort(jobs)
+            raise self._timeout() from None
+        except asyncio.CancelledError:
+            self._abort(jobs)
+            raise
+
+    async def _events(self, jobs: list[Job], form: ResponseFormat, include_usage: bool, model: str,
+                      label: str) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per piece of text, a last chunk per choice with its finish_reason
+        (and the usage), an optional usage-only chunk, then [DONE]. Stops the requests if the client
+        leaves."""
+        deadline = time.monotonic() + self.config.timeout
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def forward(job: Job) -> None:
+            while True:
+                delta, finished = await job.queue.get()
+                await merged.put((job, delta, finished))
+                if finished:
+                    return
+
+        tasks = [asyncio.create_task(forward(job)) for job in jobs]
+        open_jobs = len(jobs)
+        try:
+            for chunk in form.opening([job.index for job in jobs]):
+                yield sse(chunk)
+            while open_jobs:
+                remaining = deadline - time.monotonic()
+                try:
+                    job, delta, finished = await asyncio.wait_for(merged.get(), max(remaining, 0.001))
+                except (TimeoutError, asyncio.TimeoutError):
+                    self._abort(jobs)
+                    yield sse(self._timeout().body())
+                    break
+                if delta:
+                    yield sse(form.piece(job.index, delta))
+                if finished:
+                    open_jobs -= 1
+                    request = job.request
+                    if request.finish_reason == "error":
+                        failure = APIError(500, f"generation failed: {request.error}", type="server_error")
+                        yield sse(failure.body())
+                        self._abort(jobs)
+                        break
+                    yield sse(form.last(job.index, request))
+            else:
+                self._observe(model, label, jobs)
+                if include_usage:
+                    yield sse(form.usage_chunk([job.request for job in jobs]))
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (or we are done): stop what still runs
+            self._abort([j for j in jobs if not j.request.finished])
+            for task in tasks:
+                task.cancel()
+
+    def _timeout(self) -> APIError:
+        seconds = self.config.timeout
+        return APIError(504, f"The request took longer than the server's timeout ({seconds:g} s).",
+                        type="timeout_error", code="timeout")
+
+    def _abort(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self.engine.abort(job.request)
+
+    def _observe(self, model: str, label: str, jobs: list[Job]) -> None:
+        """Count an answered request and its per-choice latency, time to first token and tokens."""
+        metrics = self.metrics
+        metrics.requests.labels(model, label, "200").inc()
+        for job in jobs:
+            request = job.request
+            end = request.finished_at or time.perf_counter()
+            metrics.latency.labels(label).observe(end - request.arrived)
+            if request.first_token_at is not None:
+                metrics.ttft.labels(label).observe(request.first_token_at - request.arrived)
+            metrics.prompt_tokens.labels(label).inc(len(request.prompt_ids))
+            metrics.generated_tokens.labels(label).inc(request.generated)
+
+
+def openai_router(completions: Completions) -> APIRouter:
+    """GET /v1/models, POST /v1/completions, POST /v1/chat/completions."""
+    router = APIRouter()
+    engine, config, routes = completions.engine, completions.config, completions.routes
+    manager = completions.manager
+
+    @router.get("/v1/models")
+    async def models(request: Request) -> dict:
+        authorize(request, config)
+        created = int(time.time())
+        data = [{"id": config.model_name, "object": "model", "created": created, "owned_by": "tailor",
+                 "root": config.model_name, "parent": None}]
+        names = await run_in_threadpool(manager.names) if manager is not None else []
+        for name in names:
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "tailor",
+                         "root": name, "parent": config.model_name})
+        for route in routes.all():
+            data.append({"id": route.name, "object": "model", "created": created, "owned_by": "tailor",
+                         "root": route.name, "parent": config.model_name, "route": route.spec()})
+        return {"object": "list", "data": data}
+
+    @router.post("/v1/completions")
+    async def text_completions(request: Request):
+        authorize(request, config)
+        body = parse(CompletionRequest, await read_json(request, config.max_body_bytes))
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompts = [_encode(engine.tokenizer, prompt)]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]
+        elif prompt and all(isinstance(p, str) for p in prompt):
+            prompts = [_encode(engine.tokenizer, p) for p in prompt]
+        elif prompt and all(isinstance(p, list) for p in prompt):
+            prompts = [list(p) for p in prompt]
+        else:
+            raise bad_request("prompt must be a string, a list of strings, or token ids.", param="prompt")
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise bad_request(f"At most {MAX_CHOICES} completions per request (prompts x n).", param="prompt")
+        return await completions.answer(request, body, prompts, body.max_tokens, chat=False)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request, config)
+        body = parse(ChatRequest, await read_json(request, config.max_body_bytes))
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        try:
+            from tailor.data.tokenize import render_chat
+
+            text = render_chat(engine.tokenizer, messages, add_generation_prompt=True)
+        except Exception as error:  # jinja errors: roles out of order, a template that raises
+            raise bad_request(f"The chat template cannot render these messages: {error}.",
+                              param="messages") from None
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return await completions.answer(request, body, [ids], max_tokens, chat=True)
+
+    return router
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text)["input_ids"]
+
+
+__all__ = ["Completions", "Job", "openai_router"]
