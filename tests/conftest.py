@@ -56,11 +56,11 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **overrides,
     )
     return Qwen2ForCausalLM(config).eval()
 
