@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tailor.method_specs import METHODS
 from tailor.names import DEFAULT_MODEL, PRECISIONS, STRATEGIES
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -49,8 +50,6 @@ class ModelSection:
     """Base model: a local HF directory, a name in the local HF cache, a .gguf file, or the default."""
 
     def problems(self) -> list[str]:
-        from tailor.methods import METHODS
-
         c = _Checks(self)
         c.choice("method", METHODS)
         return c.problems

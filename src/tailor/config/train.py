@@ -23,6 +23,7 @@ from tailor.config.sections import (
     OptimizationSection,
     PrecisionSection,
 )
+from tailor.method_specs import METHOD_SPECS
 
 
 class ConfigError(ValueError):
@@ -82,8 +83,6 @@ class TrainConfig:
                    for name, changes in grouped.items()}
         sections = dataclasses.replace(sections, **changed)
         if sections.optimization.lr is None:
-            from tailor.methods import METHOD_SPECS
-
             method = sections.model.method
             spec = METHOD_SPECS.get(method) if isinstance(method, str) else None  # validate reports others
             if spec is not None:
@@ -148,8 +147,6 @@ class TrainConfig:
 
     def _across_sections(self) -> list[str]:
         """What one section's value forbids in another's."""
-        from tailor.methods import METHOD_SPECS
-
         p: list[str] = []
         spec = METHOD_SPECS.get(self.method)
         full = spec is not None and spec.trains_all_weights
