@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+from tailor.names import DEFAULT_MODEL  # what `tailor train` trains by default
 
 
 def machine_info(device: str | None = None) -> dict[str, Any]:

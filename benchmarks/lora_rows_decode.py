@@ -28,9 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (the tests do)
-from _shared import print_machine  # noqa: E402
-
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+from _shared import DEFAULT_MODEL, print_machine  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (the tests do)
-from _shared import print_machine  # noqa: E402
+from _shared import DEFAULT_MODEL, print_machine  # noqa: E402
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 PARTS = ("hetero", "base", "hf", "peft", "swap", "cold", "many")
 GOALS = {  # from the serving issue
     "ratio_vs_base": (">=", 0.7),

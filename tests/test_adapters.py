@@ -37,9 +37,14 @@ def test_round_trip_gives_same_logits(case_name, tmp_path):
 
 
 def test_public_api_is_importable_from_tailor():
-    for name in ("LoraConfig", "add_lora", "save_adapter", "load_adapter", "merge_lora", "unmerge_lora",
-                 "unload_lora", "trainable_parameters", "__version__"):
-        assert hasattr(tailor, name), name
+    from tailor import adapters, lora
+    from tailor._version import __version__
+
+    for home, names in ((lora, ("LoraConfig", "add_lora", "merge_lora", "unmerge_lora", "unload_lora",
+                                "trainable_parameters")), (adapters, ("save_adapter", "load_adapter"))):
+        for name in names:
+            assert getattr(tailor, name) is getattr(home, name), name  # the same object, not a copy
+    assert tailor.__version__ == __version__
 
 
 def test_saving_again_replaces_the_adapter_atomically(tmp_path):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from tailor.cli import app
 from tailor.config import TrainConfig
-from tailor.methods import METHODS
+from tailor.method_specs import METHODS, method_spec
 from tailor.plan import (
     CATALOGUE,
     AdviceInputs,
@@ -283,7 +283,7 @@ def test_advise_recipe_fits_the_hardware(model, gpu_gb, method):
         loss_chunk_tokens=TrainConfig().loss_chunk_size,
     )
     assert estimate_memory(CATALOGUE[model], setup).total <= gpu_gb * 2**30
-    assert r["lr"] > 0 and advice.reasons
+    assert r["lr"] == method_spec(method).default_lr and advice.reasons
 
 
 def test_advise_cli_flags():

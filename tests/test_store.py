@@ -208,13 +208,6 @@ def test_add_refuses_what_is_not_an_adapter(store, tmp_path):
     assert store.names() == []
 
 
-def test_the_store_knows_the_adapter_files():
-    from tailor.adapters import format as adapter_format
-    from tailor.adapters import store as adapter_store
-
-    assert set(adapter_store.ADAPTER_FILES) == adapter_format.ADAPTER_FILES  # repeated there: torch-free
-
-
 def test_root_default_and_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("TAILOR_ADAPTERS", raising=False)
     monkeypatch.delenv("TAILOR_CACHE", raising=False)

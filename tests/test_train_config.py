@@ -100,8 +100,8 @@ def test_all_problems_reported_together():
     with pytest.raises(ConfigError) as info:
         load_config(data="a.jsonl", method="qlora", rank=0, lr=-1.0, schedule="step", val_fraction=1.5)
     message = str(info.value)
-    for needle in ("method: 'qlora' is not one of lora, full", "rank: 0 must be > 0", "lr: -1.0 must be > 0",
-                   "schedule: 'step'", "val_fraction: 1.5"):
+    for needle in ("method: 'qlora' is not one of lora, full", "rank: 0 must be a positive integer",
+                   "lr: -1.0 must be > 0", "schedule: 'step'", "val_fraction: 1.5"):
         assert needle in message
 
 

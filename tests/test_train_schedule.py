@@ -15,7 +15,7 @@ def _curve(schedule: str, total: int = 100, warmup: int = 10, min_ratio: float =
 
 def test_warmup_rises_linearly_and_never_starts_at_zero():
     lrs = _curve("cosine")
-    assert lrs[0] > 0
+    assert lrs[0] == pytest.approx(1 / 11)  # step 0 is the first of 11 warmup points up to step 10
     assert all(b > a for a, b in zip(lrs[:10], lrs[1:11], strict=True))
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[9] == pytest.approx(10 / 11)
@@ -26,7 +26,7 @@ def test_cosine_decays_to_floor_through_half_at_midpoint():
     assert all(b <= a for a, b in zip(lrs[10:], lrs[11:], strict=False))
     assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
     assert 0.1 < lrs[-1] < 0.11
-    assert min(lrs) > 0
+    assert min(lrs) == pytest.approx(1 / 11)  # the first warmup step; the decay stops above the 0.1 floor
 
 
 def test_linear_decays_in_equal_steps():

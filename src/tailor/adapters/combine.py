@@ -41,15 +41,13 @@ import torch
 from safetensors.torch import save_file
 
 from tailor.adapters.format import (
-    CONFIG_NAME,
     PREFIX,
-    WEIGHTS_NAME,
     _read_weights,
     config_to_peft_dict,
     read_adapter_config,
 )
+from tailor.adapters.layout import CONFIG_NAME, METADATA_NAME, WEIGHTS_NAME
 from tailor.adapters.metadata import (
-    METADATA_NAME,
     describe_base,
     metadata_text,
     new_metadata,

@@ -23,8 +23,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from tailor.adapters.metadata import (
+from tailor.adapters.layout import (
+    ADAPTER_FILES,
+    CONFIG_NAME,
     METADATA_NAME,
+    PICKLE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+)
+from tailor.adapters.metadata import (
     AdapterMetadataError,
     check_base,
     metadata_text,
@@ -39,11 +45,7 @@ from tailor.lora.inject import _wrappers, lora_layers
 from tailor.lora.layer import LoraLayer, adapter_shapes, adapter_tensors
 from tailor.lora.modules_to_save import ModulesToSaveWrapper
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, "README.md", METADATA_NAME}
 
 # PEFT config keys that carry no meaning for loading plain LoRA weights.
 INFORMATIONAL_KEYS = {
@@ -294,7 +296,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     if directory.exists() and not directory.is_dir():
         raise AdapterFormatError(f"{str(directory)!r} exists and is a file, not a directory; the adapter was "
                                  "not saved and the file is left as it is. Choose another path.")
-    if directory.is_dir() and not {p.name for p in directory.iterdir()} <= ADAPTER_FILES:
+    if directory.is_dir() and not {p.name for p in directory.iterdir()} <= set(ADAPTER_FILES):
         # Shared directory (e.g. a run folder): replace the weights, then the config, each atomically;
         # then drop pickled weights of an older save, which the new safetensors file supersedes.
         with atomic_output(directory / WEIGHTS_NAME) as tmp:

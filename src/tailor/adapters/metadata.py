@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from tailor.adapters.layout import METADATA_NAME
 from tailor.files import atomic_write_json
 from tailor.lora.layer import LoraLayer
 from tailor.lora.modules_to_save import ModulesToSaveWrapper
 
-METADATA_NAME = "tailor_metadata.json"
 METADATA_FORMAT = 1
 FINGERPRINT_ROWS = 256  # evenly spaced rows of the input embedding that enter the weight checksum
 # Dtypes whose bf16 rounding is the same whichever of them the base was loaded in: an fp32 weight rounded

@@ -30,6 +30,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tailor.adapters.layout import (
+    ADAPTER_FILES,
+    CONFIG_NAME,
+    METADATA_NAME,
+    PICKLE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+)
 from tailor.files import (
     atomic_output,
     atomic_write_json,
@@ -44,12 +51,6 @@ try:  # POSIX; elsewhere the store works without a writer lock
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-# The files of an adapter directory (tailor.adapters.format / metadata; repeated here to stay torch-free).
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-METADATA_NAME = "tailor_metadata.json"
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, METADATA_NAME, "README.md")
 RECORD_NAME = "store_record.json"
 TAGS_NAME = "tags.json"
 LOCK_NAME = ".lock"

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tailor.methods import method_spec
+from tailor.method_specs import method_spec
 
 PROMPTING = ("zero-shot", "few-shot")
 _TRAINED = re.compile(r"^(?P<method>full|lora|qlora|qlora-nf4|qlora-int8)(?:-r(?P<rank>\d+))?$")

@@ -5,14 +5,33 @@ what ties two sections together is checked by TrainConfig."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from tailor.method_specs import METHODS
 from tailor.names import DEFAULT_MODEL, PRECISIONS, STRATEGIES
 
 SCHEDULES = ("cosine", "linear", "constant")
 OVERFLOWS = ("truncate", "drop")
 FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
 REPLAY_LOSSES = ("ce", "kl")
+
+
+def lora_shape_problems(rank: int | None, lora_alpha: float | None,
+                        spell: Callable[[str, object], str] = lambda name, value: f"{name}: {value!r}",
+                        ) -> list[str]:
+    """The one rule for an adapter's shape, shared by the config's LoraSection and the planner's own checks
+    (tailor.plan.planner): the rank a positive integer, alpha > 0; None is not checked. `spell(name,
+    value)` names the value as the caller's user wrote it: `rank: 0` in a config, `--rank 0:` on plan's
+    command line. (tailor.lora's LoraConfig keeps its own guard of r and lora_alpha for callers of the
+    lora API: tailor.lora imports nothing of tailor.)"""
+    problems = []
+    if rank is not None and rank < 1:
+        problems.append(f"{spell('rank', rank)} must be a positive integer (the LoRA rank; 8, 16, 32 are "
+                        "usual)")
+    if lora_alpha is not None and lora_alpha <= 0:
+        problems.append(f"{spell('lora_alpha', lora_alpha)} must be > 0 (commonly 2 x rank)")
+    return problems
 
 
 class _Checks:
@@ -49,8 +68,6 @@ class ModelSection:
     """Base model: a local HF directory, a name in the local HF cache, a .gguf file, or the default."""
 
     def problems(self) -> list[str]:
-        from tailor.methods import METHODS
-
         c = _Checks(self)
         c.choice("method", METHODS)
         return c.problems
@@ -121,7 +138,7 @@ class LoraSection:
 
     def problems(self) -> list[str]:
         c = _Checks(self)
-        c.positive("rank", "lora_alpha")
+        c.problems += lora_shape_problems(self.rank, self.lora_alpha)
         c.share("lora_dropout")
         if not self.target_modules:
             c.problems.append("target_modules: empty; use all-linear, a regex, or a list of module names")

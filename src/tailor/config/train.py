@@ -23,6 +23,7 @@ from tailor.config.sections import (
     OptimizationSection,
     PrecisionSection,
 )
+from tailor.method_specs import METHOD_SPECS
 
 
 class ConfigError(ValueError):
@@ -65,9 +66,10 @@ class TrainConfig:
     """A run's settings: built from flat names (`TrainConfig(rank=8, lr=1e-4)`) or sections, read by flat
     name (`config.rank`) or by section (`config.sections.lora`). Immutable: `replace` makes a changed copy.
     `lr` left out is the method's default learning rate, fixed when the config is made, so config.yaml
-    records the value the run used."""
+    records the value the run used. Checked once: `validate` (load_config calls it) passes a config once,
+    and the same object, immutable, is not checked again (train() asks too, for configs built directly)."""
 
-    __slots__ = ("sections",)
+    __slots__ = ("sections", "_valid")
     sections: Sections
 
     def __init__(self, sections: Sections | None = None, **values: Any) -> None:
@@ -82,14 +84,13 @@ class TrainConfig:
                    for name, changes in grouped.items()}
         sections = dataclasses.replace(sections, **changed)
         if sections.optimization.lr is None:
-            from tailor.methods import METHOD_SPECS
-
             method = sections.model.method
             spec = METHOD_SPECS.get(method) if isinstance(method, str) else None  # validate reports others
             if spec is not None:
                 optimization = dataclasses.replace(sections.optimization, lr=spec.default_lr)
                 sections = dataclasses.replace(sections, optimization=optimization)
         object.__setattr__(self, "sections", sections)
+        object.__setattr__(self, "_valid", False)
 
     def __getattr__(self, name: str) -> Any:
         """A flat name reads its section's field (`config.rank` is `config.sections.lora.rank`); any other
@@ -135,7 +136,9 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every field, changing nothing; raise one ConfigError listing all problems. Returns self, so
-        that `TrainConfig(...).validate()` reads as one step."""
+        that `TrainConfig(...).validate()` reads as one step. A config that passed is not checked again."""
+        if self._valid:
+            return self
         problems = _type_problems(self)
         if problems:  # the range checks below assume the types are right
             raise ConfigError(format_problems(problems))
@@ -144,12 +147,11 @@ class TrainConfig:
         problems += self._across_sections()
         if problems:
             raise ConfigError(format_problems(problems))
+        object.__setattr__(self, "_valid", True)
         return self
 
     def _across_sections(self) -> list[str]:
         """What one section's value forbids in another's."""
-        from tailor.methods import METHOD_SPECS
-
         p: list[str] = []
         spec = METHOD_SPECS.get(self.method)
         full = spec is not None and spec.trains_all_weights

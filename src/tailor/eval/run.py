@@ -13,6 +13,7 @@ from typing import Any
 
 from tailor.config import ConfigError, read_yaml_config
 from tailor.eval.evaluate import compare_base_and_tuned, write_eval_json
+from tailor.names import RUN_CONFIG_NAME
 
 DEFAULT_EVAL_DATA = "builtin:support:test"
 
@@ -66,7 +67,7 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
+    path = run_dir / RUN_CONFIG_NAME
     if not path.is_file():
         return {}
     try:

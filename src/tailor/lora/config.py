@@ -119,6 +119,8 @@ def _check_names(name: str, value: Any, problems: list[str]) -> None:
 
 def _problems(c: LoraConfig) -> list[str]:
     problems: list[str] = []
+    # The rank and alpha rule of tailor's config and planner (tailor.config.sections.lora_shape_problems),
+    # kept here as its own guard for direct users of the lora API: tailor.lora imports nothing of tailor.
     if not _is_int(c.r) or c.r <= 0:
         problems.append(f"r={c.r!r} must be a positive integer (typical: 8, 16, 32).")
     if not _is_number(c.lora_alpha) or c.lora_alpha <= 0:

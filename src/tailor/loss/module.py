@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tailor.loss.replay import ReplayLoss
-from tailor.loss.supervised import supervised_loss
+from tailor.loss.supervised import ReplayLoss, supervised_loss
 
 
 class CausalLMLoss(nn.Module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tailor.loss.supervised import body_hidden_states
+from tailor.loss.supervised import ReplayLoss, body_hidden_states
 
 
 class CrossEntropyReplay:
@@ -29,6 +29,12 @@ class CrossEntropyReplay:
     def rows_apart(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The rows learned by this object's own loss instead of cross-entropy: none."""
         return None
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], rows: torch.Tensor,
+             replayed: torch.Tensor, positions: torch.Tensor, share_prefix: bool,
+             logits_of: Callable[[torch.Tensor], torch.Tensor], chunk_size: int) -> torch.Tensor:
+        """The loss of the rows apart: there are none, so zero (supervised_loss does not ask)."""
+        return rows.new_zeros((), dtype=torch.float32)
 
 
 class BaseHiddenCache:
@@ -108,13 +114,10 @@ class KLReplay:
         return _divergence_from_base(model, rows, base, logits_of, chunk_size)
 
 
-ReplayLoss = CrossEntropyReplay | KLReplay
-
-
 def replay_loss_for(name: str) -> ReplayLoss:
     """The loss object of the config's replay_loss ("ce" or "kl"; the config has checked the name); KL
     keeps its own cache of the base model's hidden states."""
     return KLReplay(BaseHiddenCache()) if name == KLReplay.name else CrossEntropyReplay()
 
 
-__all__ = ["BaseHiddenCache", "CrossEntropyReplay", "KLReplay", "ReplayLoss", "replay_loss_for"]
+__all__ = ["BaseHiddenCache", "CrossEntropyReplay", "KLReplay", "replay_loss_for"]

@@ -14,18 +14,15 @@ instruction), the body runs that prefix once for the whole batch instead of once
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tailor.data.tokenize import IGNORE_INDEX  # noqa: E402  (one definition, where labels are made)
-
-if TYPE_CHECKING:
-    from tailor.loss.replay import ReplayLoss
-
-from tailor.models.parts import MIN_SHARED_PREFIX, output_head, transformer_body  # noqa: E402
+from tailor.models.parts import MIN_SHARED_PREFIX, output_head, transformer_body
 
 
 def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
@@ -95,6 +92,24 @@ def body_hidden_states(
     if attention_mask is not None:
         inputs["attention_mask"] = attention_mask
     return body(**inputs, use_cache=False)[0]
+
+
+class ReplayLoss(Protocol):
+    """How `supervised_loss` learns the rows a batch marks as replayed: the seam it calls, implemented by
+    tailor.loss.replay's CrossEntropyReplay and KLReplay."""
+
+    name: str
+
+    def rows_apart(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """[B] bool: the rows learned by `loss` instead of cross-entropy; None when there are none."""
+        ...
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], rows: torch.Tensor,
+             replayed: torch.Tensor, positions: torch.Tensor, share_prefix: bool,
+             logits_of: Callable[[torch.Tensor], torch.Tensor], chunk_size: int) -> torch.Tensor:
+        """The summed loss of the rows apart: `rows` are the model's hidden states at their supervised
+        positions ([N, H]), `positions` the [R, T-1] mask of those within the rows apart."""
+        ...
 
 
 def supervised_loss(

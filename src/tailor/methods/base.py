@@ -12,7 +12,7 @@ from tailor.files import atomic_output
 
 if TYPE_CHECKING:
     from tailor.config import TrainConfig
-    from tailor.methods import MethodSpec
+    from tailor.method_specs import MethodSpec
 
 
 class TrainingMethod:

@@ -17,7 +17,7 @@ from tailor.quant.bnb import require_bitsandbytes
 
 if TYPE_CHECKING:
     from tailor.config import TrainConfig
-    from tailor.methods import MethodSpec
+    from tailor.method_specs import MethodSpec
 
 KIND_FOR_BITS = {4: "nf4", 8: "int8"}
 

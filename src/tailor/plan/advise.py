@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tailor.methods import ADAPTER_METHODS, method_spec
+from tailor.method_specs import ADAPTER_METHODS, method_spec
 from tailor.names import DEFAULT_MODEL
 from tailor.plan.catalogue import Architecture, PlanError, resolve_model
 from tailor.plan.memory import estimate_memory

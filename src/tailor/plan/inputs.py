@@ -26,7 +26,7 @@ class PlanInputs:
     model: str = "SmolLM2-135M"
     """catalogue name, config.json, .gguf, 7B"""
     method: str = "lora"
-    """a training method (tailor.methods.METHODS)"""
+    """a training method (tailor.method_specs.METHODS)"""
     rank: int = 16
     """LoRA rank r"""
     lora_alpha: float = 32.0
@@ -135,7 +135,7 @@ def _this_machine_device() -> str:
 def resolve_inputs(config: str | None, flags: dict[str, Any]) -> tuple[PlanInputs, str]:
     """Flags (None: not given) over a training config over plan's defaults -> (inputs, where the tokens
     come from). A config's run is planned as `tailor train` makes it (train_config_inputs)."""
-    from tailor.methods import METHOD_SPECS
+    from tailor.method_specs import METHOD_SPECS
 
     flags = {k: v for k, v in flags.items() if v is not None}
     device = flags.setdefault("device", _this_machine_device())

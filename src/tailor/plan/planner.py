@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from tailor.config.sections import lora_shape_problems
 from tailor.methods import METHOD_SPECS, METHODS, method_spec
 from tailor.plan.catalogue import Architecture, PlanError, resolve_model
 from tailor.plan.cost import (
@@ -109,10 +110,8 @@ def validate(
         problems.append(f"--optimizer {optimizer!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
     if precision not in PRECISIONS:
         problems.append(f"--precision {precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
-    if not trains_all_weights and rank < 1:
-        problems.append(f"--rank {rank}: the LoRA rank must be a positive integer (8, 16, 32 are usual)")
-    if lora_alpha <= 0:
-        problems.append(f"--lora-alpha {lora_alpha}: must be > 0 (commonly 2 x rank)")
+    problems += lora_shape_problems(None if trains_all_weights else rank, lora_alpha,
+                                    lambda name, value: f"--{name.replace('_', '-')} {value}:")
     if batch_size < 1:
         problems.append(f"--batch-size {batch_size}: must be >= 1")
     if max_seq_len < 1:

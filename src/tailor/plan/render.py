@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from tailor.methods import method_spec
+from tailor.method_specs import method_spec
 
 _PARTS = ("frozen_weights", "adapter_weights", "gradients", "optimizer_state", "activations", "overhead")
 

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from tailor.files import atomic_write_text
+from tailor.names import RUN_CONFIG_NAME
 
 CONFIG_KEYS = ("method", "model", "data", "val_data", "max_seq_len", "rank", "lora_alpha", "lora_dropout",
                "target_modules", "use_rslora", "max_steps", "epochs", "batch_size", "grad_accum", "lr",
@@ -79,7 +80,7 @@ def comparison_lines(evaluation: dict[str, Any]) -> list[str]:
 
 def render_report(run_dir: Path) -> str:
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / RUN_CONFIG_NAME
     config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
     summary = _read_json(run_dir / "summary.json") or {}
     evaluation = _read_json(run_dir / "eval.json")
@@ -159,7 +160,7 @@ def render_report(run_dir: Path) -> str:
                     "**Reference**", "", f"```\n{example.get('reference', '')}\n```", "",
                     "**Base model**", "", f"```\n{example.get('base', '')}\n```", "",
                     "**Tuned model**", "", f"```\n{example.get('tuned', '')}\n```", ""]
-    files = ["config.yaml", "metrics.jsonl", "loss.png", "summary.json",
+    files = [RUN_CONFIG_NAME, "metrics.jsonl", "loss.png", "summary.json",
              *(["eval.json"] if evaluation else []),
              f"{summary.get('weights_dir', 'adapter')}/", "checkpoints/"]
     out += ["## Files", "", ", ".join(files), ""]

@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tailor.names import RUN_CONFIG_NAME
+
 DEMO_RECIPE: dict[str, Any] = {
     "name": "demo",
     "method": "lora",
@@ -58,7 +60,7 @@ def _is_previous_demo(path: Path) -> bool:
     import yaml
 
     try:
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        config = yaml.safe_load((path / RUN_CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
         return False
     return isinstance(config, dict) and all(config.get(k) == DEMO_RECIPE[k] for k in ("name", "data"))

@@ -32,6 +32,7 @@ from torch import nn
 from tailor.config import ConfigError, TrainConfig, save_config
 from tailor.files import OutputPathError, atomic_output, atomic_write_json, check_output_path, directory_size
 from tailor.methods import get_method
+from tailor.names import RUN_CONFIG_NAME
 from tailor.train.distributed import (
     full_parameters,
     is_main_process,
@@ -174,7 +175,7 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
     model = method.prepare(model, config)
     if main:  # only now, with the data, the model and the method known good, is the run directory written
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml", note=f"precision: {precision.reason}")
+        save_config(config, run_dir / RUN_CONFIG_NAME, note=f"precision: {precision.reason}")
 
     def save_weights(trained: nn.Module, directory: Path) -> Path:
         return method.save(trained, directory, tokenizer)
@@ -282,7 +283,7 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise ConfigError(f"out: {error} (--out DIR)") from None
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return
-    holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "config.yaml").exists()
+    holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / RUN_CONFIG_NAME).exists()
     if holds_run and not resume:
         # a finished or killed run lives here; refusing beats silently mixing two runs' metrics
         raise ConfigError(f"out: {run_dir} already holds a run; use --resume to continue it, or --out DIR")
