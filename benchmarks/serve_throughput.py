@@ -410,6 +410,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["peft_mixed_tokens_per_s"] = peft["tokens_per_s"]
             print(f"peft mixed: {peft}", flush=True)
     results.update(ratios(results))
+    if args.device.startswith("cuda"):  # the allocator's peak over every part run
+        results["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     results["goals"] = goal_status(results)
     print_table(results)
     if args.json_path:
