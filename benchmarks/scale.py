@@ -3,6 +3,7 @@
     python benchmarks/scale.py                          # both shapes, ~15 min on 2 cores (models cached)
     python benchmarks/scale.py --shapes 1.7b --json scale.json
     python benchmarks/scale.py --shapes 7b --configs tailor-qlora-nf4,peft-qlora-nf4
+    python benchmarks/scale.py --shapes 1.7b --configs tailor-qlora-nf4,peft-qlora-nf4 --device cuda --steps 6
 
 The models are random weights with the real architectures' configs (SmolLM2-1.7B, Llama-2-7B), bf16
 safetensors shards as `save_pretrained` writes them, and the default model's tokenizer; built once
@@ -21,6 +22,12 @@ prediction for the tailor runs (planned_peak_gib in their summary.json) and meas
 seconds and seconds per step. A child whose RSS passes `--memory-cap-gib` is stopped and reported as such
 (PEFT's 7B run would otherwise take the machine down). The peak RSS figures do not depend on what else the
 machine runs; the seconds do: run it on a quiet machine.
+
+`--device cuda` runs every configuration on the GPU (`tailor train --device cuda`; PEFT's model placed there
+with `device_map`) and adds each one's CUDA peak (the allocator's: summary.json's peak_cuda_gib for tailor,
+torch.cuda.max_memory_allocated for PEFT). tokens/s counts the real tokens of the steps after the first
+(the first holds CUDA's and bitsandbytes' one-time set-up), so it needs `--steps 2` or more. `--model-dir`
+runs an existing model directory instead of building a shape (a tiny one checks the script on a CPU).
 """
 
 from __future__ import annotations
@@ -103,15 +110,14 @@ def run_capped(command: list[str], cap_gib: float, timeout: float) -> tuple[int 
 
 
 def run_tailor(method: str, directory: Path, args: argparse.Namespace) -> dict[str, Any]:
-    tailor = str(Path(sys.executable).parent / "tailor")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        command = [tailor, "train", "--model", str(directory), "--data", "builtin:support",
-                   "--method", method, "--batch-size", str(RECIPE["batch_size"]),
+        command = [sys.executable, "-m", "tailor", "train", "--model", str(directory),
+                   "--data", "builtin:support", "--method", method, "--batch-size", str(RECIPE["batch_size"]),
                    "--max-seq-len", str(RECIPE["max_seq_len"]), "--rank", str(RECIPE["rank"]),
                    "--lora-alpha", str(RECIPE["lora_alpha"]), "--target-modules", "all-linear",
-                   "--lr", str(RECIPE["lr"]), "--max-steps", str(RECIPE["steps"]), "--eval-batches", "1",
-                   "--precision", args.precision, "--out", str(out)]
+                   "--lr", str(RECIPE["lr"]), "--max-steps", str(args.steps), "--eval-batches", "1",
+                   "--precision", args.precision, "--device", args.device, "--out", str(out)]
         code, output, highest, capped = run_capped(command, args.memory_cap_gib, args.timeout)
         if code != 0 or not (out / "summary.json").is_file():
             why = f"stopped at the {args.memory_cap_gib} GiB cap" if capped else \
@@ -120,15 +126,23 @@ def run_tailor(method: str, directory: Path, args: argparse.Namespace) -> dict[s
         summary = json.loads((out / "summary.json").read_text())
         steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                  if '"step"' in line and '"loss"' in line]
-    return {"status": "ok", "peak_rss_gib": summary["peak_rss_gib"],
-            "planned_peak_gib": summary.get("planned_peak_gib"),
-            "load_seconds": summary["model_load_seconds"],
-            "step_seconds": round(summary["train_seconds"] / max(1, summary["steps"]), 2),
-            "loss": [s["loss"] for s in steps], "precision": summary["precision"]["resolved"]}
+    result = {"status": "ok", "peak_rss_gib": summary["peak_rss_gib"],
+              "planned_peak_gib": summary.get("planned_peak_gib"),
+              "load_seconds": summary["model_load_seconds"],
+              "step_seconds": round(summary["train_seconds"] / max(1, summary["steps"]), 2),
+              "loss": [s["loss"] for s in steps], "precision": summary["precision"]["resolved"]}
+    if summary.get("peak_cuda_gib") is not None:
+        result["peak_cuda_gib"] = summary["peak_cuda_gib"]
+    if len(steps) >= 2:  # metrics.jsonl's tokens and elapsed are running totals: the steps after the first
+        tokens, seconds = steps[-1]["tokens"] - steps[0]["tokens"], steps[-1]["elapsed"] - steps[0]["elapsed"]
+        result["tokens_per_step"] = round(tokens / (len(steps) - 1), 1)
+        result["tokens_per_s"] = round(tokens / seconds, 1) if seconds > 0 else None
+    return result
 
 
-def peft_child(directory: Path, precision: str) -> dict[str, Any]:
-    """PEFT + bitsandbytes QLoRA, 2 steps, in this (fresh) process."""
+def peft_child(directory: Path, precision: str, device: str = "cpu",
+               steps: int = RECIPE["steps"]) -> dict[str, Any]:
+    """PEFT + bitsandbytes QLoRA, `steps` steps on `device`, in this (fresh) process."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -136,11 +150,13 @@ def peft_child(directory: Path, precision: str) -> dict[str, Any]:
     from tailor.data import load_examples
     from tailor.hardware import precision_for
 
-    compute = torch.bfloat16 if precision_for(precision, "cpu") == "bf16" else torch.float32
+    compute = torch.bfloat16 if precision_for(precision, device) == "bf16" else torch.float32
     started = time.perf_counter()
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
-    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization, dtype=compute)
+    placement = {"device_map": {"": device}} if device.startswith("cuda") else {}
+    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization, dtype=compute,
+                                                 **placement)
     load_seconds = time.perf_counter() - started
     model = prepare_model_for_kbit_training(model)
     model = get_peft_model(model, LoraConfig(r=RECIPE["rank"], lora_alpha=RECIPE["lora_alpha"],
@@ -148,27 +164,33 @@ def peft_child(directory: Path, precision: str) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(directory)
     text = "".join(tokenizer.apply_chat_template(e.messages, tokenize=False) if e.messages else e.text
                    for e in load_examples("builtin:support")[:8])
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, : RECIPE["max_seq_len"]]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, : RECIPE["max_seq_len"]].to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=RECIPE["lr"])
     model.train()
     times, losses = [], []
-    for _ in range(RECIPE["steps"]):
+    for _ in range(steps):
         step_started = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))  # .item() waits for the GPU: the step is done
         times.append(time.perf_counter() - step_started)
-        losses.append(round(loss.item(), 4))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"status": "ok", "peak_rss_gib": round(peak, 3),
-            "load_seconds": round(load_seconds, 2), "step_seconds": round(sum(times) / len(times), 2),
-            "loss": losses, "precision": "bf16" if compute == torch.bfloat16 else "fp32"}
+    result = {"status": "ok", "peak_rss_gib": round(peak, 3),
+              "load_seconds": round(load_seconds, 2), "step_seconds": round(sum(times) / len(times), 2),
+              "loss": losses, "precision": "bf16" if compute == torch.bfloat16 else "fp32",
+              "tokens_per_step": ids.numel()}
+    if device.startswith("cuda"):
+        result["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
+    if len(times) >= 2:  # the steps after the first, as for tailor
+        result["tokens_per_s"] = round(ids.numel() * (len(times) - 1) / sum(times[1:]), 1)
+    return result
 
 
 def run_peft(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), "--child", str(directory), "--precision",
-               args.precision]
+               args.precision, "--device", args.device, "--steps", str(args.steps)]
     code, output, highest, capped = run_capped(command, args.memory_cap_gib, args.timeout)
     for line in reversed(output.splitlines()):
         if line.startswith(RESULT_MARKER):
@@ -178,7 +200,7 @@ def run_peft(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {"status": "failed", "error": why, "highest_rss_gib": round(highest, 2)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="1.7b,7b", help=f"comma-separated subset of {', '.join(SHAPES)}")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {', '.join(CONFIGS)}")
@@ -186,31 +208,39 @@ def main() -> None:
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "tailor" / "scale-models"))
     p.add_argument("--memory-cap-gib", type=float, default=20.0, help="stop a child whose RSS passes this")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    p.add_argument("--device", default="cpu", help="cpu | cuda: where every configuration trains")
+    p.add_argument("--steps", type=int, default=RECIPE["steps"], help="optimizer steps per configuration")
+    p.add_argument("--model-dir", default=None,
+                   help="a model directory to run instead of building --shapes (named by its folder)")
     p.add_argument("--json", dest="json_path", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
-        print(RESULT_MARKER + json.dumps(peft_child(Path(args.child), args.precision)), flush=True)
-        return
+        result = peft_child(Path(args.child), args.precision, args.device, args.steps)
+        print(RESULT_MARKER + json.dumps(result), flush=True)
+        return None
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [s for s in shapes if s not in SHAPES] + [c for c in configs if c not in CONFIGS]
     if bad:
         p.error(f"unknown {bad}; shapes: {', '.join(SHAPES)}; configs: {', '.join(CONFIGS)}")
-    machine = print_machine("cpu")
+    machine = print_machine(args.device)
+    models = ([(Path(args.model_dir).name, Path(args.model_dir))] if args.model_dir else
+              [(SHAPE_NAMES[shape], model_dir(shape, Path(args.cache).expanduser())) for shape in shapes])
     results: list[dict[str, Any]] = []
-    for shape in shapes:
-        directory = model_dir(shape, Path(args.cache).expanduser())
+    for name, directory in models:
         for config in configs:
-            print(f"{SHAPE_NAMES[shape]} {config} ...", flush=True)
+            print(f"{name} {config} ...", flush=True)
             run = run_peft(directory, args) if config.startswith("peft") else \
                 run_tailor(config.removeprefix("tailor-"), directory, args)
-            results.append({"shape": SHAPE_NAMES[shape], "config": config, **run})
+            results.append({"shape": name, "config": config, **run})
             print("  " + json.dumps(results[-1]), flush=True)
     print_table(results)
+    report = {"machine": machine, "device": args.device, "recipe": {**RECIPE, "steps": args.steps},
+              "results": results}
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps({"machine": machine, "recipe": RECIPE,
-                                                    "results": results}, indent=2))
+        Path(args.json_path).write_text(json.dumps(report, indent=2))
+    return report
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -235,4 +265,4 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

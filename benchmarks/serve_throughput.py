@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name or local path (tailor.models)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has it) | float32 | bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where the device has it) | float32 | bfloat16")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--lora-dtype", default="float32", help="the adapter slots' dtype: float32 | bfloat16")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     p.add_argument("--requests", type=int, default=32, help="concurrent requests (hetero/base/hf/peft)")
@@ -222,7 +223,7 @@ def run_peft_mixed(args, root: Path, names: list[str], tokenizer, prompts, dtype
 
     from tailor.models import load_model
 
-    base, _ = load_model(args.model, dtype=dtype)
+    base, _ = load_model(args.model, dtype=dtype, device=args.device)
     model = PeftModel.from_pretrained(base, str(root / names[0]), adapter_name=names[0])
     for name in sorted(set(names[1:])):
         model.load_adapter(str(root / name), adapter_name=name)
@@ -320,17 +321,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tailor.models import load_model, parse_dtype
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    machine = print_machine()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    machine = print_machine(args.device)
     torch.manual_seed(args.seed)
-    dtype = parse_dtype(args.dtype)
+    dtype = parse_dtype(args.dtype, args.device)
     parts = set(args.part_list)
     results: dict[str, Any] = {**machine, "settings": {
         "model": args.model, "dtype": str(dtype).removeprefix("torch."), "lora_dtype": args.lora_dtype,
         "requests": args.requests,
         "new_tokens": args.new_tokens, "rank": args.rank, "max_loras": args.max_loras,
         "many_adapters": args.many_adapters, "many_requests": args.many_requests,
-        "threads": torch.get_num_threads(), "machine": f"{os.cpu_count()} cores"}}
-    served, tokenizer = load_model(args.model, dtype=dtype)
+        "threads": torch.get_num_threads(), "machine": f"{os.cpu_count()} cores", "device": args.device}}
+    served, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
     served.name_or_path = args.model
     context = getattr(served.config, "max_position_embeddings", None) or 2048
     prompts = support_prompts(tokenizer, args.requests, min(1024, context - args.new_tokens - 1))
@@ -372,8 +374,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             engine.adapters.close()
             del engine
             for size, key in ((32, "many_32_tokens_per_s"), (args.many_adapters, "many_1000_tokens_per_s")):
-                served_engine = make_engine(_fresh(args.model, dtype), tokenizer, many_root, args.max_loras,
-                                            args.requests, max_cpu_loras=2 * args.max_loras,
+                served_engine = make_engine(_fresh(args.model, dtype, args.device), tokenizer, many_root,
+                                            args.max_loras, args.requests, max_cpu_loras=2 * args.max_loras,
                                             lora_dtype=args.lora_dtype)
                 choice = [rng.choice(pool[:size]) for _ in many_prompts]
                 run_engine(served_engine, many_prompts[:2], choice[:2], 2)
@@ -388,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             del engine
         del served
         if "hf" in parts:
-            plain, _ = load_model(args.model, dtype=dtype)
+            plain, _ = load_model(args.model, dtype=dtype, device=args.device)
             run_hf(plain, tokenizer, prompts, 2)
             hf = run_hf(plain, tokenizer, prompts, args.new_tokens)
             results["hf_base_tokens_per_s"] = hf["tokens_per_s"]
@@ -399,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"swap: {swap}", flush=True)
             del plain
         elif "swap" in parts:
-            plain, _ = load_model(args.model, dtype=dtype)
+            plain, _ = load_model(args.model, dtype=dtype, device=args.device)
             swap = run_swap(plain, tokenizer, root, names[: args.swap_requests], prompts, args.new_tokens)
             results["swap_tokens_per_s"] = swap["tokens_per_s"]
         if "peft" in parts:
@@ -407,6 +409,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["peft_mixed_tokens_per_s"] = peft["tokens_per_s"]
             print(f"peft mixed: {peft}", flush=True)
     results.update(ratios(results))
+    if args.device.startswith("cuda"):  # the allocator's peak over every part run
+        results["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     results["goals"] = goal_status(results)
     print_table(results)
     if args.json_path:
@@ -414,10 +418,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-def _fresh(model_name: str, dtype):
+def _fresh(model_name: str, dtype, device: str | None = None):
     from tailor.models import load_model
 
-    return load_model(model_name, dtype=dtype)[0]
+    return load_model(model_name, dtype=dtype, device=device)[0]
 
 
 if __name__ == "__main__":

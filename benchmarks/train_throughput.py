@@ -28,7 +28,8 @@ machine (CPU capability, native bf16, the precision auto runs, threads, torch), 
 Timing: the first `--warmup` steps (allocator, kernel selection, lazy init) are excluded; a step is the
 time between two consecutive "step done" moments of the loop, so collate, the optimizer and the loop's
 own bookkeeping count. tokens/s counts real (non-pad) tokens only. Wall time is what a user waits; CPU
-time (process_time) is also recorded because on a shared machine it is far less noisy.
+time (process_time) is also recorded because on a shared machine it is far less noisy. On CUDA each
+configuration also records the allocator's peak over its whole process (cuda_max_allocated_mib).
 
 "loss after N steps" is the mean token cross-entropy on a fixed slice of the validation split, computed
 identically for every configuration after training. tailor groups batches by length and plain PEFT loops
@@ -377,6 +378,8 @@ def child_main(args: argparse.Namespace) -> None:
     except ImportError as error:  # a piece (peft, tailor.train) is not installed / not written yet
         result = {"status": "unavailable", "error": f"{type(error).__name__}: {error}"}
     result.setdefault("peak_rss_mib", peak_rss_mib())
+    if device.startswith("cuda"):  # the allocator's peak over the whole child: load, training, evaluation
+        result["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     result.update(config=args.child, device=device, threads=torch.get_num_threads(),
                   child_wall_s=round(time.perf_counter() - started, 1))
     print(RESULT_MARKER + json.dumps(result), flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -217,3 +218,19 @@ def test_replay_kl_benchmark_times_each_loss_and_the_cache_changes_no_value():
     assert all(r["min_s"] > 0 and r["median_s"] >= r["min_s"] for r in results.values())
     kl = results["kl"]["loss"]
     assert kl > 0.01 and results["kl cached"]["loss"] == pytest.approx(kl)
+
+
+def test_gpu_check_without_cuda_prints_one_line_and_exits_0():
+    """benchmarks/gpu_check.sh on a machine whose torch sees no CUDA device: one line, exit 0."""
+    import subprocess
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: gpu_check.sh would run its checks")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
+    env["GPU_CHECK_PYTHON"] = sys.executable  # the test's own Python (its torch) is among those asked
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check: no CUDA device here"), done.stdout
+    assert f"{sys.executable}: {torch.__version__} False" in lines[0]
