@@ -54,6 +54,12 @@ def test_lora_run_directory(tiny_dir, tmp_path, precision):
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     report = (out / "report.md").read_text()
     assert "tokens/s" in report and "Trainable parameters" in report
+    # the plan of this very run (tailor plan's estimate on this device) beside the measured peak
+    from tailor.plan.planner import planned_peak_gib
+
+    assert summary["planned_peak_gib"] == round(planned_peak_gib(config, "cpu", str(tiny_dir)), 3)
+    assert summary["peak_rss_gib"] == round(summary["peak_rss_mib"] / 1024, 3)
+    assert f"{summary['planned_peak_gib']:.2f} GiB; measured {summary['peak_rss_gib']:.2f} GiB" in report
 
     from tailor.adapters import load_adapter
     from tailor.models import load_model

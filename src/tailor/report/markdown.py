@@ -133,6 +133,13 @@ def render_report(run_dir: Path) -> str:
         ]
         if summary.get("cuda_max_allocated_mib") is not None:
             rows.append(["Peak CUDA memory", f"{_fmt(summary['cuda_max_allocated_mib'], 0)} MiB"])
+        planned = summary.get("planned_peak_gib")
+        if planned is not None:
+            measured = summary.get("peak_cuda_gib") or summary.get("peak_rss_gib")
+            kind = "peak CUDA allocation" if summary.get("peak_cuda_gib") else "peak RSS"
+            error = f" ({100 * (measured - planned) / planned:+.0f}%)" if measured else ""
+            rows.append(["Planned peak (`tailor plan`)",
+                         f"{planned:.2f} GiB; measured {_fmt(measured, 2)} GiB {kind}{error}"])
         if summary.get("resumed_from"):
             rows.append(["Resumed from", f"`{summary['resumed_from']}`"])
         out += ["## Training", "", *_table(["", ""], rows), ""]
