@@ -53,7 +53,9 @@ SHAPES: dict[str, dict[str, Any]] = {
                  num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
                  max_position_embeddings=8192, rope_theta=130000, rms_norm_eps=1e-5,
                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, initializer_range=0.02),
-    "7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+    # Llama-2-7B's config with the default model's vocabulary (49,152 against 32,000): the random model is
+    # trained with the default tokenizer, whose ids must be rows of the embedding (6.88B parameters)
+    "7b": dict(model_type="llama", vocab_size=49152, hidden_size=4096, intermediate_size=11008,
                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, initializer_range=0.02),
