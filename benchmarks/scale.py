@@ -5,7 +5,8 @@
     python benchmarks/scale.py --shapes 7b --configs tailor-qlora-nf4,peft-qlora-nf4
     python benchmarks/scale.py --shapes 1.7b --configs tailor-qlora-nf4,peft-qlora-nf4 --device cuda --steps 6
 
-The models are random weights with the real architectures' configs (SmolLM2-1.7B, Llama-2-7B), bf16
+The models are random weights with the real architectures' configs (SmolLM2-1.7B; Llama-2-7B with the
+default tokenizer's 49,152-token vocabulary instead of 32,000, so 6.88B parameters), bf16
 safetensors shards as `save_pretrained` writes them, and the default model's tokenizer; built once
 (tailor.models.random, shard by shard) and cached outside the repository (`--cache`, default
 ~/.cache/tailor/scale-models). Every configuration runs in its own process, one after the other:
@@ -16,7 +17,7 @@ safetensors shards as `save_pretrained` writes them, and the default model's tok
                        BitsAndBytesConfig (nf4, double quant, compute in the dtype tailor's precision auto
                        picks here), prepare_model_for_kbit_training, get_peft_model(r=16, all-linear)
 
-Same shapes for all: batch 1, 256 tokens of the built-in support data, r=16, alpha 32, all-linear, AdamW
+Same shapes for all: batch 1, one support ticket (at most 256 tokens), r=16, alpha 32, all-linear, AdamW
 lr 2e-4, 2 steps. Reported: peak RSS of the process (getrusage: what /usr/bin/time prints), `tailor plan`'s
 prediction for the tailor runs (planned_peak_gib in their summary.json) and measured / planned, model load
 seconds and seconds per step. A child whose RSS passes `--memory-cap-gib` is stopped and reported as such
