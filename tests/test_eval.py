@@ -214,11 +214,14 @@ def test_score_answers_falls_back_to_exact_text_match_for_plain_answers():
 
 @pytest.mark.slow
 def test_retention_prompts_are_answered_by_the_base_model():
-    from tailor.models import load_model, parse_dtype
+    import torch
 
-    # the dtype `tailor eval` and `tailor demo` use (bf16 where it is fast); each item was also kept only
-    # when fp32 answered it correctly (tailor.eval.retention), which takes minutes here, so it is not rerun
-    model, tokenizer = load_model(dtype=parse_dtype("auto"), device="cpu")
+    from tailor.models import load_model
+
+    # fp32, the precision every item was kept in (tailor.eval.retention). In bf16 the answers depend on the
+    # CPU's bf16 kernels: on an AVX512-BF16 EPYC (2026-12-07) the base misses "What is 7 + 6?" in bf16, so
+    # `tailor demo` there reports base 112/113; on the AVX2 machines (fp32) it answers all 113.
+    model, tokenizer = load_model(dtype=torch.float32, device="cpu")
     result = retention_check(model, tokenizer)
     wrong = [(item["prompt"], item["answer"]) for item in result["items"] if not item["ok"]]
     assert result["n"] == len(RETENTION_ITEMS) >= 100

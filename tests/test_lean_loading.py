@@ -143,6 +143,7 @@ def test_qlora_loading_never_holds_the_fp32_model(tmp_path):
         out = subprocess.run([sys.executable, "-c", _PEAK, str(directory), how], capture_output=True,
                              text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
         peaks[how] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"] / fp32_bytes
-    # lean: NF4 block linears (~0.13x of their fp32 bytes) + fp32 embeddings and head (11% of the model)
-    assert peaks["lean"] < 0.35, peaks
-    assert peaks["ordinary"] > 0.9, peaks  # the fp32 model, whole: what lean loading avoids
+    # lean: NF4 block linears (0.13x of their fp32 bytes) + the fp32 embeddings and head (17% of the model)
+    # + one tensor in flight: 0.38 measured; the ordinary load: the fp32 model and more (1.52 measured)
+    assert peaks["lean"] < 0.5, peaks
+    assert peaks["ordinary"] > 1.0, peaks  # the fp32 model, whole: what lean loading avoids

@@ -126,8 +126,10 @@ def _train_config(path: str) -> Any:
     return load_config(path, data=None if given.get("data") else "builtin:support")  # plan needs no data
 
 
-def _this_machine_device() -> str:
-    import torch  # only when --device is left out: the plan is then for this machine
+def this_machine_device() -> str:
+    """cuda where torch sees a GPU, else cpu: what `tailor plan` plans when --device is left out."""
+    import torch  # only when --device is left out
+
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -138,7 +140,7 @@ def resolve_inputs(config: str | None, flags: dict[str, Any]) -> tuple[PlanInput
     from tailor.method_specs import METHOD_SPECS
 
     flags = {k: v for k, v in flags.items() if v is not None}
-    device = flags.setdefault("device", _this_machine_device())
+    device = flags.setdefault("device", this_machine_device())
     train_config = _train_config(config) if config else None
     values = {**(train_config_inputs(train_config, device) if train_config else {}), **flags}
     values.setdefault("attention", "eager" if device == "cpu" else "sdpa")
@@ -174,4 +176,4 @@ def plan_inputs(inputs: PlanInputs, tokens_basis: str | None = None) -> dict[str
                 strategy=inputs.strategy, device=inputs.device or "cuda")
 
 
-__all__ = ["ALIASES", "PlanInputs", "plan_inputs", "resolve_inputs"]
+__all__ = ["ALIASES", "PlanInputs", "plan_inputs", "resolve_inputs", "this_machine_device"]

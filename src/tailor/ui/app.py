@@ -19,7 +19,6 @@ names and sizes, not files.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +67,7 @@ class PlanRequest(_Body):
     gradient_checkpointing: bool | None = None
     optimizer: str | None = None
     precision: str | None = None
+    device: str | None = None
     tokens: float | None = Field(default=None, gt=0)
     gpu: str | None = None
     mfu: float | None = Field(default=None, gt=0, le=1)
@@ -193,23 +193,28 @@ async def _change(store: AdapterStore | None, tag_ref: str, change) -> tuple[int
 
 
 def _plan_form() -> dict[str, Any]:
-    """The form's fields with `tailor plan`'s defaults, and the choices the planner knows."""
+    """The form's fields with `tailor plan`'s defaults (PlanInputs; the device is this machine's, as for
+    `tailor plan`), and the choices the planner knows."""
+    import dataclasses
+
     from tailor.methods import METHOD_SPECS
     from tailor.names import DEFAULT_MODEL
     from tailor.plan.catalogue import CATALOGUE
-    from tailor.plan.memory import OPTIMIZERS, PRECISIONS
-    from tailor.plan.planner import StackOptions, plan
+    from tailor.plan.inputs import PlanInputs, this_machine_device
+    from tailor.plan.memory import DEVICES, OPTIMIZERS, PRECISIONS
 
-    parameters = inspect.signature(plan).parameters
-    defaults = {name: parameters[name].default for name in PlanRequest.model_fields if name in parameters}
-    defaults.update(model=DEFAULT_MODEL, grad_accum=StackOptions().grad_accum)
+    fields = {f.name: f.default for f in dataclasses.fields(PlanInputs)}
+    defaults = {name: fields[name] for name in PlanRequest.model_fields if name in fields}
+    defaults.update(model=DEFAULT_MODEL, device=this_machine_device())
     return {"defaults": defaults, "models": sorted(CATALOGUE), "methods": sorted(METHOD_SPECS),
-            "optimizers": list(OPTIMIZERS), "precisions": list(PRECISIONS)}
+            "optimizers": list(OPTIMIZERS), "precisions": ["auto", *PRECISIONS], "devices": list(DEVICES)}
 
 
 def _plan(body: PlanRequest) -> dict[str, Any]:
-    from tailor.plan import PlanError, StackOptions, plan
+    """`tailor plan`'s result for the form: the same inputs resolved the same way (tailor.plan.inputs)."""
+    from tailor.plan import PlanError
     from tailor.plan.catalogue import catalogue_lookup, parse_param_count
+    from tailor.plan.inputs import plan_inputs, resolve_inputs
 
     given = body.model_dump(exclude_none=True)
     model = given.pop("model", None) or _plan_form()["defaults"]["model"]
@@ -219,11 +224,11 @@ def _plan(body: PlanRequest) -> dict[str, Any]:
                           "catalogue models (e.g. SmolLM2-135M) and sizes (e.g. 7B); plan a local "
                           "config.json or .gguf with `tailor plan --model PATH`.", param="model",
                           code="unknown_model")
-    options = StackOptions(grad_accum=given.pop("grad_accum", StackOptions().grad_accum))
     basis = "given in the form" if "tokens" in given else "default (1e7); give training tokens in the form"
     try:
-        return plan(model, options=options, tokens_basis=basis, **given)
-    except PlanError as error:
+        inputs, _ = resolve_inputs(None, {**given, "model": model})
+        return plan_inputs(inputs, basis)
+    except (PlanError, TypeError, ValueError) as error:
         raise bad_request(str(error), code="plan_error") from None
 
 

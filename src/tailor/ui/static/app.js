@@ -367,7 +367,7 @@ async function streamAnswer(body, column, text) {
 const PLAN_LABELS = { model: "model", method: "method", rank: "LoRA rank", lora_alpha: "LoRA alpha",
   target_modules: "target modules", batch_size: "batch size", max_seq_len: "sequence length",
   grad_accum: "gradient accumulation", gradient_checkpointing: "gradient checkpointing", optimizer: "optimizer",
-  precision: "precision", tokens: "training tokens", gpu: "GPU to cost on", mfu: "assumed MFU" };
+  precision: "precision", device: "trains on", tokens: "training tokens", gpu: "GPU to cost on", mfu: "assumed MFU" };
 const MEMORY_PARTS = [["frozen_weights", "frozen weights"], ["adapter_weights", "trained weights"], ["gradients", "gradients"],
   ["optimizer_state", "optimizer state"], ["activations", "activations"], ["overhead", "overhead"]];
 
@@ -375,7 +375,8 @@ async function loadPlanner() {
   const form = $("#plan-form");
   let spec;
   try { spec = await api("/api/plan/form"); } catch (error) { loaded.delete("planner"); return showError($("#plan-error"), error); }
-  const choices = { model: spec.models, method: spec.methods, optimizer: spec.optimizers, precision: spec.precisions };
+  const choices = { model: spec.models, method: spec.methods, optimizer: spec.optimizers, precision: spec.precisions,
+    device: spec.devices };
   form.replaceChildren();
   for (const [name, value] of Object.entries(spec.defaults)) {
     let input;
