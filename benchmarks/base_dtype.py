@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", dest="json_path", default=None)
     p.add_argument("--skip-rss", action="store_true", help="no child processes for peak RSS")
+    p.add_argument("--phases", default="train,kl,decode", help="which of train, kl, decode to time")
     p.add_argument("--rss-child", choices=BASES, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -108,12 +109,29 @@ def decoder(model, args, vocab: int):
 
 
 def rss_child(args) -> None:
-    """Peak RSS of loading the base and 2 training steps (a fresh process per base)."""
+    """Peak RSS of loading the base and 2 training steps (a fresh process per base). VmHWM, not ru_maxrss:
+    the latter survives exec, so a child of a large parent would report the parent's peak."""
     model = load(args.model, args.rss_child, lora=True)
     batch = batch_for(args, model.config.vocab_size)
     for _ in range(2):
         train_step(model, batch)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak = next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:")), None)
+    print(json.dumps({"peak_rss_mib": peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def measure_rss(args) -> dict[str, float]:
+    """Each base's peak RSS in its own child process (run before this process loads anything)."""
+    rss = {}
+    for base in BASES:
+        command = [sys.executable, __file__, "--model", args.model, "--rss-child", base,
+                   "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len)]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        rss[base] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+        print(f"peak RSS, {base} base (load + 2 training steps): {rss[base]:.0f} MiB", flush=True)
+    return rss
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -130,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         rss_child(args)
         return {}
     machine = print_machine("cpu")
+    rss = {} if args.skip_rss else measure_rss(args)
     models = {base: load(args.model, base, lora=True) for base in BASES}
     vocab = models["fp32"].config.vocab_size
     batch = batch_for(args, vocab)
@@ -141,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     phases = {"train step": lambda base: train_step(models[base], batch),
               "kl base": lambda base: kl_base_forward(models[base], batch),
               "decode": lambda base: decoders[base]()}
+    phases = {name: run for name, run in phases.items() if name.split()[0] in args.phases.split(",")}
     times: dict[str, dict[str, list[float]]] = {phase: {b: [] for b in BASES} for phase in phases}
     for round_ in range(args.rounds + 1):  # round 0 warms up
         order = BASES if round_ % 2 == 0 else BASES[::-1]
@@ -152,6 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
                     run(base)
                 if round_:
                     times[phase][base].append((time.perf_counter() - started) / repeats)
+            if round_:
+                print(f"  round {round_} {phase}: " + ", ".join(f"{b} {times[phase][b][-1] * 1e3:.1f} ms"
+                                                            for b in BASES), flush=True)
     rows = []
     for phase in phases:
         fp32, bf16 = (statistics.median(times[phase][b]) for b in BASES)
@@ -163,17 +186,6 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"{r['phase']:12s} {r['fp32_ms']:13.1f} {r['bf16_ms']:13.1f} {r['bf16_vs_fp32']:10.3f}  "
               f"{' '.join(f'{x:.2f}' for x in r['bf16_vs_fp32_per_round'])}", flush=True)
-    rss = {}
-    if not args.skip_rss:
-        del models, decoders
-        for base in BASES:
-            command = [sys.executable, __file__, "--model", args.model, "--rss-child", base,
-                       "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len)]
-            if args.threads:
-                command += ["--threads", str(args.threads)]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            rss[base] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
-            print(f"peak RSS, {base} base (load + 2 training steps): {rss[base]:.0f} MiB", flush=True)
     result = {**machine, "rounds": args.rounds, "rows": rows, "peak_rss_mib": rss}
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=2))
