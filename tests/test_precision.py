@@ -50,10 +50,13 @@ class _Dtypes(Hook):
 
     def __init__(self) -> None:
         self.frozen: set[torch.dtype] = set()
+        self.linear: set[torch.dtype] = set()
         self.autocast: set[bool] = set()
 
     def on_start(self, run) -> None:
         self.frozen = {p.dtype for p in run.model.parameters() if not p.requires_grad}
+        self.linear = {m.weight.dtype for m in run.model.modules()
+                       if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad}
         layer = next(m for m in run.model.modules() if type(m).__name__.endswith("DecoderLayer"))
         layer.register_forward_pre_hook(lambda _m, _a: self.autocast.add(torch.is_autocast_enabled("cpu")))
 
@@ -86,8 +89,13 @@ def test_train_records_and_runs_the_resolved_precision(tiny_dir, tmp_path, monke
                                     "device": "cpu", "cpu_capability": hardware.cpu_capability(),
                                     "native_bf16": native}
     assert f"| precision | `{resolved}` ({reason}) |" in (out / "report.md").read_text()
-    assert dtypes.frozen == {torch.bfloat16 if native else torch.float32}
+    # bf16 stores the whole base in bf16; fp32 (auto's base_dtype) its linear and embedding weights in bf16,
+    # upcast per matmul, the norms in fp32 (tailor.models.upcast)
+    assert dtypes.frozen == ({torch.bfloat16} if native else {torch.bfloat16, torch.float32})
+    assert dtypes.linear == {torch.bfloat16}
     assert dtypes.autocast == {native}
+    assert summary["base_dtype"]["requested"] == "auto" and summary["base_dtype"]["resolved"] == "bf16"
+    assert "# base_dtype: auto -> bf16" in text
 
 
 @pytest.mark.parametrize("native", [False, True])

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from tailor.names import BASE_DTYPE_AT_FP32
+from tailor.names import BASE_DTYPES as BASE_DTYPE_CHOICES
 from tailor.names import PRECISIONS as PRECISION_CHOICES
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -103,6 +105,57 @@ def resolve_precision(requested: str, device: str | None = None) -> Precision:
     return Precision(requested, resolved, reason, kind, capability, native)
 
 
+@dataclass(frozen=True)
+class BaseDtype:
+    """The dtype a run's frozen base is stored in, as resolved: what was asked, what runs, and why."""
+
+    requested: str  # auto | bf16 | fp32
+    resolved: str  # bf16 | fp32
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def resolve_base_dtype(requested: str, precision: str, float_base: bool = True,
+                       sharded: bool = False) -> BaseDtype:
+    """The storage dtype of the frozen base for a run computing at `precision` (resolved: bf16 or fp32).
+
+    auto: at precision bf16, bf16 (the base bf16 autocast computes on); at precision fp32 (auto on a CPU
+    without native bf16) tailor.names.BASE_DTYPE_AT_FP32, which says why it is what it is; bf16 there
+    means stored bf16 and upcast to fp32 per matmul (tailor.models.upcast), half the memory. Exceptions,
+    which resolve to the compute dtype: a method without a float frozen base (`float_base` False: QLoRA's
+    base is quantized, full fine-tuning trains every weight), and fp32 under FSDP (`sharded`: it shards
+    parameters of one dtype; the upcast base mixes bf16 weights with fp32 norms).
+
+    Raises:
+        ValueError: `requested` is not one of BASE_DTYPE_CHOICES, or bf16 at precision fp32 under FSDP.
+    """
+    if requested not in BASE_DTYPE_CHOICES:
+        raise ValueError(f"base_dtype {requested!r} is not one of {', '.join(BASE_DTYPE_CHOICES)}")
+    if not float_base:
+        return BaseDtype(requested, precision, f"{precision}: the method has no float frozen base to store "
+                         "otherwise (QLoRA quantizes it; full fine-tuning trains it)")
+    if requested != "auto":
+        if requested == "bf16" and precision == "fp32" and sharded:
+            raise ValueError("base_dtype bf16 with precision fp32 does not run under FSDP (it shards "
+                             "parameters of one dtype); use --base-dtype fp32 or --strategy ddp")
+        how = {("bf16", "fp32"): "stored bf16, upcast to fp32 per matmul",
+               ("fp32", "bf16"): "stored fp32, bf16 autocast per matmul"}.get((requested, precision), "")
+        return BaseDtype(requested, requested, f"{requested}, as configured" + (f": {how}" if how else ""))
+    if precision == "bf16":
+        return BaseDtype(requested, "bf16", "auto -> bf16: precision bf16 computes on a bf16 base")
+    if sharded:
+        return BaseDtype(requested, "fp32", "auto -> fp32: precision fp32 under FSDP, which shards "
+                         "parameters of one dtype")
+    if BASE_DTYPE_AT_FP32 == "bf16":
+        return BaseDtype(requested, "bf16", "auto -> bf16: precision fp32 computes on a bf16-stored base "
+                         "upcast per matmul (half the memory, measured as fast as fp32 storage: "
+                         "docs/precision.md)")
+    return BaseDtype(requested, "fp32", "auto -> fp32: precision fp32 (--base-dtype bf16 halves the frozen "
+                     "weights, upcast per matmul: docs/precision.md)")
+
+
 def matmul_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 0.25,
                   device: str = "cpu") -> float:
     """Measured GFLOPS of a `size` x `size` matmul in `dtype` on `device`: one warm-up, then repeats for
@@ -129,5 +182,6 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["PRECISION_CHOICES", "Precision", "cpu_capability", "default_device", "fast_dtype",
-           "matmul_gflops", "native_bf16", "precision_for", "resolve_precision"]
+__all__ = ["BASE_DTYPE_CHOICES", "BaseDtype", "PRECISION_CHOICES", "Precision", "cpu_capability",
+           "default_device", "fast_dtype", "matmul_gflops", "native_bf16", "precision_for",
+           "resolve_base_dtype", "resolve_precision"]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tailor.method_specs import METHODS
-from tailor.names import DEFAULT_MODEL, PRECISIONS, STRATEGIES
+from tailor.names import BASE_DTYPES, DEFAULT_MODEL, PRECISIONS, STRATEGIES
 
 SCHEDULES = ("cosine", "linear", "constant")
 OVERFLOWS = ("truncate", "drop")
@@ -197,6 +197,11 @@ class PrecisionSection:
     precision: str = "auto"
     """auto: bf16 where the device computes it natively, else fp32 (tailor env says which); bf16: frozen base
     stored in bf16, compute in bf16 autocast, trainable weights fp32; fp32: all fp32."""
+    base_dtype: str = "auto"
+    """The dtype the frozen base's linear and embedding weights are stored in (LoRA; QLoRA's base is
+    quantized and full fine-tuning trains every weight, so neither is affected). bf16 with precision fp32:
+    stored bf16, upcast to fp32 per matmul (half the memory, measured as fast). auto: bf16 (tailor env and
+    the run's config.yaml say why)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (about 30% slower)."""
     loss_chunk_size: int = 1024
@@ -207,6 +212,7 @@ class PrecisionSection:
     def problems(self) -> list[str]:
         c = _Checks(self)
         c.choice("precision", PRECISIONS)
+        c.choice("base_dtype", BASE_DTYPES)
         c.positive("loss_chunk_size")
         return c.problems
 

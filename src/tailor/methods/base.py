@@ -44,18 +44,31 @@ class TrainingMethod:
 
     # --- shared -----------------------------------------------------------------------------------------
     base_quantization: str | None = None  # bitsandbytes kind the frozen block linears are loaded in (QLoRA)
+    float_base = True  # a frozen base of float weights, whose storage dtype `base_dtype` picks (LoRA)
 
-    def train_dtype(self, precision: str) -> torch.dtype:
+    def train_dtype(self, precision: str, base_dtype: str = "auto") -> torch.dtype:
         """The dtype the base is loaded in to train at `precision` (resolved: bf16 or fp32): bf16 weights
-        in bf16, else fp32. Full fine-tuning overrides it (fp32 master weights)."""
-        return torch.bfloat16 if precision == "bf16" else torch.float32
+        in bf16 (unless `base_dtype` fp32 keeps them fp32 under bf16 autocast), else fp32. Full
+        fine-tuning overrides it (fp32 master weights)."""
+        if precision == "bf16" and not (self.float_base and base_dtype == "fp32"):
+            return torch.bfloat16
+        return torch.float32
 
-    def load_base(self, name: str, dtype: torch.dtype, device: str | None = None) -> tuple[nn.Module, Any]:
-        """(model, tokenizer) with the weights stored as this method uses them (quantized for QLoRA),
-        loaded lean: never the whole model in a wider dtype first (tailor.models.lean)."""
+    def stored_dtype(self, precision: str, base_dtype: str) -> torch.dtype | None:
+        """The dtype the frozen linear and embedding weights are stored in when it is not the one they compute
+        in: bf16 for `base_dtype` bf16 (resolved) at precision fp32 (tailor.models.upcast); else None."""
+        if self.float_base and precision == "fp32" and base_dtype == "bf16":
+            return torch.bfloat16
+        return None
+
+    def load_base(self, name: str, dtype: torch.dtype, device: str | None = None,
+                  stored: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+        """(model, tokenizer) with the weights stored as this method uses them (quantized for QLoRA; with
+        `stored`, the linear and embedding weights in that dtype, computed in `dtype`), loaded lean: never
+        the whole model in a wider dtype first (tailor.models.lean)."""
         from tailor.models import load_model
 
-        return load_model(name, dtype=dtype, device=device, quantize=self.base_quantization)
+        return load_model(name, dtype=dtype, device=device, quantize=self.base_quantization, stored=stored)
 
     def prepare(self, model: nn.Module, config: TrainConfig) -> nn.Module:
         """`model` made ready to train by this method: adapted, then the settings every method shares."""

@@ -19,7 +19,9 @@ class FullMethod(TrainingMethod):
     """Precision (why): weights and AdamW moments stay fp32, because bf16 weights would swallow the small
     updates; autocast computes in bf16. Memory is therefore 16 bytes per parameter."""
 
-    def train_dtype(self, precision: str) -> torch.dtype:
+    float_base = False  # every weight trains: no frozen base to store otherwise
+
+    def train_dtype(self, precision: str, base_dtype: str = "auto") -> torch.dtype:
         return torch.float32  # master weights (see the class docstring)
 
     def adapt(self, model: nn.Module, config: TrainConfig) -> nn.Module:

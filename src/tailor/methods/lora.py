@@ -29,11 +29,15 @@ def lora_config_for(model: nn.Module, config: TrainConfig) -> LoraConfig:
 class LoraMethod(TrainingMethod):
     """Precision (why): in bf16 the frozen base is *stored* in bf16 (half the memory, no per-step weight
     casts); the adapter weights stay fp32 (they are the optimizer's master copy) and autocast runs their
-    matmuls in bf16. In fp32 (auto where bf16 is not native) everything is fp32: a bf16-stored base
-    upcast per matmul would save memory at a measured cost (benchmarks/precision_paths.py)."""
+    matmuls in bf16. In fp32 (auto where bf16 is not native) the frozen base's linear and embedding weights
+    are stored bf16 too (`base_dtype` auto) and upcast to fp32 per matmul (tailor.models.upcast): half the
+    memory, measured as fast as an fp32-stored base (benchmarks/base_dtype.py, docs/precision.md); norms
+    and adapters are fp32. `base_dtype: fp32` keeps the base fp32 (under bf16 autocast at precision bf16).
+    """
 
     def adapt(self, model: nn.Module, config: TrainConfig) -> nn.Module:
-        if precision_for(config.precision, next(model.parameters()).device.type) == "bf16":
+        bf16 = precision_for(config.precision, next(model.parameters()).device.type) == "bf16"
+        if bf16 and config.base_dtype != "fp32":
             cast_weights(model, torch.bfloat16)
         add_lora(model, lora_config_for(model, config))
         return model
@@ -50,4 +54,8 @@ class LoraMethod(TrainingMethod):
         return base
 
     def merged(self, model: nn.Module) -> nn.Module:
-        return unload_lora(model, merge=True)
+        from tailor.models.upcast import restore_full_precision
+
+        # a bf16-stored base computing in fp32 becomes a plain fp32 model before the merge: the adapter is
+        # folded in fp32, not rounded to bf16 (a bf16 base trained at precision bf16 stays bf16)
+        return unload_lora(restore_full_precision(model), merge=True)

@@ -60,6 +60,7 @@ class QLoraMethod(LoraMethod):
             raise ValueError(f"method {spec.name}: no quantization for {spec.quantized_bits} bits; "
                              f"supported: {sorted(KIND_FOR_BITS)}")
         self.kind = self.base_quantization = KIND_FOR_BITS[spec.quantized_bits]
+        self.float_base = False  # the block linears are quantized: base_dtype does not apply
         require_bitsandbytes(spec.name)  # fail at get_method, before any data or model is loaded
 
     def quantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

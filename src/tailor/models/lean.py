@@ -98,10 +98,13 @@ class SafetensorsFiles:
 @dataclass(frozen=True)
 class WeightFormat:
     """How a loaded model keeps its weights: floating weights in `dtype`; with `quantize` ("nf4", "int8")
-    the linear layers of the transformer blocks quantized by bitsandbytes, computing in `dtype`."""
+    the linear layers of the transformer blocks quantized by bitsandbytes, computing in `dtype`; with
+    `stored` (bf16) every nn.Linear / nn.Embedding weight stored in that dtype and upcast to `dtype` per
+    matmul (tailor.models.upcast), the other parameters in `dtype`."""
 
     dtype: torch.dtype = torch.float32
     quantize: str | None = None
+    stored: torch.dtype | None = None
 
 
 def _final(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -122,6 +125,11 @@ def convert_weights(model: nn.Module, files: SafetensorsFiles, fmt: WeightFormat
         return current  # a converted or computed weight: its mapped view (see the module docstring)
 
     done: set[int] = set()
+    low: set[int] = set()
+    if fmt.stored is not None and fmt.stored != fmt.dtype:
+        from tailor.models.upcast import mark_low_precision
+
+        low = mark_low_precision(model)
     if fmt.quantize:
         from tailor.quant import quantization_targets, quantized_linear, replace_module
 
@@ -136,7 +144,8 @@ def convert_weights(model: nn.Module, files: SafetensorsFiles, fmt: WeightFormat
         if id(parameter) in done or (fmt.quantize and _is_packed(parameter)):
             continue
         done.add(id(parameter))  # a tied weight is one Parameter: converted once, stays tied
-        parameter.data = _final(source(name, parameter.data), fmt.dtype, device)
+        dtype = fmt.stored if id(parameter) in low else fmt.dtype
+        parameter.data = _final(source(name, parameter.data), dtype, device)
     for module in model.modules():  # buffers (rotary frequencies, ...) stay in their dtype, move only
         for key, buffer in module._buffers.items():
             if buffer is not None and buffer.device != torch.device(device):

@@ -261,12 +261,14 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | None = None,
     quantize: str | None = None,
+    stored: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from this machine (see the module docstring for the order).
 
     dtype: None -> torch.float32. device: None -> "cuda" when available, else "cpu". quantize: None, or
     "nf4" / "int8": the linear layers of the transformer blocks quantized by bitsandbytes as they are read,
-    computing in `dtype` (tailor.quant; what QLoRA trains on).
+    computing in `dtype` (tailor.quant; what QLoRA trains on). stored: None, or a dtype (bf16) the
+    nn.Linear / nn.Embedding weights are stored in while computing in `dtype` (tailor.models.upcast).
     Loading is lean (tailor.models.lean): the peak is the model as it ends up plus one tensor, never the
     whole model in a wider dtype first.
     The model is returned in eval mode; `model.name_or_path` is a portable name (the default model's
@@ -276,7 +278,7 @@ def load_model(
 
     resolved = resolve_model(name_or_path)
     check_model_dir(resolved.directory)
-    fmt = WeightFormat(dtype or torch.float32, quantize)
+    fmt = WeightFormat(dtype or torch.float32, quantize, stored)
     try:
         files = SafetensorsFiles(resolved.directory)
         with _quiet_loading():

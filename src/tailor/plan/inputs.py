@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from tailor.plan.catalogue import PlanError
-from tailor.plan.planner import BusinessInputs, StackOptions, plan, plan_precision, train_config_inputs
+from tailor.plan.planner import (
+    BusinessInputs,
+    StackOptions,
+    plan,
+    plan_base_dtype,
+    plan_precision,
+    train_config_inputs,
+)
 
 DEFAULT_TOKENS = 1e7
 TOKENS_DEFAULT_BASIS = "default (--tokens 1e7); give --tokens, or max_steps in a config"
@@ -50,6 +57,9 @@ class PlanInputs:
     a CPU, sdpa on CUDA)"""
     adapter_dtype: str = "fp32"
     """LoRA weights+grads+state: fp32 | bf16"""
+    base_dtype: str | None = None
+    """bf16 | fp32: the frozen base's storage where precision is fp32 (a config's base_dtype; default: what
+    the run stores, bf16 for LoRA at fp32)"""
     lora_dropout: float = 0.0
     """> 0 keeps a mask per adapted layer"""
     grad_accum: int = 1
@@ -152,6 +162,9 @@ def resolve_inputs(config: str | None, flags: dict[str, Any]) -> tuple[PlanInput
             values["precision"] = plan_precision(train_config.precision, values["method"], device)
         if "lora_dropout" not in flags and spec is not None and spec.trains_all_weights:
             values["lora_dropout"] = 0.0  # train ignores lora_dropout when every weight trains
+    # the frozen base's storage as the run resolves it (a config's value, else auto: bf16 for LoRA at fp32)
+    values["base_dtype"] = plan_base_dtype(values.get("base_dtype") or "auto", values["precision"],
+                                           values.get("method", PlanInputs.method))
     inputs = PlanInputs(**values)
     if inputs.tokens is not None:
         return inputs, TOKENS_GIVEN_BASIS

@@ -207,7 +207,8 @@ def measure(case: dict, timeout: float = 1800, fixed_mmap_threshold: bool = True
 
     result["estimated_gib"] = est["total"] - CPU_PROCESS_GIB
     result["estimate_parts_gib"] = est
-    result["error_percent"] = 100 * (result["estimated_gib"] - result["measured_gib"]) / result["measured_gib"]
+    measured = result["measured_gib"]
+    result["error_percent"] = 100 * (result["estimated_gib"] - measured) / measured
     result["estimate_phases_gib"] = phases_for(case)
     return result
 

@@ -183,6 +183,8 @@ class TrainingSetup:
     optimizer_kernel: str = "fused"  # torch AdamW: fused (tailor), foreach (default on CUDA), for-loop (CPU)
     grad_accum: int = 1  # micro-batches per optimizer step; later ones run with gradients alive
     attention: str = "sdpa"  # eager (tailor's trainer on CPU) also keeps each block's softmax (s x s)
+    base_dtype: str | None = None  # an unquantized frozen base stored otherwise than `precision` says (bf16
+    # at fp32: tailor.models.upcast); None: in the precision's dtype
 
     def __post_init__(self) -> None:
         problems = []
@@ -294,6 +296,8 @@ def frozen_weight_bytes(arch: Architecture, setup: TrainingSetup) -> float:
     counts = count_parameters(arch)
     weight_bytes = _PRECISION_BYTES[setup.precision][0]
     if setup.quantized_bits is None:
+        if setup.base_dtype is not None:  # norms are fp32 there too: a few KB, not counted apart
+            weight_bytes = _PRECISION_BYTES[setup.base_dtype][0]
         return counts.total * weight_bytes
     rest = (counts.total - counts.block_linear) * weight_bytes
     if setup.quantized_bits == 4:  # qlora-nf4

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from tailor.config.sections import lora_shape_problems
 from tailor.methods import METHOD_SPECS, METHODS, method_spec
+from tailor.names import BASE_DTYPE_AT_FP32, BASE_DTYPES
 from tailor.plan.catalogue import Architecture, PlanError, resolve_model
 from tailor.plan.cost import (
     PriceTable,
@@ -56,6 +57,7 @@ class StackOptions:
     grad_accum: int = 1  # micro-batches per step; after the first, all gradients are alive in forward
     optimizer_kernel: str = "fused"  # torch AdamW kernel: fused (tailor's trainer), foreach, for-loop
     attention: str = "sdpa"  # sdpa keeps no s x s matrix; eager (tailor's trainer on CPU) keeps the softmax
+    base_dtype: str | None = None  # LoRA's frozen base stored in bf16 at fp32 compute (None: as precision)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,18 @@ def plan_precision(train_precision: str, method: str, device: str = "cuda") -> s
     return train_precision
 
 
+def plan_base_dtype(base_dtype: str, precision: str, method: str) -> str | None:
+    """The storage dtype of the run's frozen base at the planner's `precision` fp32 (tailor.hardware's
+    resolve_base_dtype, without torch): for an unquantized adapter method base_dtype as given, auto being
+    BASE_DTYPE_AT_FP32 (bf16); None where the precision alone says it (bf16, QLoRA, full fine-tuning)."""
+    if base_dtype not in BASE_DTYPES:
+        raise PlanError(f"--base-dtype {base_dtype!r} is unknown; valid: {', '.join(BASE_DTYPES)}")
+    spec = METHOD_SPECS.get(method)
+    if spec is None or spec.trains_all_weights or spec.quantized_bits or precision != "fp32":
+        return None
+    return BASE_DTYPE_AT_FP32 if base_dtype == "auto" else base_dtype
+
+
 def _cpu_auto_precision() -> str:
     from tailor.hardware import precision_for  # imports torch: only when a CPU run's auto is resolved
 
@@ -164,7 +178,8 @@ def train_config_inputs(config: TrainConfig, device: str = "cuda") -> dict:
         batch_size=config.batch_size,
         max_seq_len=config.max_seq_len,
         gradient_checkpointing=config.gradient_checkpointing,
-        precision=plan_precision(config.precision, config.method, device),
+        precision=(precision := plan_precision(config.precision, config.method, device)),
+        base_dtype=plan_base_dtype(config.base_dtype, precision, config.method),
         adapter_dtype="fp32",
         attention="eager" if device == "cpu" else "sdpa",
         lora_dropout=0.0 if trains_all else config.lora_dropout,  # train ignores it when every weight trains
@@ -192,6 +207,7 @@ def train_config_setup(config: TrainConfig, device: str = "cuda") -> TrainingSet
         grad_accum=inputs["grad_accum"],
         loss_chunk_tokens=inputs["loss_chunk_tokens"],
         attention=inputs["attention"],
+        base_dtype=inputs["base_dtype"],
     )
 
 

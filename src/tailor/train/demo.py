@@ -90,23 +90,24 @@ def seconds_per_step(config: Any, steps: int = 3) -> float:
     import statistics
     import tempfile
 
-    import torch
-
-    from tailor.hardware import resolve_precision
+    from tailor.hardware import resolve_base_dtype, resolve_precision
     from tailor.methods import get_method
-    from tailor.models import load_model
     from tailor.train.hooks import Hook
     from tailor.train.loop import fit
     from tailor.train.run import load_data, prepare_data, use_threads
 
     precision = resolve_precision(config.precision, config.device).resolved
-    config = config.replace(precision=precision, max_steps=steps + 1, replay_ratio=0.0,
+    method = get_method(config.method)
+    base_dtype = resolve_base_dtype(config.base_dtype, precision, method.float_base).resolved
+    config = config.replace(precision=precision, base_dtype=base_dtype, max_steps=steps + 1, replay_ratio=0.0,
                             eval_every=0, save_every=0, resume=False, warmup_steps=0)
     use_threads(config)  # timed at the thread count training will use
-    model, tokenizer = load_model(config.model, dtype=torch.float32, device=config.device)
+    # the base stored as training stores it (tailor.train.run)
+    dtype, stored = method.train_dtype(precision, base_dtype), method.stored_dtype(precision, base_dtype)
+    model, tokenizer = method.load_base(config.model, dtype, config.device, stored=stored)
     train_examples, _ = load_data(config)
     train_set, _, _ = prepare_data(config, tokenizer, (train_examples[: config.batch_size * (steps + 1)], []))
-    model = get_method(config.method).prepare(model, config)
+    model = method.prepare(model, config)
     seconds: list[float] = []
 
     class StepTimes(Hook):

@@ -141,16 +141,22 @@ def check_before_training(config: TrainConfig) -> tuple[list, list]:
 
 def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
            extra_hooks: Sequence[Hook]) -> Path:
-    from tailor.hardware import resolve_precision
+    from tailor.hardware import resolve_base_dtype, resolve_precision
     from tailor.lora import trainable_parameters
     from tailor.train.plot import plot_losses
 
     # auto becomes bf16 or fp32 here, once: config.yaml, the trainer and report.md all see the resolved value
     precision = resolve_precision(config.precision, device)
-    config = config.replace(precision=precision.resolved)
+    method = get_method(config.method)
+    sharded = world_size() > 1 and config.strategy == "fsdp"
+    try:
+        base_dtype = resolve_base_dtype(config.base_dtype, precision.resolved, method.float_base, sharded)
+    except ValueError as error:
+        raise ConfigError(f"base_dtype: {error}") from None
+    config = config.replace(precision=precision.resolved, base_dtype=base_dtype.resolved)
     if is_main_process():
         print(f"precision: {precision.reason}", flush=True)
-    method = get_method(config.method)
+        print(f"base_dtype: {base_dtype.reason}", flush=True)
     run_dir = config.run_dir()
     data_record = data_fingerprint(config, examples)
     replay_record = None
@@ -168,14 +174,17 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
 
     started = time.perf_counter()
     # stored as the method trains on it (QLoRA: quantized as read), never wider first (tailor.models.lean)
-    model, tokenizer = method.load_base(config.model, method.train_dtype(config.precision), device)
+    stored = method.stored_dtype(config.precision, config.base_dtype)  # bf16 weights computing in fp32
+    model, tokenizer = method.load_base(config.model, method.train_dtype(config.precision, config.base_dtype),
+                                        device, stored=stored)
     load_seconds = time.perf_counter() - started
     train_set, val_set, data_stats = prepare_data(config, tokenizer, examples)
     seed_everything(config.seed)  # adapter init independent of how much randomness data prep used
     model = method.prepare(model, config)
     if main:  # only now, with the data, the model and the method known good, is the run directory written
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / RUN_CONFIG_NAME, note=f"precision: {precision.reason}")
+        save_config(config, run_dir / RUN_CONFIG_NAME,
+                    note=f"precision: {precision.reason}\nbase_dtype: {base_dtype.reason}")
 
     def save_weights(trained: nn.Module, directory: Path) -> Path:
         return method.save(trained, directory, tokenizer)
@@ -204,7 +213,7 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
     summary = build_summary(config, result, data_stats, trainable, total, out_dir, load_seconds, use_best)
     summary.update(planned_against_measured(config, device, summary))
     summary.update(cpu_seconds=round(cpu_seconds, 1), frozen_weight_bytes=frozen_bytes, replay=replay_record,
-                   precision=precision.as_dict())
+                   precision=precision.as_dict(), base_dtype=base_dtype.as_dict())
     if method.spec.deliverable == "adapter":  # the adapter carries what made it (tailor_metadata.json)
         from tailor.adapters.metadata import update_metadata
 
