@@ -89,13 +89,18 @@ def test_train_records_and_runs_the_resolved_precision(tiny_dir, tmp_path, monke
                                     "device": "cpu", "cpu_capability": hardware.cpu_capability(),
                                     "native_bf16": native}
     assert f"| precision | `{resolved}` ({reason}) |" in (out / "report.md").read_text()
-    # bf16 stores the whole base in bf16; fp32 (auto's base_dtype) its linear and embedding weights in bf16,
-    # upcast per matmul, the norms in fp32 (tailor.models.upcast)
-    assert dtypes.frozen == ({torch.bfloat16} if native else {torch.bfloat16, torch.float32})
-    assert dtypes.linear == {torch.bfloat16}
+    # bf16 stores the whole base in bf16; fp32 stores it as auto's base_dtype says there
+    # (tailor.names.BASE_DTYPE_AT_FP32): bf16 linear and embedding weights upcast per matmul with fp32
+    # norms (tailor.models.upcast), or all fp32
+    from tailor.names import BASE_DTYPE_AT_FP32
+
+    stored = "bf16" if native else BASE_DTYPE_AT_FP32
+    upcast = {torch.bfloat16, torch.float32}
+    assert dtypes.frozen == ({torch.bfloat16} if native else upcast if stored == "bf16" else {torch.float32})
+    assert dtypes.linear == {torch.bfloat16 if stored == "bf16" else torch.float32}
     assert dtypes.autocast == {native}
-    assert summary["base_dtype"]["requested"] == "auto" and summary["base_dtype"]["resolved"] == "bf16"
-    assert "# base_dtype: auto -> bf16" in text
+    assert summary["base_dtype"]["requested"] == "auto" and summary["base_dtype"]["resolved"] == stored
+    assert f"# base_dtype: auto -> {stored}" in text
 
 
 @pytest.mark.parametrize("native", [False, True])

@@ -44,8 +44,11 @@ def test_lora_run_directory(tiny_dir, tmp_path, precision):
                  "checkpoints/step-000012", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors"):
         assert (out / name).exists(), name
-    # the resolved config reloads to the same thing (base_dtype auto resolved: bf16 at either precision)
-    assert load_config(out / "config.yaml") == config.replace(base_dtype="bf16")
+    # the resolved config reloads to the same thing (base_dtype auto resolved for the precision)
+    from tailor.names import BASE_DTYPE_AT_FP32
+
+    stored = "bf16" if precision == "bf16" else BASE_DTYPE_AT_FP32
+    assert load_config(out / "config.yaml") == config.replace(base_dtype=stored)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["tokens_per_s"] > 0
     assert 0 < summary["trainable_params"] < summary["total_params"]

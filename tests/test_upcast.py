@@ -123,8 +123,10 @@ def test_lean_load_stores_bf16_as_it_reads(tmp_path):
 
 def test_base_dtype_resolution():
     from tailor.hardware import resolve_base_dtype
+    from tailor.names import BASE_DTYPE_AT_FP32
 
-    assert resolve_base_dtype("auto", "fp32").resolved == "bf16"
+    assert resolve_base_dtype("auto", "fp32").resolved == BASE_DTYPE_AT_FP32  # the measured choice
+    assert resolve_base_dtype("bf16", "fp32").resolved == "bf16"
     assert resolve_base_dtype("auto", "bf16").resolved == "bf16"
     assert resolve_base_dtype("fp32", "fp32").resolved == "fp32"
     assert resolve_base_dtype("auto", "fp32", float_base=False).resolved == "fp32"  # QLoRA, full
@@ -149,11 +151,13 @@ def test_bad_base_dtype_is_one_clear_error(tmp_path):
 
 def test_planner_counts_the_frozen_base_as_stored():
     from tailor.config import TrainConfig
+    from tailor.names import BASE_DTYPE_AT_FP32
     from tailor.plan.planner import train_config_setup
 
     setups = {b: train_config_setup(TrainConfig(precision="fp32", base_dtype=b), "cpu")
-              for b in ("auto", "fp32")}
-    assert setups["auto"].base_dtype == "bf16" and setups["fp32"].base_dtype == "fp32"
+              for b in ("auto", "bf16", "fp32")}
+    assert setups["auto"].base_dtype == BASE_DTYPE_AT_FP32
+    assert setups["bf16"].base_dtype == "bf16" and setups["fp32"].base_dtype == "fp32"
     assert train_config_setup(TrainConfig(precision="fp32", method="qlora-nf4"), "cpu").base_dtype is None
 
     from tailor.plan.catalogue import resolve_model
@@ -161,7 +165,7 @@ def test_planner_counts_the_frozen_base_as_stored():
 
     arch = resolve_model("SmolLM2-135M")
     halved = frozen_weight_bytes(arch, setups["fp32"]) / 2
-    assert frozen_weight_bytes(arch, setups["auto"]) == pytest.approx(halved)
+    assert frozen_weight_bytes(arch, setups["bf16"]) == pytest.approx(halved)
 
 
 def test_train_fp32_with_bf16_base_records_it_and_peft_loads_the_adapter(tmp_path):
