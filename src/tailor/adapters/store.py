@@ -23,9 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,17 @@ from tailor.adapters.layout import (
     METADATA_NAME,
     PICKLE_WEIGHTS_NAME,
     WEIGHTS_NAME,
+    check_adapter_dir,
+    read_store_json,
+)
+from tailor.adapters.refs import (
+    LATEST,
+    NAME_RE,
+    StoreError,
+    check_name,
+    check_tag,
+    key_metric,
+    parse_ref,
 )
 from tailor.files import (
     atomic_output,
@@ -54,60 +63,10 @@ except ImportError:  # pragma: no cover
 RECORD_NAME = "store_record.json"
 TAGS_NAME = "tags.json"
 LOCK_NAME = ".lock"
-LATEST = "latest"
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-NAME_RULE = ("letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64 characters "
-             "(a name, never a path)")
-# The metric `list` shows, first one present wins (eval's task metrics, then losses).
-KEY_METRICS = ("exact_match", "field_accuracy", "accuracy", "best_val_loss", "final_val_loss",
-               "final_train_loss")
-
-
-class StoreError(ValueError):
-    """A bad name, reference or store operation; the message says what is wrong and the fix."""
-
-
 def default_root() -> Path:
     if os.environ.get("TAILOR_ADAPTERS"):
         return Path(os.environ["TAILOR_ADAPTERS"]).expanduser()
     return tailor_cache_dir() / "adapters"
-
-
-def check_name(name: str, what: str = "adapter name") -> str:
-    """`name` if it is a valid store name; a StoreError naming the rule otherwise."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise StoreError(f"{what} {name!r} is not allowed: use {NAME_RULE}.")
-    return name
-
-
-def check_tag(tag: str) -> str:
-    check_name(tag, "tag")
-    if tag.isdigit() or tag == LATEST:
-        raise StoreError(f"tag {tag!r} is not allowed: a number is a version and {LATEST!r} means the newest "
-                         "version; pick a word such as prod or staging.")
-    return tag
-
-
-def parse_ref(ref: str) -> tuple[str, str | None]:
-    """'NAME@SELECTOR' -> (NAME, SELECTOR); 'NAME' -> (NAME, None). Both parts checked."""
-    if not isinstance(ref, str) or not ref:
-        raise StoreError(f"empty adapter reference {ref!r}; write NAME, NAME@VERSION or NAME@TAG.")
-    name, sep, selector = ref.partition("@")
-    check_name(name)
-    if sep and not selector:
-        raise StoreError(f"reference {ref!r} ends with '@'; write NAME@VERSION (e.g. {name}@1) or NAME@TAG.")
-    if sep:
-        check_name(selector, "version or tag")
-    return name, selector if sep else None
-
-
-def key_metric(metrics: dict[str, Any] | None) -> tuple[str, Any] | None:
-    if not isinstance(metrics, dict):
-        return None
-    for key in KEY_METRICS:
-        if isinstance(metrics.get(key), (int, float)):
-            return key, metrics[key]
-    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -116,48 +75,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _read_json(path: Path, fix: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{path}: unreadable ({type(exc).__name__}: {exc}); {fix}") from None
-
-
-def check_adapter_dir(directory: Path) -> dict[str, Any]:
-    """A light check of an adapter directory before it enters the store (no torch): the config is a
-    LoRA config and the weights file is a readable safetensors file. Returns the config."""
-    if not directory.is_dir():
-        what = "does not exist" if not directory.exists() else "is not a directory"
-        raise StoreError(f"{directory} {what}; pass an adapter directory (one that holds {CONFIG_NAME} and "
-                         f"{WEIGHTS_NAME}, e.g. RUN_DIR/adapter).")
-    config = _read_json(directory / CONFIG_NAME, "save the adapter again.")
-    if config is None:
-        hint = f" It is a run directory: pass {directory / 'adapter'}." \
-            if (directory / "adapter" / CONFIG_NAME).is_file() else ""
-        raise StoreError(f"{directory} holds no {CONFIG_NAME}: not an adapter directory.{hint}")
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise StoreError(f"{directory / CONFIG_NAME}: not a LoRA adapter config (peft_type {kind!r}); the "
-                         "store keeps LoRA adapters.")
-    weights = directory / WEIGHTS_NAME
-    if weights.is_file():
-        try:
-            with open(weights, "rb") as handle:
-                (size,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(size))
-            if not isinstance(header, dict) or not header:
-                raise ValueError("empty header")
-        except (OSError, ValueError, struct.error) as exc:
-            raise StoreError(f"{weights}: not a readable safetensors file ({exc}); it is corrupt or "
-                             "truncated: save the adapter again.") from None
-    elif not (directory / PICKLE_WEIGHTS_NAME).is_file():
-        raise StoreError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}: the weights are missing. "
-                         "Copy the whole adapter directory again.")
-    return config
 
 
 class AdapterStore:
@@ -192,8 +109,8 @@ class AdapterStore:
 
     def _state(self, name: str) -> dict[str, Any]:
         path = self._name_dir(name) / TAGS_NAME
-        state = _read_json(path, "restore it from a backup, or delete it (the versions stay; only the tags "
-                                 "are lost).")
+        state = read_store_json(path, "restore it from a backup, or delete it (the versions stay; only the "
+                                      "tags are lost).")
         if state is None:
             return {"format": 1, "next_version": 1, "tags": {}}
         if not isinstance(state, dict) or not isinstance(state.get("tags"), dict):
@@ -293,13 +210,13 @@ class AdapterStore:
         with self._locked(name) as name_dir:
             for version in self.versions(name):
                 record = self.record(name, version)
-                same_config = _read_json(name_dir / str(version) / CONFIG_NAME, "") == config
+                same_config = read_store_json(name_dir / str(version) / CONFIG_NAME, "") == config
                 if record.get("weights_sha256") == checksum and same_config:
                     return f"{name}@{version}", False
             state = self._state(name)
             existing = self.versions(name)
             version = max(state.get("next_version", 1), (existing[-1] + 1) if existing else 1)
-            metadata = _read_json(source / METADATA_NAME, "") if METADATA_NAME in files else None
+            metadata = read_store_json(source / METADATA_NAME, "") if METADATA_NAME in files else None
             record = {
                 "name": name, "version": version, "added": _now(), "source": str(source.resolve()),
                 "weights_sha256": checksum, "files": files,
@@ -418,14 +335,14 @@ class AdapterStore:
     # ------------------------------------------------------------------------------------------ reads
     def record(self, name: str, version: int) -> dict[str, Any]:
         path = self._name_dir(name) / str(version) / RECORD_NAME
-        return _read_json(path, "add the adapter again.") or {}
+        return read_store_json(path, "add the adapter again.") or {}
 
     def info(self, ref: str) -> dict[str, Any]:
         """Everything the store knows about one version: record, adapter config, metadata, tags, size."""
         name, version = self.resolve_version(ref)
         directory = self.root / name / str(version)
-        config = _read_json(directory / CONFIG_NAME, "add the adapter again.") or {}
-        metadata = _read_json(directory / METADATA_NAME, "add the adapter again.")
+        config = read_store_json(directory / CONFIG_NAME, "add the adapter again.") or {}
+        metadata = read_store_json(directory / METADATA_NAME, "add the adapter again.")
         tags = sorted(t for t, e in self.tags(name).items() if e["version"] == version)
         return {
             "ref": f"{name}@{version}", "path": str(directory), "tags": tags,
