@@ -18,13 +18,13 @@ from tailor.plan.catalogue import CATALOGUE, Architecture
 from tailor.plan.compare import compare_published
 from tailor.plan.memory import (
     OFFLOAD_RESIDENT_BLOCKS,
-    PAGED_MIN_NUMEL,
     TrainingSetup,
     estimate_memory,
     loss_bytes,
     trainable_parameters,
     trainable_tensors,
 )
+from tailor.plan.optimizer import PAGED_MIN_NUMEL
 from tailor.plan.params import block_linears
 
 ARCH = TINY_PLAN_ARCH

@@ -20,9 +20,7 @@ Every part is bytes = (number of elements) x (bytes per element); the choices be
 - Optimizer state per trainable element: torch AdamW 2 states in the parameter dtype; bitsandbytes AdamW
   2 fp32 states (`adamw-paged`), or 8-bit (`adamw-8bit*`: 2 bytes + an fp32 absmax per 2048-element block,
   but fp32 for tensors under 4096 elements, bitsandbytes' `min_8bit_size`); SGD without momentum 0.
-  Paged optimizers (`*-paged`) allocate the state of every tensor of >= 1e5 elements with
-  cudaMallocManaged (bitsandbytes `get_paged`): unified memory that the driver evicts to CPU RAM under
-  pressure and that PyTorch's allocator never sees, so it is reported as host memory, not device memory.
+  Paged state is host memory (tailor.plan.optimizer says why).
 - Activations: the tensors autograd keeps for backward, per token, read off a Hugging Face Llama block
   with SDPA (flash / memory-efficient attention: no s x s score matrix) by counting saved tensors with
   torch.autograd.graph.saved_tensors_hooks (tests/test_plan_memory.py repeats that count). With a the
@@ -70,20 +68,7 @@ Every part is bytes = (number of elements) x (bytes per element); the choices be
       end of backward   all gradients + the first block's activations (+ its recomputation with
                         checkpointing), or a tied embedding's last gradient (see below), if larger
       optimizer step    all gradients + the step's temporaries + logits the caller still holds
-  Why: tailor's trainer (and the measurement, and torchtune, and Hugging Face's Trainer) calls
-  `zero_grad(set_to_none=True)` after each step, so forward starts with no gradient at all; backward
-  then runs from the loss to the embeddings, and each node frees its saved tensors right after it runs
-  (retain_graph=False) while it hands out its weights' gradients. For a stack of uniform blocks, the live
-  bytes while block k is in backward are (blocks 0..k's activations) + (gradients of blocks k..L-1 and
-  of the head), linear in k, so the largest is at one of the two ends: at the top, every activation and
-  the gradients of the parameters forward used last (the output head or tied embedding, the final norm)
-  plus one block's; at the bottom, every gradient and one block's activations. The old rule (every
-  gradient beside every activation) is what a step sees only when gradients already exist at forward:
-  with gradient accumulation, micro-batches after the first (`grad_accum` > 1). LoRA's gradients
-  are tiny either way; full fine-tuning without checkpointing peaks in backward, with checkpointing (few
-  activations) at the end of backward or the step. A tied, trained embedding has one AccumulateGrad node
-  for head and lookup: the head's gradient waits in the engine's input buffer and is summed out of place
-  with the lookup's dense gradient at the very end, two more embedding-sized tensors for a moment.
+  Why these moments, and the tied embedding's extra moment: docs/planning.md ("Where the peak is").
   Optimizer temporaries (torch/optim/adam.py): torch AdamW `fused` none (tailor's trainer asks for it),
   `foreach` (torch's default on CUDA) one temporary per tensor, all at once (`_foreach_sqrt`), the
   `for-loop` (torch's default on CPU) two of one tensor at a time; bitsandbytes kernels and SGD work in
@@ -102,19 +87,16 @@ Every part is bytes = (number of elements) x (bytes per element); the choices be
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from tailor.methods import METHODS, method_spec
-from tailor.names import STRATEGIES
 from tailor.plan.catalogue import Architecture
+from tailor.plan.optimizer import OPTIMIZER_KERNELS, state_bytes_on_device_and_host, step_temporary_bytes
 from tailor.plan.params import block_linears, count_parameters, lora_parameters, resolve_targets
 
 GIB = 1024**3
-OPTIMIZERS = ("adamw", "adamw-8bit", "adamw-paged", "adamw-8bit-paged", "sgd")
 PRECISIONS = ("bf16", "fp16", "fp32", "bf16-mixed")
 ADAPTER_DTYPES = ("fp32", "bf16")
-OPTIMIZER_KERNELS = ("fused", "foreach", "for-loop")
 ATTENTIONS = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
 
@@ -134,10 +116,6 @@ CPU_RUNTIME_GIB = 0.08
 ALLOCATOR_FRACTION = 0.08
 ADAPTER_BYTES = 4  # tailor keeps adapters in fp32
 _ADAPTER_DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-# bitsandbytes optimizers (bitsandbytes/optim/optimizer.py)
-PAGED_MIN_NUMEL = 100_000  # get_state_buffer: smaller tensors get ordinary device state
-EIGHT_BIT_MIN_NUMEL = 4096  # min_8bit_size: smaller tensors keep 32-bit state
-EIGHT_BIT_BLOCK = 2048  # block-wise quantisation: one fp32 absmax per block
 OFFLOAD_RESIDENT_BLOCKS = 2  # activation offloading: the block in use and the one being copied back
 
 # which saved input each block linear reads (layers reading the same tensor share it)
@@ -308,31 +286,10 @@ def frozen_weight_bytes(arch: Architecture, setup: TrainingSetup) -> float:
     return rest + counts.block_linear + 4 * rows
 
 
-def optimizer_state_bytes(numel: int, optimizer: str, state_bytes: int) -> float:
-    """Optimizer state of one tensor of `numel` elements whose parameter dtype has `state_bytes`."""
-    if optimizer == "adamw":
-        return 2 * state_bytes * numel  # torch.optim: exp_avg and exp_avg_sq in the parameter's dtype
-    if optimizer == "adamw-paged":
-        return 2 * 4 * numel  # bitsandbytes 32-bit AdamW: fp32 states
-    if optimizer in ("adamw-8bit", "adamw-8bit-paged"):
-        if numel < EIGHT_BIT_MIN_NUMEL:
-            return 2 * 4 * numel
-        return 2 * (numel + 4 * math.ceil(numel / EIGHT_BIT_BLOCK))
-    return 0.0  # sgd without momentum keeps no state
-
-
 def _optimizer_bytes(arch: Architecture, setup: TrainingSetup, state_bytes: int) -> tuple[float, float]:
     """(device bytes, host bytes) of the optimizer state; paged optimizers put large tensors' state in
     unified memory, which we count on the host."""
-    device = host = 0.0
-    paged = setup.optimizer.endswith("-paged")
-    for numel, count in trainable_tensors(arch, setup):
-        nbytes = count * optimizer_state_bytes(numel, setup.optimizer, state_bytes)
-        if paged and numel >= PAGED_MIN_NUMEL:
-            host += nbytes
-        else:
-            device += nbytes
-    return device, host
+    return state_bytes_on_device_and_host(trainable_tensors(arch, setup), setup.optimizer, state_bytes)
 
 
 def _mask_bytes(setup: TrainingSetup, device: str) -> int:
@@ -435,18 +392,9 @@ def _held_logits_bytes(arch: Architecture, setup: TrainingSetup) -> float:
 
 
 def optimizer_temporary_bytes(arch: Architecture, setup: TrainingSetup, state_bytes: int) -> float:
-    """Temporaries of one optimizer step on top of weights, gradients and state (torch/optim/adam.py).
-    torch AdamW: fused 0 (one in-place kernel); foreach `_foreach_sqrt(exp_avg_sqs)` makes one temporary
-    per tensor, all at once; for-loop `(exp_avg_sq.sqrt() / bias_correction2_sqrt)` two of one tensor at a
-    time. Stepped in backward, one tensor at a time. bitsandbytes kernels and plain SGD work in place."""
-    if setup.optimizer != "adamw" or setup.optimizer_kernel == "fused":
-        return 0.0
-    largest = max(numel for numel, _ in trainable_tensors(arch, setup)) * state_bytes
-    if setup.optimizer_kernel == "for-loop":
-        return 2 * largest
-    if setup.optimizer_in_backward:
-        return largest
-    return trainable_parameters(arch, setup) * state_bytes
+    """Temporaries of one optimizer step on top of weights, gradients and state (tailor.plan.optimizer)."""
+    return step_temporary_bytes(trainable_tensors(arch, setup), setup.optimizer, setup.optimizer_kernel,
+                                setup.optimizer_in_backward, state_bytes)
 
 
 def _gradient_bytes_by_stage(
@@ -547,32 +495,3 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup, device: str = "cud
 def adapter_file_bytes(arch: Architecture, setup: TrainingSetup, dtype_bytes: int = ADAPTER_BYTES) -> int:
     """Size of adapter_model.safetensors: the LoRA tensors (safetensors' JSON header is a few KiB)."""
     return trainable_parameters(arch, setup) * dtype_bytes if setup.is_lora else 0
-
-
-
-
-def per_process_memory(arch: Architecture, setup: TrainingSetup, memory: MemoryBreakdown, nproc: int,
-                       strategy: str) -> dict[str, float | str]:
-    """Bytes per process of a run in `nproc` processes (tailor.train.distributed).
-
-    ddp replicates: every process holds the whole peak, plus DDP's gradient buckets (a second copy of
-    every trainable gradient, torch's default). fsdp divides what it shards, weights, gradients and
-    optimizer state, by `nproc`; activations and overhead stay per process; on top, the units gathered
-    whole at a time: the root unit (embeddings, output head, final norm: gathered from the first forward
-    to the end of backward) and two decoder layers (the one computing and the one prefetched).
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    per_process = memory.activations + memory.overhead
-    if strategy == "ddp":
-        return {"strategy": strategy, "nproc": nproc, "sharded": 0.0, "replicated": memory.model_state,
-                "gathered": memory.all_gradients, "per_process": memory.total + memory.all_gradients,
-                "activations_and_overhead": per_process}
-    counts = count_parameters(arch)
-    weights = memory.frozen_weights + memory.adapter_weights
-    root_share = (counts.embedding + counts.lm_head) / counts.total
-    layer_bytes = weights * (1 - root_share) / arch.num_layers
-    gathered = weights * root_share + 2 * layer_bytes
-    sharded = memory.model_state / nproc
-    return {"strategy": strategy, "nproc": nproc, "sharded": sharded, "replicated": 0.0, "gathered": gathered,
-            "per_process": sharded + gathered + per_process, "activations_and_overhead": per_process}

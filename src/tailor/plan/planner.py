@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from tailor.config.sections import lora_shape_problems
 from tailor.methods import METHOD_SPECS, METHODS, method_spec
-from tailor.names import BASE_DTYPE_AT_FP32, BASE_DTYPES
+from tailor.names import BASE_DTYPE_AT_FP32, BASE_DTYPES, STRATEGIES
 from tailor.plan.catalogue import Architecture, PlanError, resolve_model
 from tailor.plan.cost import (
     PriceTable,
@@ -22,17 +22,15 @@ from tailor.plan.memory import (
     ATTENTIONS,
     DEVICES,
     GIB,
-    OPTIMIZER_KERNELS,
-    OPTIMIZERS,
     PRECISIONS,
-    STRATEGIES,
     TrainingSetup,
     adapter_file_bytes,
     estimate_memory,
-    per_process_memory,
     trainable_parameters,
 )
+from tailor.plan.optimizer import OPTIMIZER_KERNELS, OPTIMIZERS
 from tailor.plan.params import count_parameters, resolve_targets
+from tailor.plan.processes import per_process_memory
 
 if TYPE_CHECKING:
     from tailor.config import TrainConfig

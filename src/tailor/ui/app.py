@@ -201,7 +201,8 @@ def _plan_form() -> dict[str, Any]:
     from tailor.names import DEFAULT_MODEL
     from tailor.plan.catalogue import CATALOGUE
     from tailor.plan.inputs import PlanInputs, this_machine_device
-    from tailor.plan.memory import DEVICES, OPTIMIZERS, PRECISIONS
+    from tailor.plan.memory import DEVICES, PRECISIONS
+    from tailor.plan.optimizer import OPTIMIZERS
 
     fields = {f.name: f.default for f in dataclasses.fields(PlanInputs)}
     defaults = {name: fields[name] for name in PlanRequest.model_fields if name in fields}
