@@ -103,6 +103,16 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.batch.running or self.scheduler.waiting)
 
+    @property
+    def share_prefix(self) -> bool:
+        """Whether a prompt prefix shared with earlier prompts (same adapter) is computed once; switching
+        it off is benchmarks/serve_throughput.py's ablation."""
+        return self.prefixes.enabled
+
+    @share_prefix.setter
+    def share_prefix(self, on: bool) -> None:
+        self.prefixes.enabled = on
+
     # --- requests ------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
         """Queue a request (any thread). Its adapter name is resolved here, once, into the reference the
