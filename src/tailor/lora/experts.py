@@ -26,7 +26,6 @@ update is formed per step (E * d_out * d_in values per adapted parameter and dis
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .layer import ADAPTER_DTYPE, LoraLayer
+from .layer import ADAPTER_DTYPE, LoraLayer, init_lora_pair
 
 
 class _AddDelta(nn.Module):
@@ -117,12 +116,7 @@ class LoraParam(LoraLayer):
         device = self.get_param().device
         a = nn.Linear(self.in_features, r * self.num_experts, bias=False, device=device, dtype=ADAPTER_DTYPE)
         b = nn.Linear(r * self.num_experts, self.out_features, bias=False, device=device, dtype=ADAPTER_DTYPE)
-        if init is True:  # PEFT's reset_lora_parameters on the (r*E, in) A: kaiming-uniform, B zeros
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-            nn.init.zeros_(b.weight)
-        elif init == "gaussian":
-            nn.init.normal_(a.weight, std=1 / r)
-            nn.init.zeros_(b.weight)
+        init_lora_pair(a, b, init, r)  # PEFT's reset_lora_parameters, on the (r*E, in) A
         self.lora_A[name], self.lora_B[name] = a, b
 
     def delete_adapter(self, name: str) -> None:

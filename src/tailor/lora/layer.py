@@ -27,6 +27,18 @@ except ImportError:  # pragma: no cover
 ADAPTER_DTYPE = torch.float32
 
 
+def init_lora_pair(a: nn.Linear, b: nn.Linear, init: bool | str, r: int) -> None:
+    """PEFT's initialisation of a new adapter (reset_lora_parameters): `init` True, A kaiming-uniform like
+    nn.Linear's default and B zero, so the adapter changes nothing at the start; "gaussian", A ~ N(0, 1/r)
+    and B zero; False leaves both as created (random: for tests)."""
+    if init is True:
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+    elif init == "gaussian":
+        nn.init.normal_(a.weight, std=1 / r)
+        nn.init.zeros_(b.weight)
+
+
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     """alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (https://arxiv.org/abs/2312.03732)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -152,12 +164,7 @@ class LoraLinear(LoraLayer):
         device = self.base_layer.weight.device
         a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=ADAPTER_DTYPE)
         b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=ADAPTER_DTYPE)
-        if init is True:  # as loralib / PEFT: A like nn.Linear's default, B zero -> no change at start
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-            nn.init.zeros_(b.weight)
-        elif init == "gaussian":
-            nn.init.normal_(a.weight, std=1 / r)
-            nn.init.zeros_(b.weight)
+        init_lora_pair(a, b, init, r)
         self.lora_A[name], self.lora_B[name] = a, b
         # nn.Identity when p == 0: no dropout kernel, no mask memory.
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
