@@ -138,10 +138,9 @@ def _train_config(path: str) -> Any:
 
 def this_machine_device() -> str:
     """cuda where torch sees a GPU, else cpu: what `tailor plan` plans when --device is left out."""
-    import torch  # only when --device is left out
+    from tailor.hardware import default_device  # imports torch: only when --device is left out
 
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return default_device()
 
 
 def resolve_inputs(config: str | None, flags: dict[str, Any]) -> tuple[PlanInputs, str]:
