@@ -131,7 +131,7 @@ def convert_weights(model: nn.Module, files: SafetensorsFiles, fmt: WeightFormat
 
         low = mark_low_precision(model)
     if fmt.quantize:
-        from tailor.quant import quantization_targets, quantized_linear, replace_module
+        from tailor.quant import quantization_targets, quantized_layers, quantized_linear, replace_module
 
         for path, linear in quantization_targets(model):
             weight = _final(source(f"{path}.weight", linear.weight), fmt.dtype, device)
@@ -140,10 +140,12 @@ def convert_weights(model: nn.Module, files: SafetensorsFiles, fmt: WeightFormat
             replace_module(model, path, quantized_linear(weight, bias, fmt.quantize, compute_dtype=fmt.dtype,
                                                          training=linear.training))
             del weight, bias
+        # the quantized layers' packed weights and biases are final already: not read again below
+        done |= {id(p) for layer in quantized_layers(model).values() for p in layer.parameters()}
     for name, parameter in model.named_parameters():
-        if id(parameter) in done or (fmt.quantize and _is_packed(parameter)):
+        if id(parameter) in done:
             continue
-        done.add(id(parameter))  # a tied weight is one Parameter: converted once, stays tied
+        done.add(id(parameter))
         dtype = fmt.stored if id(parameter) in low else fmt.dtype
         parameter.data = _final(source(name, parameter.data), dtype, device)
     for module in model.modules():  # buffers (rotary frequencies, ...) stay in their dtype, move only
@@ -151,11 +153,6 @@ def convert_weights(model: nn.Module, files: SafetensorsFiles, fmt: WeightFormat
             if buffer is not None and buffer.device != torch.device(device):
                 module._buffers[key] = buffer.to(device)
     return model
-
-
-def _is_packed(parameter: nn.Parameter) -> bool:
-    """A bitsandbytes weight (packed integers plus quantization state): already in its final form."""
-    return type(parameter).__name__ in ("Params4bit", "Int8Params")
 
 
 __all__ = ["SafetensorsFiles", "StoredTensor", "WeightFormat", "convert_weights"]
