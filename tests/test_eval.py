@@ -219,7 +219,7 @@ def test_retention_prompts_are_answered_by_the_base_model():
     from tailor.models import load_model
 
     # fp32, the precision every item was kept in (tailor.eval.retention). In bf16 the answers depend on the
-    # CPU's bf16 kernels: on an AVX512-BF16 EPYC (2026-12-07) the base misses "What is 7 + 6?" in bf16, so
+    # CPU's bf16 kernels: on an AVX512-BF16 Xeon (2026-12-07) the base misses "What is 7 + 6?" in bf16, so
     # `tailor demo` there reports base 112/113; on the AVX2 machines (fp32) it answers all 113.
     model, tokenizer = load_model(dtype=torch.float32, device="cpu")
     result = retention_check(model, tokenizer)

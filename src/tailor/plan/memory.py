@@ -107,11 +107,11 @@ NF4_BITS = 4 + 32 / 64
 CUDA_CONTEXT_GIB = 0.6
 # On a CPU the peak is the process's RSS, which holds more than tensors. Fitted on measurements:
 # the process itself, before any model: the interpreter with torch, transformers, tokenizers, bitsandbytes
-# and tailor imported, the tokenizer and the data loaded (0.47 GiB in `tailor train`, AVX512-BF16 EPYC)
+# and tailor imported, the tokenizer and the data loaded (0.47 GiB in `tailor train`, AVX512-BF16 Xeon)
 CPU_PROCESS_GIB = 0.45
 # what torch allocates at the first training steps besides tensors (oneDNN / MKL scratch, thread pools, the
 # autograd engine): plan/measure.py's tiny case peaks this much above its live tensors, 0.067 GiB on an AVX2
-# EPYC and 0.084 on an AVX512-BF16 one (tests/test_plan_memory.py)
+# EPYC and 0.084 on an AVX512-BF16 Xeon (tests/test_plan_memory.py)
 CPU_RUNTIME_GIB = 0.08
 ALLOCATOR_FRACTION = 0.08
 ADAPTER_BYTES = 4  # tailor keeps adapters in fp32
