@@ -38,12 +38,12 @@ def _parse_flag(name: str, value: object) -> object:
     """Flags that hold lists arrive as text: `q_proj,v_proj` and `0.9,0.95` (or YAML) become lists."""
     import yaml
 
-    if not isinstance(value, str) or name not in ("target_modules", "adam_betas"):
+    if not isinstance(value, str) or name not in ("target_modules", "adam_betas", "report_to"):
         return value
-    if name == "target_modules" and "," not in value and not value.lstrip().startswith("["):
+    if name in ("target_modules", "report_to") and "," not in value and not value.lstrip().startswith("["):
         return value
     parsed = yaml.safe_load(value if value.lstrip().startswith("[") else f"[{value}]")
-    return [str(v).strip() if name == "target_modules" else v for v in parsed]
+    return [str(v).strip() if name in ("target_modules", "report_to") else v for v in parsed]
 
 
 @app.command("train")

@@ -252,12 +252,17 @@ class EvaluationSection:
     """Write a metrics.jsonl line every N steps."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: str | list[str] | None = None
+    """Experiment trackers that also get the config, metrics, evaluation and adapter: tensorboard, mlflow,
+    wandb (a list, or names joined by commas; all; none)."""
 
     def problems(self) -> list[str]:
+        from tailor.trackers import tracker_problems
+
         c = _Checks(self)
         c.positive("log_every", "eval_batches")
         c.positive("eval_every", allow_zero=True)
-        return c.problems
+        return c.problems + tracker_problems(self.report_to)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,10 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
         from tailor.report import write_report
 
         write_report(run)  # report.md picks up the new eval.json
+        if config.get("report_to"):  # the run's experiment trackers get the evaluation too
+            from tailor.trackers import log_evaluation
+
+            log_evaluation(config["report_to"], run, result)
     result["eval_json"] = str(target)
     return result
 

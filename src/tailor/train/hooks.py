@@ -232,6 +232,46 @@ class ProgressHook(Hook):
         self._exit.close()
 
 
+class TrackerHook(Hook):
+    """The run's experiment trackers (`report_to`, tailor.trackers): the resolved config at the start, the
+    metrics.jsonl figures on the same steps, closed as failed when training stops on an error. A run that
+    finishes is left open for `_train` to log its summary and deliverable (`finish`)."""
+
+    main_process_only = True
+
+    def __init__(self) -> None:
+        from tailor.trackers import Trackers
+
+        self.trackers = Trackers([], Path())
+
+    def on_start(self, run: TrainingRun) -> None:
+        from tailor.trackers import open_trackers
+
+        config = run.config.to_dict()
+        self.trackers = open_trackers(config["report_to"], run.run_dir, run.run_dir.name, config)
+
+    def on_step(self, run: TrainingRun, record: StepRecord) -> None:
+        if not (_due(record.step, run.config.log_every, run.finished) or record.val_loss is not None):
+            return
+        metrics = {"loss": record.loss, "lr": record.lr, "tokens": float(run.state.tokens),
+                   "tokens_per_s": record.tokens / record.seconds if record.seconds else 0.0}
+        if record.grad_norm is not None:
+            metrics["grad_norm"] = record.grad_norm
+        if record.val_loss is not None:
+            metrics["val_loss"] = record.val_loss
+        self.trackers.log_metrics(metrics, record.step)
+
+    def on_end(self, run: TrainingRun) -> None:
+        if not run.finished:
+            self.trackers.finish(failed=True)
+
+    def finish(self, summary: dict[str, Any], deliverable: Path) -> None:
+        """The run's summary figures and its deliverable (the adapter, or the model), then close."""
+        self.trackers.log_summary(summary, prefix="summary/")
+        self.trackers.log_artifact(deliverable, deliverable.name)
+        self.trackers.finish()
+
+
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -247,4 +287,4 @@ def default_hooks(config: TrainConfig, save_weights: Callable[[nn.Module, Path],
 
 
 __all__ = ["CheckpointHook", "EvaluationHook", "Hook", "KeepBestHook", "MetricsHook", "ProgressHook",
-           "StepRecord", "TrainingRun", "default_hooks"]
+           "StepRecord", "TrackerHook", "TrainingRun", "default_hooks"]

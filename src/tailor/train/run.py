@@ -41,7 +41,7 @@ from tailor.train.distributed import (
     world_size,
     wrapper_for,
 )
-from tailor.train.hooks import Hook
+from tailor.train.hooks import Hook, TrackerHook
 from tailor.train.loop import FitResult, fit
 
 
@@ -191,9 +191,11 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
 
     trainable, total = trainable_parameters(model)
     frozen_bytes = method.frozen_weight_bytes(model)
+    tracking = TrackerHook() if config.report_to else None  # tailor.trackers (report_to)
     cpu_started = time.process_time()
     result = fit(model, train_set, val_set, config, run_dir, tokenizer.pad_token_id, save_weights,
-                 extra_hooks=extra_hooks, wrap=wrapper_for(config.strategy))
+                 extra_hooks=[*extra_hooks, *([tracking] if tracking else [])],
+                 wrap=wrapper_for(config.strategy))
     # CPU seconds (all threads) next to wall seconds: on a shared machine wall time overstates the cost
     cpu_seconds = time.process_time() - cpu_started
 
@@ -227,6 +229,8 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
             summary["registered_as"], _ = store.add(config.register, out_dir)
             print(f"registered {out_dir} as {summary['registered_as']} (store {store.root})", flush=True)
     atomic_write_json(run_dir / "summary.json", summary)
+    if tracking is not None:
+        tracking.finish(summary, out_dir)
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     from tailor.report import write_report
 
