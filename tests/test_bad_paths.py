@@ -177,15 +177,17 @@ def _data(kind: str):
         flag = "--val-data" if kind.startswith("val ") else "--data"
         name = kind.removeprefix("val ")
         path = tmp / "data.jsonl"
-        fix, problem = "give the path to a .jsonl or .json file", ""
+        fix, problem = "give the path to a data file (.jsonl, .json, .csv, .parquet)", ""
         if name == "missing":
             problem = "not found"
         elif name == "directory":
-            path, problem = empty_dir(tmp / "datadir"), "is a directory"
-        elif name == "directory of data":
+            path, problem = empty_dir(tmp / "datadir"), "is a directory with no data files in it"
+            fix = "put .jsonl, .json, .csv, .parquet files in it"
+        elif name == "directory of other files":
             path = empty_dir(tmp / "datadir")
-            shutil.copy(world["data"], path / "train.jsonl")
-            fix, problem = "give one file in it (train.jsonl)", "is a directory"
+            shutil.copy(world["data"], path / "train.txt")
+            fix = "put .jsonl, .json, .csv, .parquet files in it"
+            problem = "is a directory with no data files"
         elif name == "fifo":
             path, problem = fifo(path), "not a regular file"
         elif name == "unreadable":
@@ -466,8 +468,8 @@ def _demo(kind: str):
 
 
 CASES: dict[str, Callable] = {}
-for _kind in ("missing", "directory", "directory of data", "fifo", "unreadable", "empty", "blank lines",
-              "corrupt json", "unclosed array", "not utf-8", "one example"):
+for _kind in ("missing", "directory", "directory of other files", "fifo", "unreadable", "empty",
+              "blank lines", "corrupt json", "unclosed array", "not utf-8", "one example"):
     CASES[f"data: {_kind}"] = _data(_kind)
 for _kind in ("missing", "directory", "empty", "corrupt json"):
     CASES[f"val-data: {_kind}"] = _data(f"val {_kind}")

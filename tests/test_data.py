@@ -189,8 +189,9 @@ def test_empty_and_missing_files(tmp_path):
         load_examples(empty)
     with pytest.raises(DataError, match=r"nowhere\.jsonl: not found\. Fix: give the path"):
         load_examples(tmp_path / "nowhere.jsonl")
-    with pytest.raises(DataError, match="is a directory"):
-        load_examples(tmp_path)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DataError, match="is a directory with no data files in it"):
+        load_examples(tmp_path / "nothing")
 
 
 # ---------------------------------------------------------------- tokenisation and labels

@@ -38,6 +38,11 @@ def _parse_flag(name: str, value: object) -> object:
     """Flags that hold lists arrive as text: `q_proj,v_proj` and `0.9,0.95` (or YAML) become lists."""
     import yaml
 
+    if isinstance(value, str) and name == "columns":  # prompt=question,completion=answer or YAML {...}
+        if value.lstrip().startswith("{"):
+            return yaml.safe_load(value)
+        pairs = [part.split("=", 1) for part in value.split(",") if part.strip()]
+        return {k.strip(): v.strip() for k, v in pairs} if all(len(p) == 2 for p in pairs) else value
     if not isinstance(value, str) or name not in ("target_modules", "adam_betas", "report_to"):
         return value
     if name in ("target_modules", "report_to") and "," not in value and not value.lstrip().startswith("["):

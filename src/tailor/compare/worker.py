@@ -32,6 +32,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     from tailor.config import load_config
     from tailor.data import load_examples
+    from tailor.data.sources import load_sources
     from tailor.eval import evaluate_model, retention_check, split_prompt_and_reference
     from tailor.eval.prompting import pick_shots, with_shots
     from tailor.eval.retention import off_task
@@ -60,7 +61,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         model, tokenizer = load_model(config.model, dtype=parse_dtype("auto"), device=config.device)
         result.update(frozen_weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
         if entry["shots"]:
-            shots = pick_shots(load_examples(config.data, config.format), entry["shots"], config.seed)
+            pool = load_sources(config.data, None, 0.0, config.format, config.columns, config.seed)[0]
+            shots = pick_shots(pool, entry["shots"], config.seed)
             examples = with_shots(examples, shots)
     model.eval()
     started = time.perf_counter()

@@ -77,8 +77,13 @@ class ModelSection:
 class DataSection:
     """The examples: where they come from, how they are read and cut, and what is replayed."""
 
-    data: str | None = None
-    """Training data: a JSONL/JSON file, or builtin:support for the built-in support-ticket dataset."""
+    data: str | list[str | dict] | None = None
+    """Training data: a JSONL/JSON, CSV or parquet file, a directory of them, a dataset saved with datasets'
+    save_to_disk, or builtin:support; or a list of sources mixed by weight ([{path: a.parquet, weight:
+    0.7}, {path: b.jsonl, weight: 0.3}], each with its own columns:, format:, split:)."""
+    columns: dict[str, str] | None = None
+    """The format's field names -> your file's column names, e.g. {prompt: question, completion: answer}
+    (for every source without columns of its own)."""
     val_data: str | None = None
     """Validation file; when absent, val_fraction of `data` is held out (builtin: its validation split)."""
     val_fraction: float = 0.1
@@ -109,6 +114,10 @@ class DataSection:
         c.choice("replay_loss", REPLAY_LOSSES)
         if not self.data:
             c.problems.append("data: missing; give a JSONL file (--data FILE.jsonl) or builtin:support")
+        else:
+            from tailor.data.sources import parse_sources
+
+            c.problems += parse_sources(self.data)[1]
         c.positive("max_seq_len")
         c.share("val_fraction")
         c.share("replay_ratio", hint=" (e.g. 0.2: one example in five is replayed)")

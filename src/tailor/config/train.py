@@ -122,7 +122,9 @@ class TrainConfig:
     def run_name(self) -> str:
         if self.name:
             return self.name
-        stem = Path(str(self.data or "data").replace("builtin:", "")).stem.replace(":", "-")
+        first = self.data[0] if isinstance(self.data, list) and self.data else self.data
+        first = first.get("path") if isinstance(first, dict) else first
+        stem = Path(str(first or "data").replace("builtin:", "")).stem.replace(":", "-")
         return f"{self.method}-{stem}"
 
     def run_dir(self) -> Path:
@@ -188,6 +190,14 @@ def allowed_types(name: str) -> set[Any]:
     return _allowed(field_types()[name])
 
 
+def _list_items(name: str) -> tuple[type, ...]:
+    """The plain types a list-valued field's items may be (list[str] -> (str,), list[str | dict] -> both)."""
+    for kind in typing.get_args(field_types()[name]):
+        if typing.get_origin(kind) is list:
+            return tuple(_allowed(typing.get_args(kind)[0]))
+    return (str,)
+
+
 def _type_problems(config: TrainConfig) -> list[str]:
     problems = []
     for name in FIELD_SECTION:
@@ -199,7 +209,10 @@ def _type_problems(config: TrainConfig) -> list[str]:
             or (t is int and isinstance(value, int) and not isinstance(value, bool))
             or (t is float and isinstance(value, float) and math.isfinite(value))
             or (t is str and isinstance(value, str))
-            or (t is list and isinstance(value, list) and all(isinstance(v, str) for v in value))
+            or (t is list and isinstance(value, list)
+                and all(isinstance(v, _list_items(name)) for v in value))
+            or (t is dict and isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                              for k, v in value.items()))
             or (t is tuple and isinstance(value, tuple) and len(value) == 2)
             for t in allowed
         )

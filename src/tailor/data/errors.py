@@ -9,16 +9,19 @@ __all__ = ["DataError", "DataIssue"]
 
 @dataclass(frozen=True)
 class DataIssue:
-    """One problem found in a data file (line is 1-based; None when it concerns the whole file)."""
+    """One problem found in a data file (line is 1-based, a line of a text file or a row of a table; None
+    when it concerns the whole file)."""
 
     path: str
     problem: str
     fix: str = ""
     line: int | None = None
     field: str | None = None
+    unit: str = "line"  # what `line` counts: a text file's lines, or a table's rows (parquet, a dataset)
 
     def __str__(self) -> str:
-        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        where = (self.path if self.line is None else f"{self.path}:{self.line}" if self.unit == "line"
+                 else f"{self.path} {self.unit} {self.line}")
         what = f"field {self.field!r}: {self.problem}" if self.field else self.problem
         return f"{where}: {what}" + (f" Fix: {self.fix}" if self.fix else "")
 

@@ -14,7 +14,6 @@ Every problem in a file is collected and raised as one DataError naming file, li
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -217,15 +216,22 @@ class _RecordChecker:
         return messages
 
 
-def load_examples(path_or_spec: str | Path, format: str = "auto") -> list[Example]:
-    """Load a JSONL / JSON-array file (or a "builtin:..." spec) as normalised Examples.
+def load_examples(path_or_spec: str | Path, format: str = "auto", columns: dict[str, str] | None = None,
+                  split: str | None = None) -> list[Example]:
+    """Load data people hold (or a "builtin:..." spec) as normalised Examples.
 
-    Specs: "builtin:support" (train split), "builtin:support:train", "builtin:support:validation",
-    "builtin:support:test". ``format`` is one of auto|alpaca|chat|prompt_completion|text.
+    A path is a JSONL / JSON-array, CSV or parquet file, a dataset saved with Hugging Face datasets'
+    `save_to_disk` (its `split`, default train), or a directory of such files (in name order). Specs:
+    "builtin:support" (train split), "builtin:support:train", "builtin:support:validation",
+    "builtin:support:test". ``format`` is one of auto|alpaca|chat|prompt_completion|text. ``columns`` maps
+    the format's field names to the file's column names: {"prompt": "question", "completion": "answer"}.
 
     Raises:
-        DataError: file not found, empty, not JSON, records of the wrong shape; all problems listed at once.
+        DataError: not found, empty, unreadable, records of the wrong shape; all problems listed at once,
+            each with its file, line or row, and field (column).
     """
+    from tailor.data.readers import read_path
+
     spec = str(path_or_spec)
     if format != "auto" and format not in FORMATS:
         raise DataError(DataIssue(spec, f"unknown format {format!r}.",
@@ -233,50 +239,100 @@ def load_examples(path_or_spec: str | Path, format: str = "auto") -> list[Exampl
     if spec.startswith(BUILTIN_PREFIX):
         return _load_builtin(spec)
     path = Path(spec).expanduser()
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise DataError(_not_a_data_file(spec, path))
-    records, issues = read_records(path)
-    if not records and not issues:
-        raise DataError(DataIssue(spec, "the file is empty (no JSON records).",
-                                  "add one JSON object per line, e.g. " + _EXAMPLE_RECORD["chat"]))
-    fmt, first_line = (format, None) if format != "auto" else (None, None)
-    examples = []
-    for line, record in records:
-        checker = _RecordChecker(spec, line, issues)
-        if not isinstance(record, dict):
-            checker.issue(f"must be a JSON object, got {_type_name(record)}.",
-                          "write one object per record, e.g. " + _EXAMPLE_RECORD["chat"])
-            continue
-        if fmt is None:
-            fmt, first_line = detect_format(record), line
-            if fmt is None:
-                raise DataError(DataIssue(
-                    spec, f"cannot tell the data format from the keys {sorted(record)}.",
-                    "use one of: " + "; ".join(f"{f} ({_fields_doc(f)})" for f in FORMATS)
-                    + "; or pass format=.", line=line))
-        if first_line is not None and any(key not in record for key in _FIELDS[fmt][0]):
-            other = detect_format(record)
-            if other is not None and other != fmt:
-                checker.issue(f"looks like format {other!r}, but line {first_line} made the file {fmt!r}.",
-                              "use one format per file (or pass format=).")
-                continue
-        example = checker.normalise(record, fmt)
-        if example is not None:
-            examples.append(example)
+    issues = column_problems(spec, columns)
+    if issues:
+        raise DataError(issues)
+    examples: list[Example] = []
+    for part in read_path(path, split):
+        issues += part.issues
+        if not part.records and not part.issues:
+            issues.append(DataIssue(part.name, "the file is empty (no JSON records)." if part.unit == "line"
+                                    else "has no rows.",
+                                    "add one JSON object per line, e.g. " + _EXAMPLE_RECORD["chat"]))
+        examples += _examples_of(part, format, columns or {}, issues)
     if issues:
         raise DataError(issues)
     return examples
 
 
+# every field a record of some format can hold: what `columns` may map to
+RECORD_FIELDS = tuple(dict.fromkeys(name for required, optional in _FIELDS.values()
+                                    for name in (*required, *optional)))
+
+
+def column_problems(spec: str, columns: dict[str, str] | None) -> list[DataIssue]:
+    """A `columns` mapping that maps to no field of any format, or from something that is not a column."""
+    issues = []
+    for target, column in (columns or {}).items():
+        if target not in RECORD_FIELDS:
+            issues.append(DataIssue(spec, f"columns maps to {target!r}, which no data format has.",
+                                    f"map to one of: {', '.join(RECORD_FIELDS)} (e.g. columns: "
+                                    "{prompt: question, completion: answer})."))
+        elif not isinstance(column, str) or not column:
+            issues.append(DataIssue(spec, f"columns: {target}: {column!r} is not a column name.",
+                                    "give the file's column name as text."))
+    return issues
+
+
+def _examples_of(part: Any, format: str, columns: dict[str, str], issues: list[DataIssue]) -> list[Example]:
+    """Normalise one file's records; problems go to `issues` (named by the file's own column names)."""
+    spec, unit = part.name, part.unit
+    renamed = {column: target for target, column in columns.items()}
+    fmt, first_line = (format, None) if format != "auto" else (None, None)
+    examples = []
+    for line, record in part.records:
+        found: list[DataIssue] = []
+        checker = _RecordChecker(spec, line, found)
+        if not isinstance(record, dict):
+            checker.issue(f"must be a JSON object, got {_type_name(record)}.",
+                          "write one object per record, e.g. " + _EXAMPLE_RECORD["chat"])
+        else:
+            if columns:
+                missing = [c for c in renamed if c not in record]
+                if missing:
+                    checker.issue(f"has no column {missing[0]!r} (columns maps {renamed[missing[0]]} to it; "
+                                  f"this record has {', '.join(sorted(map(str, record)))}).",
+                                  "fix the name in columns:.")
+                record = {renamed.get(k, k): v for k, v in record.items()}
+            if fmt is None and not found:
+                fmt, first_line = detect_format(record), line
+                if fmt is None:
+                    raise DataError(DataIssue(
+                        spec, f"cannot tell the data format from the keys {sorted(record)}.",
+                        "use one of: " + "; ".join(f"{f} ({_fields_doc(f)})" for f in FORMATS)
+                        + "; or pass format=, or map your columns (columns: {prompt: question, ...}).",
+                        line=line, unit=unit))
+            other = detect_format(record)
+            if (not found and first_line is not None and any(k not in record for k in _FIELDS[fmt][0])
+                    and other is not None and other != fmt):
+                checker.issue(f"looks like format {other!r}, but {unit} {first_line} made the file {fmt!r}.",
+                              "use one format per file (or pass format=).")
+            elif not found:
+                example = checker.normalise(record, fmt)
+                if example is not None:
+                    examples.append(example)
+        issues += [_in_file_terms(issue, unit, columns) for issue in found]
+    return examples
+
+
+def _in_file_terms(issue: DataIssue, unit: str, columns: dict[str, str]) -> DataIssue:
+    """An issue as the user's file spells it: its rows, and its own column for a mapped field."""
+    from dataclasses import replace
+
+    field = issue.field
+    if field is not None:
+        head, _, rest = field.partition("[") if "[" in field else field.partition(".")
+        if head in columns:
+            field = f"{columns[head]}{'[' if '[' in field else '.' if rest else ''}{rest}"
+    return replace(issue, field=field, unit=unit)
+
+
 def _not_a_data_file(spec: str, path: Path) -> DataIssue:
-    """Why `path` (which is not a regular file) cannot be read as data, and what to give instead."""
-    fix = "give the path to a .jsonl or .json file, or a built-in dataset such as builtin:support."
-    if path.is_dir():
-        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".jsonl", ".json"))[:5] \
-            if os.access(path, os.R_OK | os.X_OK) else []
-        if inside:
-            fix = f"give one file in it ({', '.join(inside)}), e.g. {path / inside[0]}."
-        return DataIssue(spec, "is a directory, not a data file.", fix)
+    """Why `path` (neither a file nor a directory) cannot be read as data, and what to give instead."""
+    fix = ("give the path to a data file (.jsonl, .json, .csv, .parquet), a directory of them, a dataset "
+           "saved with datasets' save_to_disk, or a built-in dataset such as builtin:support.")
     if path.exists():  # a FIFO, a socket, a device: reading it could block forever
         return DataIssue(spec, "is not a regular file (a pipe, socket or device).", fix)
     return DataIssue(spec, "not found.", fix.rstrip(".") + " (check the spelling and the working directory).")

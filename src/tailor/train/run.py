@@ -13,7 +13,6 @@ Run directory (runs/<name>/ or --out):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from tailor.config import ConfigError, TrainConfig, save_config
+from tailor.data.sources import data_record as data_sources_record
 from tailor.files import OutputPathError, atomic_output, atomic_write_json, check_output_path, directory_size
 from tailor.methods import get_method
 from tailor.names import RUN_CONFIG_NAME
@@ -70,26 +70,12 @@ def use_threads(config: TrainConfig) -> None:
 
 
 def load_data(config: TrainConfig) -> tuple[list, list]:
-    """Load and split the train/validation examples (no tokenizer needed): bad data is found here, early."""
-    from tailor.data import DataError, DataIssue, load_examples, split_examples
+    """Load and split the train/validation examples (no tokenizer needed): bad data is found here, early.
+    Several sources are mixed by weight (tailor.data.sources)."""
+    from tailor.data.sources import load_sources
 
-    train_examples = load_examples(config.data, config.format)
-    if config.val_data:
-        val_examples = load_examples(config.val_data, config.format)
-    elif str(config.data).startswith("builtin:") and config.val_fraction > 0:
-        name = str(config.data).split(":")[1]
-        val_examples = load_examples(f"builtin:{name}:validation", config.format)
-    elif config.val_fraction > 0:
-        try:
-            train_examples, val_examples = split_examples(train_examples, config.val_fraction, config.seed)
-        except ValueError:  # too few examples to hold some out: name the file
-            problem = (f"{len(train_examples)} example(s) are too few to hold out a validation split "
-                       f"(val_fraction={config.val_fraction}).")
-            fix = "add examples, or pass --val-data FILE (or set val_fraction=0)."
-            raise DataError(DataIssue(str(config.data), problem, fix)) from None
-    else:
-        val_examples = []
-    return train_examples, val_examples
+    return load_sources(config.data, config.val_data, config.val_fraction, config.format, config.columns,
+                        config.seed)
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any,
@@ -158,7 +144,7 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
         print(f"precision: {precision.reason}", flush=True)
         print(f"base_dtype: {base_dtype.reason}", flush=True)
     run_dir = config.run_dir()
-    data_record = data_fingerprint(config, examples)
+    data_record = data_sources_record(config.data, config.val_data, examples)
     replay_record = None
     if config.replay_ratio > 0:  # the base model's own answers, mixed in (tailor.train.replay)
         from tailor.train.replay import REPLAY_PROMPTS, load_replay_prompts, mix_replay, replay_examples
@@ -215,6 +201,7 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
     summary = build_summary(config, result, data_stats, trainable, total, out_dir, load_seconds, use_best)
     summary.update(planned_against_measured(config, device, summary))
     summary.update(cpu_seconds=round(cpu_seconds, 1), frozen_weight_bytes=frozen_bytes, replay=replay_record,
+                   data_sources=data_record,
                    precision=precision.as_dict(), base_dtype=base_dtype.as_dict())
     if method.spec.deliverable == "adapter":  # the adapter carries what made it (tailor_metadata.json)
         from tailor.adapters.metadata import update_metadata
@@ -261,31 +248,6 @@ def planned_against_measured(config: TrainConfig, device: str | None, summary: d
 
 METADATA_METRICS = ("final_train_loss", "final_val_loss", "best_val_loss", "best_step", "steps", "tokens",
                     "train_seconds", "tokens_per_s", "trainable_params")
-
-
-def data_fingerprint(config: TrainConfig, examples: tuple[list, list]) -> dict[str, Any]:
-    """What the run trains on: per source the sha256 of the file's bytes (what `sha256sum FILE` prints),
-    or of the examples of a built-in set; `sha256` combines the sources."""
-    import hashlib
-
-    combined, sources = hashlib.sha256(), []
-    for role, spec in (("data", config.data), ("val_data", config.val_data)):
-        if not spec:
-            continue
-        path, digest = Path(str(spec)), hashlib.sha256()
-        if path.is_file():
-            with open(path, "rb") as handle:
-                for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                    digest.update(block)
-            source = {"role": role, "path": str(path.resolve()), "bytes": path.stat().st_size}
-        else:  # builtin:...: the examples themselves (train and validation split)
-            rows = [dataclasses.asdict(e) for part in examples for e in part]
-            digest.update(json.dumps(rows, sort_keys=True, default=str).encode())
-            source = {"role": role, "spec": str(spec), "examples": len(rows)}
-        sources.append({**source, "sha256": digest.hexdigest()})
-        combined.update(f"{role}:{digest.hexdigest()};".encode())
-    return {"sha256": combined.hexdigest(), "sources": sources,
-            "examples": {"train": len(examples[0]), "validation": len(examples[1])}}
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:

@@ -1,0 +1,147 @@
+"""Read the files people hold their data in, as (number, record) pairs: JSONL or a JSON array, CSV,
+parquet, a dataset saved with Hugging Face `datasets` (`save_to_disk`), or a directory of such files.
+
+Each reader returns the records with where they came from (a line of a text file, a row of a table) and
+the problems it found, never raising on bad content; tailor.data.load turns records into Examples.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tailor.data.errors import DataIssue
+
+TEXT_SUFFIXES = (".jsonl", ".json")
+TABLE_SUFFIXES = (".csv", ".parquet")
+DATA_SUFFIXES = TEXT_SUFFIXES + TABLE_SUFFIXES
+# the files `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write beside the arrow shards
+SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+DATASETS_EXTRA = "pip install 'tailor[datasets]'"
+
+
+@dataclass
+class Records:
+    """The records of one file (or dataset): `name` is what errors call it, `unit` what numbers count."""
+
+    name: str
+    unit: str = "line"
+    records: list[tuple[int, Any]] = field(default_factory=list)
+    issues: list[DataIssue] = field(default_factory=list)
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS)
+
+
+def read_path(path: Path, split: str | None = None) -> list[Records]:
+    """The records under `path`: one file, a saved dataset (its `split`, default train), or each data
+    file of a directory in name order. Problems that concern the whole path are issues of its Records."""
+    if is_saved_dataset(path):
+        return [_read_saved_dataset(path, split)]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+        if not files:
+            return [Records(str(path), issues=[DataIssue(
+                str(path), "is a directory with no data files in it.",
+                f"put {', '.join(DATA_SUFFIXES)} files in it, or give a dataset saved with "
+                "datasets' save_to_disk, or one file.")])]
+        return [read_file(p) for p in files]
+    return [read_file(path)]
+
+
+def read_file(path: Path) -> Records:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    from tailor.data.load import read_records  # JSONL / a JSON array (any other suffix is read as JSONL)
+
+    records, issues = read_records(path)
+    return Records(str(path), "line", records, issues)
+
+
+def _read_csv(path: Path) -> Records:
+    """A CSV file with a header row; each record is numbered by the line it ends on. A `messages` cell
+    holds the conversation as JSON text."""
+    out = Records(str(path), "line")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                record: dict[str, Any] = {k: v for k, v in row.items() if k is not None}
+                if None in row:
+                    extra = len(row[None])
+                    out.issues.append(DataIssue(out.name, f"has {extra} more cell(s) than the header has "
+                                                "columns.", "quote cells that hold commas.",
+                                                line=reader.line_num))
+                    continue
+                messages = record.get("messages")
+                if isinstance(messages, str) and messages.lstrip().startswith("["):
+                    try:
+                        record["messages"] = json.loads(messages)
+                    except json.JSONDecodeError as error:
+                        out.issues.append(DataIssue(out.name, f"is not valid JSON ({error.msg}).",
+                                                    "write the conversation as a JSON array.",
+                                                    line=reader.line_num, field="messages"))
+                        continue
+                out.records.append((reader.line_num, record))
+    except UnicodeDecodeError as error:
+        out.issues.append(DataIssue(out.name, f"is not UTF-8 text ({error.reason} at byte {error.start}).",
+                                    "save the file as UTF-8 CSV."))
+    except csv.Error as error:
+        out.issues.append(DataIssue(out.name, f"is not valid CSV ({error}).", "fix the quoting of this row.",
+                                    line=reader.line_num))
+    except OSError as error:
+        out.issues.append(DataIssue(out.name, f"cannot be read ({error.strerror or error}).",
+                                    "check that the file exists and that you may read it."))
+    return out
+
+
+def _read_parquet(path: Path) -> Records:
+    out = Records(str(path), "row")
+    if importlib.util.find_spec("pyarrow") is None:
+        out.issues.append(DataIssue(out.name, "is a parquet file, and reading parquet needs pyarrow.",
+                                    DATASETS_EXTRA + " (or pip install pyarrow)."))
+        return out
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as error:
+        out.issues.append(DataIssue(out.name, f"cannot be read as parquet ({error}).",
+                                    "check the file (pyarrow.parquet.read_table must read it)."))
+        return out
+    out.records = list(enumerate(rows, start=1))
+    return out
+
+
+def _read_saved_dataset(path: Path, split: str | None) -> Records:
+    """A dataset saved with `datasets` (`save_to_disk`): a Dataset, or a DatasetDict's `split`."""
+    out = Records(str(path), "row")
+    if importlib.util.find_spec("datasets") is None:
+        out.issues.append(DataIssue(out.name, "is a dataset saved with Hugging Face datasets, which is not "
+                                    "installed.", DATASETS_EXTRA + "."))
+        return out
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        chosen = split or "train"
+        if chosen not in loaded:
+            out.issues.append(DataIssue(out.name, f"has no split {chosen!r} (it has {', '.join(loaded)}).",
+                                        "name one with split: in the data source."))
+            return out
+        loaded = loaded[chosen]
+        out.name = f"{path}[{chosen}]"
+    out.records = list(enumerate(loaded.to_list(), start=1))
+    return out
+
+
+__all__ = ["DATA_SUFFIXES", "Records", "is_saved_dataset", "read_file", "read_path"]
