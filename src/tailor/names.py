@@ -14,5 +14,9 @@ BASE_DTYPES = ("auto", "bf16", "fp32")  # the frozen base's storage dtype; tailo
 BASE_DTYPE_AT_FP32 = "fp32"
 STRATEGIES = ("ddp", "fsdp")  # how several training processes share the model (tailor.train.distributed)
 
-__all__ = ["BASE_DTYPES", "BASE_DTYPE_AT_FP32", "DEFAULT_MODEL", "PRECISIONS", "RUN_CONFIG_NAME",
-           "STRATEGIES"]
+# what a run learns (TrainConfig.objective; tailor.loss.preference): the answers, or preferences between two
+OBJECTIVES = ("sft", "dpo", "orpo")
+PREFERENCE_LOSSES = ("sigmoid", "ipo")  # DPO's loss variants
+
+__all__ = ["BASE_DTYPES", "BASE_DTYPE_AT_FP32", "DEFAULT_MODEL", "OBJECTIVES", "PRECISIONS",
+           "PREFERENCE_LOSSES", "RUN_CONFIG_NAME", "STRATEGIES"]

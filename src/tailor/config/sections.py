@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tailor.method_specs import METHODS
-from tailor.names import BASE_DTYPES, DEFAULT_MODEL, PRECISIONS, STRATEGIES
+from tailor.names import BASE_DTYPES, DEFAULT_MODEL, OBJECTIVES, PRECISIONS, PREFERENCE_LOSSES, STRATEGIES
 
 SCHEDULES = ("cosine", "linear", "constant")
 OVERFLOWS = ("truncate", "drop")
@@ -144,6 +144,9 @@ class LoraSection:
     """Modules that get an adapter: all-linear, a regex, or a list of module-name suffixes."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
+    init_adapter: str | None = None
+    """Start from this adapter (a directory) and train it on, instead of a new one; with objective dpo
+    it is also the reference (SFT first, then DPO)."""
 
     def problems(self) -> list[str]:
         c = _Checks(self)
@@ -185,6 +188,16 @@ class OptimizationSection:
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (null: no clipping)."""
 
+    objective: str = "sft"
+    """What is learned: sft (the answers, cross-entropy), dpo or orpo (which of two answers is preferred:
+    {prompt, chosen, rejected} data; `--method dpo` is LoRA with objective dpo)."""
+    beta: float = 0.1
+    """DPO's beta: how far the trained model may move from the reference (larger: less far)."""
+    preference_loss: str = "sigmoid"
+    """DPO's loss: sigmoid (the DPO paper's) or ipo."""
+    orpo_lambda: float = 0.1
+    """ORPO's weight of the odds-ratio term beside the chosen answer's cross-entropy."""
+
     def problems(self) -> list[str]:
         c = _Checks(self)
         c.choice("schedule", SCHEDULES)
@@ -196,6 +209,9 @@ class OptimizationSection:
         c.share("min_lr_ratio", closed=True)
         if any(not 0 <= b < 1 for b in self.adam_betas):
             c.problems.append(f"adam_betas: {list(self.adam_betas)!r} must both be in [0, 1)")
+        c.choice("objective", OBJECTIVES)
+        c.choice("preference_loss", PREFERENCE_LOSSES)
+        c.positive("beta", "orpo_lambda")
         return c.problems
 
 

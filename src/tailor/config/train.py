@@ -25,6 +25,9 @@ from tailor.config.sections import (
 )
 from tailor.method_specs import METHOD_SPECS
 
+# method names that are LoRA with another objective (tailor.loss.preference): `--method dpo` is lora + dpo
+PREFERENCE_METHODS = ("dpo", "orpo")
+
 
 class ConfigError(ValueError):
     """A training configuration is invalid; the message lists every problem and how to fix it."""
@@ -76,6 +79,8 @@ class TrainConfig:
         unknown = [k for k in values if k not in FIELD_SECTION]
         if unknown:
             raise TypeError(f"TrainConfig got unknown field(s) {', '.join(unknown)}")
+        if values.get("method") in PREFERENCE_METHODS:  # `--method dpo`: LoRA trained on preferences
+            values = {**values, "objective": values["method"], "method": "lora"}
         sections = sections or Sections()
         grouped: dict[str, dict[str, Any]] = {}
         for name, value in values.items():
@@ -167,6 +172,11 @@ class TrainConfig:
             p.append("replay_loss: kl runs the base model on the replayed rows of each process's own batch, "
                      "and fsdp needs every process to make the same passes; use strategy ddp or "
                      "replay_loss ce")
+        if self.objective != "sft" and self.replay_ratio > 0:
+            p.append(f"replay_ratio: replay mixes answers into supervised data, and objective "
+                     f"{self.objective} learns from preference pairs; set replay_ratio 0 (or objective sft)")
+        if self.init_adapter is not None and (full or spec is None):
+            p.append(f"init_adapter: method {self.method} trains no adapter to start from; use a LoRA method")
         if self.register is not None and full:
             p.append(f"register: method {self.method} delivers a whole model, not an adapter; the store "
                      "keeps adapters (train a LoRA method, or leave register out)")

@@ -30,10 +30,14 @@ def compute_context(device: torch.device, precision: str) -> contextlib.Abstract
 
 def collate_batch(examples: Sequence[Tokenized], pad_id: int,
                   device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded tensors (tailor.data.collate), moved to `device`."""
+    """Right-padded tensors (tailor.data.collate), moved to `device`. Preference pairs (with .chosen and
+    .rejected) become 2B rows: the B chosen, then the B rejected (tailor.loss.preference)."""
     from tailor.data import collate
 
-    batch = collate(list(examples), pad_id)
+    rows = list(examples)
+    if rows and hasattr(rows[0], "chosen"):
+        rows = [p.chosen for p in rows] + [p.rejected for p in rows]  # type: ignore[attr-defined]
+    batch = collate(rows, pad_id)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

@@ -26,6 +26,23 @@ def lora_config_for(model: nn.Module, config: TrainConfig) -> LoraConfig:
     )
 
 
+def start_adapter(model: nn.Module, config: TrainConfig) -> None:
+    """The adapter a run trains: a new one as the config shapes it, or the `init_adapter` it trains on
+    (its own shape); for DPO from a starting adapter, a frozen copy of it beside it is the reference
+    (tailor.loss.preference)."""
+    if config.init_adapter is None:
+        add_lora(model, lora_config_for(model, config))
+        return
+    from tailor.adapters import load_adapter
+    from tailor.lora import set_active_adapters
+    from tailor.loss.preference import REFERENCE_ADAPTER
+
+    load_adapter(model, config.init_adapter)
+    if config.objective == "dpo":
+        load_adapter(model, config.init_adapter, name=REFERENCE_ADAPTER)
+        set_active_adapters(model, "default")  # trainable; the reference frozen
+
+
 class LoraMethod(TrainingMethod):
     """Precision (why): in bf16 the frozen base is *stored* in bf16 (half the memory, no per-step weight
     casts); the adapter weights stay fp32 (they are the optimizer's master copy) and autocast runs their
@@ -39,7 +56,7 @@ class LoraMethod(TrainingMethod):
         bf16 = precision_for(config.precision, next(model.parameters()).device.type) == "bf16"
         if bf16 and config.base_dtype != "fp32":
             cast_weights(model, torch.bfloat16)
-        add_lora(model, lora_config_for(model, config))
+        start_adapter(model, config)
         return model
 
     def save(self, model: nn.Module, directory: Path, tokenizer: Any = None) -> Path:

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from tailor.hardware import precision_for
-from tailor.lora import add_lora
 from tailor.methods.base import cast_weights
-from tailor.methods.lora import LoraMethod, lora_config_for
+from tailor.methods.lora import LoraMethod, start_adapter
 from tailor.quant.bnb import require_bitsandbytes
 
 if TYPE_CHECKING:
@@ -79,7 +78,7 @@ class QLoraMethod(LoraMethod):
         self.quantize(model, torch.bfloat16 if bf16 else torch.float32)
         # LoRA's adapters (fp32) on the quantized layers. Not LoraMethod.adapt: its cast of every parameter
         # would turn the packed integer weights into floats.
-        add_lora(model, lora_config_for(model, config))
+        start_adapter(model, config)
         return model
 
     def attach(self, base: nn.Module, directory: Path) -> nn.Module:

@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -46,6 +46,7 @@ class StepRecord:
     seconds: float
     val_loss: float | None = None
     improved: bool = False  # val_loss is the best seen so far
+    extra: dict[str, float] = field(default_factory=dict)  # the objective's own figures (reward margin ...)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainingRun:
     last_checkpoint: Path | None = None
     final_val_loss: float | None = None
     module: nn.Module | None = None  # the training module as fit wraps it (DDP, FSDP), None: not wrapped
+    preference: Any = None  # the PreferenceLoss of a dpo/orpo run (tailor.loss.preference), else None
 
     @property
     def finished(self) -> bool:
@@ -94,10 +96,18 @@ class EvaluationHook(Hook):
         if not _due(record.step, run.config.eval_every, run.finished):
             return
         config = run.config
-        # under FSDP only the wrapped training module gathers the sharded weights for a forward
-        scored = run.module if uses_fsdp(run.module) else run.model
-        record.val_loss = validation_loss(scored, run.val_set, config.batch_size, run.pad_id,
-                                          config.precision, config.eval_batches, config.loss_chunk_size)
+        if run.preference is not None:  # held-out pairs: the preference loss, and the accuracy with it
+            from tailor.loss.preference import preference_validation
+
+            record.val_loss, figures = preference_validation(run.preference, run.val_set, config.batch_size,
+                                                             run.pad_id, config.precision,
+                                                             config.eval_batches)
+            record.extra.update({f"val_{k}": v for k, v in figures.items()})
+        else:
+            # under FSDP only the wrapped training module gathers the sharded weights for a forward
+            scored = run.module if uses_fsdp(run.module) else run.model
+            record.val_loss = validation_loss(scored, run.val_set, config.batch_size, run.pad_id,
+                                              config.precision, config.eval_batches, config.loss_chunk_size)
         state = run.state
         record.improved = record.val_loss is not None and (
             state.best_val_loss is None or record.val_loss < state.best_val_loss)
@@ -156,6 +166,7 @@ class MetricsHook(Hook):
             line["grad_norm"] = round(record.grad_norm, 6)
         if record.val_loss is not None:
             line["val_loss"] = round(record.val_loss, 6)
+        line.update({k: round(v, 6) for k, v in record.extra.items()})
         assert self._handle is not None
         self._handle.write(json.dumps(line) + "\n")
         self._handle.flush()
@@ -259,6 +270,7 @@ class TrackerHook(Hook):
             metrics["grad_norm"] = record.grad_norm
         if record.val_loss is not None:
             metrics["val_loss"] = record.val_loss
+        metrics.update(record.extra)
         self.trackers.log_metrics(metrics, record.step)
 
     def on_end(self, run: TrainingRun) -> None:

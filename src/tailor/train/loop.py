@@ -23,6 +23,7 @@ from torch import nn
 from tailor.config import TrainConfig
 from tailor.files import remove_stale_temporaries
 from tailor.loss import CausalLMLoss, Tokenized, collate_batch, compute_context, count_supervised
+from tailor.loss.preference import REFERENCE_ADAPTER, PreferenceLoss, count_pairs
 from tailor.loss.replay import replay_loss_for
 from tailor.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from tailor.train.distributed import (
@@ -116,15 +117,19 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer,
 
     loss = (sum of token CE over the micro-batches of all processes) / (their supervised tokens), so
     accumulation k x batch b, and p processes x batch b, both equal one batch of k*b (p*b) exactly.
-    DDP averages gradients over processes, hence the factor world_size in each part's scale.
+    DDP averages gradients over processes, hence the factor world_size in each part's scale. A preference
+    objective's loss is summed over pairs and divided by the pairs (tailor.loss.preference).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     device = micro_batches[0]["input_ids"].device
+    per_pair = config.objective != "sft"
     counts = torch.tensor([sum(count_supervised(b["labels"]) for b in micro_batches),
-                           sum(int(b["attention_mask"].sum()) for b in micro_batches)])
-    n_supervised, n_tokens = (int(x) for x in sum_across_processes(counts))
-    scale = world_size() / max(n_supervised, 1)
+                           sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                           sum(count_pairs(b) for b in micro_batches) if per_pair else 0])
+    n_supervised, n_tokens, n_pairs = (int(x) for x in sum_across_processes(counts))
+    divisor = n_pairs if per_pair else n_supervised
+    scale = world_size() / max(divisor, 1)
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -135,7 +140,7 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer,
                 part, _ = module(batch)
             (part * scale).backward()
         loss_sum += part.detach()
-    loss = float(sum_across_processes(loss_sum)) / max(n_supervised, 1)  # the one host sync per step
+    loss = float(sum_across_processes(loss_sum)) / max(divisor, 1)  # the one host sync per step
     grad_norm = clip_gradients(module, config.max_grad_norm) if config.max_grad_norm is not None else None
     if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -144,6 +149,24 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm, n_tokens, n_supervised
+
+
+def reference_for(model: nn.Module) -> nn.Module | str:
+    """DPO's reference for `model` as training starts: its starting adapter kept frozen beside the trained
+    one ("adapter"), the base under a new adapter ("disable"), or for full fine-tuning a frozen copy."""
+    import copy
+
+    from tailor.lora import lora_configs
+
+    adapters = lora_configs(model)
+    if REFERENCE_ADAPTER in adapters:
+        return "adapter"
+    if adapters:
+        return "disable"
+    frozen = copy.deepcopy(model).eval()
+    for parameter in frozen.parameters():
+        parameter.requires_grad_(False)
+    return frozen
 
 
 @dataclass
@@ -175,7 +198,13 @@ def fit(model: nn.Module, train_set: Sequence[Tokenized], val_set: Sequence[Toke
     warmup = warmup_steps_for(total, config.warmup_steps, config.warmup_ratio)
     numbers, data = config.sections.precision, config.sections.data
     replay = replay_loss_for(data.replay_loss)
-    module = CausalLMLoss(model, numbers.loss_chunk_size, numbers.share_prefix, replay)
+    if config.objective == "sft":
+        module: nn.Module = CausalLMLoss(model, numbers.loss_chunk_size, numbers.share_prefix, replay)
+    else:
+        reference = reference_for(model) if config.objective == "dpo" else None
+        module = PreferenceLoss(model, config.objective, config.beta, config.preference_loss,
+                                config.orpo_lambda, reference, numbers.loss_chunk_size, numbers.share_prefix)
+    preference = module if isinstance(module, PreferenceLoss) else None
     # wrapped before the optimizer is made: FSDP replaces the parameters by their shards
     module = wrap(module) if wrap else module
     optimizer = make_optimizer(model, config)
@@ -193,7 +222,7 @@ def fit(model: nn.Module, train_set: Sequence[Tokenized], val_set: Sequence[Toke
     hooks = [*(default_hooks(config, save_weights) if hooks is None else hooks), *extra_hooks]
     hooks = [h for h in hooks if is_main_process() or not h.main_process_only]
     run = TrainingRun(config, model, optimizer, state, total, run_dir, val_set, pad_id, resumed_from,
-                      last_checkpoint=resumed_from, module=module)
+                      last_checkpoint=resumed_from, module=module, preference=preference)
     pick = examples_for_this_process or share_of_batch
 
     model.train()
@@ -219,7 +248,8 @@ def fit(model: nn.Module, train_set: Sequence[Tokenized], val_set: Sequence[Toke
             state.tokens += n_tokens
             state.supervised_tokens += n_supervised
             state.elapsed += seconds
-            record = StepRecord(state.step, loss, lr, grad_norm, n_tokens, n_supervised, seconds)
+            record = StepRecord(state.step, loss, lr, grad_norm, n_tokens, n_supervised, seconds,
+                                extra=preference.metrics() if preference is not None else {})
             for hook in hooks:
                 hook.on_step(run, record)
     finally:

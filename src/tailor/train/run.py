@@ -74,8 +74,35 @@ def load_data(config: TrainConfig) -> tuple[list, list]:
     Several sources are mixed by weight (tailor.data.sources)."""
     from tailor.data.sources import load_sources
 
+    if config.objective != "sft":
+        return load_preference_data(config)
     return load_sources(config.data, config.val_data, config.val_fraction, config.format, config.columns,
                         config.seed)
+
+
+def load_preference_data(config: TrainConfig) -> tuple[list, list]:
+    """The (train, validation) preference pairs of a dpo/orpo run: validation from val_data, a builtin
+    set's validation split, or a seeded val_fraction of the data (tailor.data.preferences)."""
+    from tailor.data import DataError, DataIssue, split_examples
+    from tailor.data.preferences import load_preferences
+
+    spec = config.data if isinstance(config.data, str) else None
+    if spec is None:
+        raise DataError(DataIssue("data", f"objective {config.objective} reads one preference source (a file "
+                                  "of prompt, chosen, rejected records); several mixed are for sft."))
+    train = load_preferences(spec)
+    if config.val_data:
+        return train, load_preferences(config.val_data)
+    if spec.startswith("builtin:") and config.val_fraction > 0:
+        return train, load_preferences(f"builtin:{spec.split(':')[1]}:validation")
+    if config.val_fraction > 0:
+        try:
+            return split_examples(train, config.val_fraction, config.seed)
+        except ValueError:
+            raise DataError(DataIssue(spec, f"{len(train)} pair(s) are too few to hold out a validation "
+                                      "split.", "add pairs, or pass --val-data FILE (or set val_fraction=0).")
+                            ) from None
+    return train, []
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any,
@@ -83,10 +110,12 @@ def prepare_data(config: TrainConfig, tokenizer: Any,
     """Load (unless `examples` = load_data's result is given), split and tokenize train/validation
     examples; returns (train, val, stats)."""
     from tailor.data import tokenize_examples
+    from tailor.data.preferences import tokenize_pairs
 
+    tokenize = tokenize_examples if config.objective == "sft" else tokenize_pairs
     train_examples, val_examples = examples if examples is not None else load_data(config)
-    train_set, train_stats = tokenize_examples(train_examples, tokenizer, config.max_seq_len, config.overflow)
-    val_set, val_stats = tokenize_examples(val_examples, tokenizer, config.max_seq_len, config.overflow) \
+    train_set, train_stats = tokenize(train_examples, tokenizer, config.max_seq_len, config.overflow)
+    val_set, val_stats = tokenize(val_examples, tokenizer, config.max_seq_len, config.overflow) \
         if val_examples else ([], None)
     stats = {"train": _stats_dict(train_stats), "validation": _stats_dict(val_stats) if val_stats else None}
     return train_set, val_set, stats
@@ -118,6 +147,10 @@ def check_before_training(config: TrainConfig) -> tuple[list, list]:
     config.validate()
     get_method(config.method)
     check_run_dir(config.run_dir(), config.resume)
+    if config.init_adapter is not None:  # a wrong adapter directory is found before the model loads
+        from tailor.adapters import read_adapter_config
+
+        read_adapter_config(config.init_adapter)
     if config.replay_prompts:
         from tailor.train.replay import load_replay_prompts
 
