@@ -104,6 +104,8 @@ def eval_command(
     max_seq_len: int | None = typer.Option(None, "--max-seq-len", help="for val loss (default: the run's)"),
     retention: bool = typer.Option(True, "--retention/--no-retention", help="re-ask general prompts"),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    preferences: str | None = typer.Option(None, "--preferences", help="held-out preference pairs (file or "
+                                           "builtin:support-prefs:test): preference accuracy, base vs tuned"),
 ) -> None:
     """Base vs tuned on held-out data: task metrics, validation loss, capability retention -> eval.json."""
     from rich.console import Console
@@ -115,7 +117,7 @@ def eval_command(
         console.print(f"evaluating {run_dir or adapter} on {data}", highlight=False, markup=False)
         result = evaluate_run(run_dir, model=model, adapter=adapter, data=data, n=n, out=out,
                               max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_len=max_seq_len,
-                              retention=retention, dtype=dtype)
+                              retention=retention, dtype=dtype, preferences=preferences)
     except ValueError as error:
         fail(error)
     print_evaluation(result, console)

@@ -94,6 +94,11 @@ def print_evaluation(result: dict[str, Any], console: Any, title: str | None = N
     console.print(render_comparison(result, title=title))
     if result.get("retention"):
         console.print(render_retention(result))
+    if result.get("preferences"):
+        prefs = result["preferences"]
+        console.print(f"preference accuracy on {prefs['n']} held-out pairs ({prefs['data']}): base "
+                      f"{prefs['base']['accuracy']:.3f}, tuned {prefs['tuned']['accuracy']:.3f}",
+                      highlight=False, markup=False)
     for sample in result.get("samples", [])[:1]:
         console.print("example:", sample["prompt"], highlight=False, markup=False)
         for side in ("base", "tuned", "reference"):

@@ -22,9 +22,12 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
                  adapter: str | Path | None = None, data: str = DEFAULT_EVAL_DATA, n: int | None = None,
                  out: str | Path | None = None,
                  max_new_tokens: int = 64, batch_size: int = 16, max_seq_len: int | None = None,
-                 retention: bool = True, dtype: str = "auto") -> dict[str, Any]:
+                 retention: bool = True, dtype: str = "auto",
+                 preferences: str | None = None) -> dict[str, Any]:
     """Base vs tuned for `run_dir` (its config.yaml and adapter/ or model/), or for `adapter` alone.
 
+    With `preferences` (held-out preference pairs: a file or builtin:support-prefs:test), also each side's
+    preference accuracy (tailor.eval.preferences).
     Writes eval.json (`out`, default run_dir/eval.json) and, for a run, refreshes its report.md.
     Returns the eval.json dict (see tailor.eval.compare_base_and_tuned) plus model, adapter and data.
     """
@@ -45,6 +48,11 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
                          "or --adapter DIR.")
     base_name = model or config.get("model") or adapter_base_model(deliverable) or DEFAULT_MODEL
     examples = load_examples(data)[: n if n else None]
+    pairs = None
+    if preferences:  # bad preference data stops here, before the model loads
+        from tailor.data.preferences import load_preferences
+
+        pairs = load_preferences(preferences)[: n if n else None]
     settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, retention=retention,
                     max_seq_len=max_seq_len or int(config.get("max_seq_len") or 1024))
     target = check_output_path(Path(out) if out else (run / "eval.json" if run else Path("eval.json")))
@@ -56,6 +64,11 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
     result = compare_base_and_tuned(tuned, tokenizer, examples, **settings,
                                     base_model=None if tuned is base else base)
     result.update(model=base_name, adapter=str(deliverable), data=data)
+    if pairs is not None:
+        from tailor.eval.preferences import compare_preferences
+
+        result["preferences"] = {"data": preferences, **compare_preferences(
+            tuned, tokenizer, pairs, None if tuned is base else base, batch_size, settings["max_seq_len"])}
 
     write_eval_json(result, target)
     if run is not None and target.resolve() == (run / "eval.json").resolve():

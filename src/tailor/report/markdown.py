@@ -160,6 +160,14 @@ def render_report(run_dir: Path) -> str:
                     "General prompts the base model answers correctly, asked again with the adapter "
                     "(accuracy overall and per kind); off-task: the share answered in the task's format:", "",
                     *_table(["model", "correct", "accuracy", *kinds, "off-task"], rows), ""]
+        preferences = evaluation.get("preferences")
+        if preferences:
+            rows = [[who, _fmt(preferences[who].get("accuracy")), _fmt(preferences[who].get("mean_margin"))]
+                    for who in ("base", "tuned")]
+            out += ["## Preferences", "",
+                    f"Held-out pairs ({preferences.get('n')}, `{preferences.get('data')}`): the share where "
+                    "the model scores the preferred answer above the other (summed log-probability):", "",
+                    *_table(["model", "preference accuracy", "mean log-prob margin"], rows), ""]
         samples = evaluation.get("samples") or []
         example = evaluation.get("example") or (samples[0] if samples else None)
         if example:
