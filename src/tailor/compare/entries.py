@@ -5,7 +5,10 @@
   lora, lora-r16               LoRA (rank from the config, or 16)
   qlora, qlora-r16             LoRA on a 4-bit NF4 base (qlora-nf4-r16 is the same)
   qlora-int8, qlora-int8-r16   LoRA on an 8-bit base
+  dpo, dpo-r16, orpo-r16       LoRA trained on preference pairs alone (DPO, ORPO)
+  lora-r16+dpo                 the lora-r16 entry's adapter (SFT, named earlier) trained on with DPO
 A rank other than the config's keeps the config's alpha / r, so the update's scale stays the same.
+Preference entries train on the data's preference set: builtin:support -> builtin:support-prefs.
 """
 
 from __future__ import annotations
@@ -17,8 +20,13 @@ from typing import Any
 from tailor.method_specs import method_spec
 
 PROMPTING = ("zero-shot", "few-shot")
-_TRAINED = re.compile(r"^(?P<method>full|lora|qlora|qlora-nf4|qlora-int8)(?:-r(?P<rank>\d+))?$")
-VALID_FORMS = "zero-shot, few-shot, full, lora[-rN], qlora[-rN], qlora-nf4[-rN], qlora-int8[-rN]"
+_TRAINED = re.compile(r"^(?P<method>full|lora|qlora|qlora-nf4|qlora-int8|dpo|orpo)(?:-r(?P<rank>\d+))?"
+                      r"(?:\+(?P<then>dpo|orpo))?$")
+VALID_FORMS = ("zero-shot, few-shot, full, lora[-rN], qlora[-rN], qlora-nf4[-rN], qlora-int8[-rN], dpo[-rN], "
+               "orpo[-rN], lora[-rN]+dpo")
+# the preference set of a built-in SFT set (what a preference entry of a comparison trains on)
+PREFERENCE_SETS = {"builtin:support": "builtin:support-prefs"}
+INIT_FROM = "init_adapter_from"  # an override the runner resolves: the entry whose adapter to start from
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,23 @@ def parse_entries(text: str | list[str], base: dict[str, Any], shots: int = 3,
         if not match:
             bad.append(name)
             continue
-        method = {"qlora": "qlora-nf4"}.get(match["method"], match["method"])
+        method = {"qlora": "qlora-nf4", "dpo": "lora", "orpo": "lora"}.get(match["method"], match["method"])
         overrides: dict[str, Any] = {"method": method, **(method_overrides or {}).get(method, {})}
+        objective = match["then"] or (match["method"] if match["method"] in ("dpo", "orpo") else None)
+        if objective is not None:
+            if match["then"] and method_spec(method).trains_all_weights:
+                bad.append(name)
+                continue
+            data = ":".join(str(base.get("data") or "").split(":")[:2])  # builtin:NAME without its split
+            if data not in PREFERENCE_SETS:
+                raise ValueError(f"{name}: a preference entry trains on the data's preference set, and only "
+                                 f"{', '.join(PREFERENCE_SETS)} has one; train on your own pairs with "
+                                 "tailor train --method dpo --data PAIRS.jsonl")
+            overrides.update(objective=objective, data=PREFERENCE_SETS[data], replay_ratio=0.0,
+                             **(method_overrides or {}).get(objective, {}))
+            overrides["replay_loss"] = "ce"
+            if match["then"]:
+                overrides[INIT_FROM] = name.split("+")[0]
         if method_spec(method).trains_all_weights and base.get("replay_loss") == "kl":
             overrides["replay_loss"] = "ce"  # no frozen base under a full fine-tune to diverge from
         if match["rank"]:
@@ -63,9 +86,15 @@ def parse_entries(text: str | list[str], base: dict[str, Any], shots: int = 3,
         entries.append(CompareEntry(name, method, overrides))
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(map(repr, bad))}; valid: {VALID_FORMS}")
+    labels = [e.label for e in entries]
+    for entry in entries:
+        start = entry.overrides.get(INIT_FROM)
+        if start is not None and (start not in labels or labels.index(start) > labels.index(entry.label)):
+            raise ValueError(f"{entry.label} trains on the adapter of {start}: name {start} before it in "
+                             "--methods")
     if len({e.label for e in entries}) != len(entries):
         raise ValueError(f"--methods names a method twice: {', '.join(names)}")
     return entries
 
 
-__all__ = ["PROMPTING", "VALID_FORMS", "CompareEntry", "parse_entries"]
+__all__ = ["INIT_FROM", "PREFERENCE_SETS", "PROMPTING", "VALID_FORMS", "CompareEntry", "parse_entries"]

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tailor.compare.entries import CompareEntry
+from tailor.compare.entries import INIT_FROM, CompareEntry
 from tailor.compare.worker import RESULT_NAME
 from tailor.files import atomic_write_json, check_output_path
 from tailor.report.compare import quality, write_compare_report
@@ -57,7 +57,10 @@ def run_entries(config: dict[str, Any], entries: list[CompareEntry], out: str | 
     rows: list[dict[str, Any]] = []
     for index, entry in enumerate(entries, 1):
         folder = out / entry.label
-        job = {"entry": {"label": entry.label, "method": entry.method, "overrides": entry.overrides,
+        overrides = dict(entry.overrides)
+        if INIT_FROM in overrides:  # SFT then DPO: the earlier entry's adapter (worker.py: out/LABEL/run)
+            overrides["init_adapter"] = str(out / overrides.pop(INIT_FROM) / "run" / "adapter")
+        job = {"entry": {"label": entry.label, "method": entry.method, "overrides": overrides,
                          "shots": entry.shots},
                "config": config, "out": str(folder), "eval_data": eval_data, "eval_n": eval_n,
                "evaluate": eval_data is not None}
