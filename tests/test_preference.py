@@ -195,3 +195,17 @@ def test_compare_names_preference_entries():
         parse_entries("lora-r16+dpo,lora-r16", base)
     with pytest.raises(ValueError, match="only builtin:support has one"):
         parse_entries("dpo", {"data": "mine.jsonl"})
+
+
+def test_the_plan_counts_both_answers_and_a_full_fine_tunes_frozen_copy():
+    from tailor.plan.memory import estimate_memory
+    from tailor.plan.planner import planned_peak_gib, resolve_model, train_config_setup
+
+    sft, dpo = TrainConfig(data="p.jsonl", method="lora"), TrainConfig(data="p.jsonl", method="dpo")
+    assert train_config_setup(dpo, "cpu").batch_size == 2 * train_config_setup(sft, "cpu").batch_size
+    full, full_dpo = TrainConfig(data="p.jsonl", method="full"), TrainConfig(data="p.jsonl", method="full",
+                                                                           objective="dpo", batch_size=4)
+    arch = resolve_model(full.model)
+    weights = estimate_memory(arch, train_config_setup(full_dpo, "cpu"), "cpu")
+    expected = (weights.total + weights.frozen_weights + weights.adapter_weights) / 2**30
+    assert planned_peak_gib(full_dpo, "cpu") == pytest.approx(expected)

@@ -196,7 +196,8 @@ def train_config_setup(config: TrainConfig, device: str = "cuda") -> TrainingSet
         rank=0 if trains_all else inputs["rank"],
         lora_alpha=inputs["lora_alpha"],
         target_modules=targets if targets == "all-linear" else tuple(targets.split(",")),
-        batch_size=inputs["batch_size"],
+        # a preference objective runs the chosen and the rejected answer of each pair: twice the rows
+        batch_size=inputs["batch_size"] * (2 if config.objective != "sft" else 1),
         max_seq_len=inputs["max_seq_len"],
         gradient_checkpointing=inputs["gradient_checkpointing"],
         precision=inputs["precision"],
@@ -215,7 +216,12 @@ def planned_peak_gib(config: TrainConfig, device: str, model_config: str | None 
     default: what config.model names). None where the model's architecture cannot be planned."""
     try:
         arch = resolve_model(model_config or config.model)
-        return estimate_memory(arch, train_config_setup(config, device), device).total / GIB
+        estimate = estimate_memory(arch, train_config_setup(config, device), device)
+        # DPO over a full fine-tune keeps a frozen copy of the model as its reference (tailor.loss.preference)
+        # LoRA's reference is the same weights with the adapter off, or a second adapter (negligible)
+        copy = estimate.frozen_weights + estimate.adapter_weights if (
+            config.objective == "dpo" and method_spec(config.method).trains_all_weights) else 0.0
+        return (estimate.total + copy) / GIB
     except (PlanError, ValueError, KeyError):
         return None
 
