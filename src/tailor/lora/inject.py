@@ -218,6 +218,14 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
                 + _describe_layers(model)
             )
     parameters = _plan_parameters(model, config)
+    if config.use_dora and parameters:  # "all-linear" on an MoE model adds the experts' parameters
+        keys = [f"{path}.{name}" for path, name, _, _ in parameters]
+        raise LoraTargetError(
+            f"use_dora cannot adapt the mixture-of-experts parameters of {type(model).__name__} ({keys[:2]} "
+            f"...: target_modules 'all-linear' includes them on an MoE model; PEFT refuses DoRA there too). "
+            "List the layers to adapt in target_modules (e.g. q_proj,k_proj,v_proj,o_proj), or set use_dora "
+            "false."
+        )
     targets, unsupported = [], []
     for key, module in candidates:
         if not target_matches(config, key):
@@ -340,7 +348,8 @@ def add_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.
     try:
         for key, module, r, alpha in plan.targets:
             layer = module if isinstance(module, LoraLayer) else wrap_layer(module)
-            layer.add_adapter(name, r, alpha, plan.config.lora_dropout, plan.config.use_rslora, init)
+            layer.add_adapter(name, r, alpha, plan.config.lora_dropout, plan.config.use_rslora, init,
+                              use_dora=plan.config.use_dora)
             if layer is not module:
                 _replace_module(model, key, layer)
         for path, param_name, r, alpha in plan.parameters:

@@ -175,7 +175,7 @@ class SlottedLinear(LoraLinear):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        delta = self.lora_delta(x)
+        delta = self.lora_delta(x, result=result)
         if delta is not None:
             result = (result + delta).to(result.dtype)
         return self.slot_bank.add_to(x, result)  # each row's own adapter, for the whole batch at once
