@@ -154,7 +154,7 @@ BAD_INPUTS = {
     "corrupt safetensors": (_corrupt_weights, AdapterFormatError, "corrupt"),
     "truncated safetensors": (_truncate_weights, AdapterFormatError, "corrupt"),
     "unknown peft_type": (_set_config(peft_type="IA3"), AdapterFormatError, "peft_type is 'IA3'"),
-    "DoRA adapter": (_set_config(use_dora=True), AdapterFormatError, "use_dora"),
+    "DoRA config without magnitudes": (_set_config(use_dora=True), AdapterShapeError, "lora_magnitude_vector"),
     "bad rank": (_set_config(r=-2), AdapterFormatError, "r=-2"),
     "missing tensor": (_drop_key, AdapterShapeError, "missing from the file"),
     "targets absent from model": (_set_config(target_modules=["w_q"]), LoraTargetError, "w_q"),

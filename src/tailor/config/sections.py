@@ -135,6 +135,8 @@ class LoraSection:
     """Modules that get an adapter: all-linear, a regex, or a list of module-name suffixes."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
+    use_dora: bool = False
+    """DoRA: also train a magnitude per output row of each adapted weight (PEFT's use_dora; slower steps)."""
 
     def problems(self) -> list[str]:
         c = _Checks(self)

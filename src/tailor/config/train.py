@@ -165,6 +165,10 @@ class TrainConfig:
             p.append("replay_loss: kl runs the base model on the replayed rows of each process's own batch, "
                      "and fsdp needs every process to make the same passes; use strategy ddp or "
                      "replay_loss ce")
+        if self.use_dora and full:
+            p.append(f"use_dora: DoRA is a variant of the LoRA adapter, and method {self.method} trains "
+                     "every weight with no adapter; use method lora (or a qlora method), or leave use_dora "
+                     "out")
         if self.register is not None and full:
             p.append(f"register: method {self.method} delivers a whole model, not an adapter; the store "
                      "keeps adapters (train a LoRA method, or leave register out)")

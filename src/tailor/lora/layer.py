@@ -109,8 +109,11 @@ class LoraLayer(nn.Module):
         return name in self.lora_magnitude_vector
 
     def _forget(self, name: str) -> None:
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_magnitude_vector):
+        for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
+        if name in self.lora_magnitude_vector:  # ParameterDict.pop takes no default
+            del self.lora_magnitude_vector[name]
+        self.merged_norms.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
