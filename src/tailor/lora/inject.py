@@ -176,6 +176,13 @@ def _resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
         )
         targets = _short_names(model, dataclasses.replace(probe, modules_to_save=modules_to_save), paths)
         moe, factors = experts.moe_all_linear(model, paths)
+        if moe and config.use_dora:
+            raise LoraTargetError(
+                f"use_dora cannot adapt the mixture-of-experts parameters of {type(model).__name__} "
+                f"({moe[:2]} ...: target_modules 'all-linear' includes them on an MoE model; PEFT refuses "
+                "DoRA there too). List the layers to adapt in target_modules (e.g. q_proj,k_proj,v_proj,"
+                "o_proj), or set use_dora false."
+            )
         if moe:
             if config.layers_to_transform is not None:  # PEFT matches parameters without a layer filter
                 moe = [f"{p}.{n}" for p, n in experts.target_parameter_keys(model, moe)
@@ -218,14 +225,6 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
                 + _describe_layers(model)
             )
     parameters = _plan_parameters(model, config)
-    if config.use_dora and parameters:  # "all-linear" on an MoE model adds the experts' parameters
-        keys = [f"{path}.{name}" for path, name, _, _ in parameters]
-        raise LoraTargetError(
-            f"use_dora cannot adapt the mixture-of-experts parameters of {type(model).__name__} ({keys[:2]} "
-            f"...: target_modules 'all-linear' includes them on an MoE model; PEFT refuses DoRA there too). "
-            "List the layers to adapt in target_modules (e.g. q_proj,k_proj,v_proj,o_proj), or set use_dora "
-            "false."
-        )
     targets, unsupported = [], []
     for key, module in candidates:
         if not target_matches(config, key):

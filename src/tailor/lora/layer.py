@@ -233,8 +233,7 @@ class LoraLinear(LoraLayer):
         return total
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        a = self.lora_A[name].weight.float()
-        b = self.lora_B[name].weight.float()
+        a, b = _at_least_fp32(self.lora_A[name].weight, self.lora_B[name].weight)
         delta = (b @ a) * self.scaling[name]  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
         return delta.T if self.fan_in_fan_out else delta
 
@@ -306,9 +305,13 @@ class LoraEmbedding(LoraLayer):
         return total
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        a = self.lora_embedding_A[name].float()
-        b = self.lora_embedding_B[name].float()
+        a, b = _at_least_fp32(self.lora_embedding_A[name], self.lora_embedding_B[name])
         return ((b @ a) * self.scaling[name]).T  # (dim, num_embeddings) -> (num_embeddings, dim)
+
+
+def _at_least_fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """fp32 for the merge arithmetic, float64 kept (a float64 check of a merge must not round to fp32)."""
+    return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int]:
