@@ -131,12 +131,16 @@ def test_gradients_and_dropout_in_training_equal_pefts(case_name):
         model.train()
         torch.manual_seed(11)  # the same dropout masks: both draw them in the same order
         model(input_ids=x).logits.float().pow(2).mean().backward()
-        grads.append({n.replace(".default.weight", "").replace(".default", "").replace("base_model.model.", ""):
-                      p.grad for n, p in model.named_parameters() if p.requires_grad})
+        grads.append({_common_name(n): p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert sorted(grads[0]) == sorted(grads[1])
     assert any(k.endswith("lora_magnitude_vector") for k in grads[0])
     for key, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][key], atol=1e-6, rtol=1e-4, msg=key)
+
+
+def _common_name(name: str) -> str:
+    """PEFT's and tailor's names of one adapter parameter, made equal."""
+    return name.replace(".default.weight", "").replace(".default", "").removeprefix("base_model.model.")
 
 
 def test_dora_on_a_quantized_base_dequantizes_like_peft(tmp_path):
@@ -146,7 +150,8 @@ def test_dora_on_a_quantized_base_dequantizes_like_peft(tmp_path):
     x = make_input()
     config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": True}
     for kind in ("nf4", "int8"):
-        model = add_lora(quantize_model(tiny_llama(), kind=kind, compute_dtype=torch.float32), LoraConfig(**config))
+        base = quantize_model(tiny_llama(), kind=kind, compute_dtype=torch.float32)
+        model = add_lora(base, LoraConfig(**config))
         randomise(model)
         model.eval()
         expected = logits(model, x)
@@ -193,7 +198,8 @@ def test_merged_weight_is_pefts(tmp_path):
 
 def test_stacked_plain_and_dora_adapters_merge_like_their_forward():
     x = make_input()
-    model = add_lora(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]), "plain")
+    model = add_lora(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+                     "plain")
     add_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], use_dora=True), "dora")
     set_active_adapters(model, ["plain", "dora"])
     randomise(model)
@@ -255,7 +261,8 @@ def test_dora_in_the_slots_of_a_mixed_batch_equals_each_row_alone():
     slots = add_lora_slots(base, num_slots=2, max_rank=4)
     for slot, name in enumerate(("dora", "plain")):
         layers = {p: la for p, la in lora_layers(reference).items() if name in la.adapter_names}
-        weights = {p: (la.lora_A[name].weight, la.lora_B[name].weight, la.scaling[name]) for p, la in layers.items()}
+        weights = {p: (la.lora_A[name].weight, la.lora_B[name].weight, la.scaling[name])
+                   for p, la in layers.items()}
         magnitude = {p: la.lora_magnitude_vector[name] for p, la in layers.items() if la.uses_dora(name)}
         slots.write_prepared(slot, slots.prepare(weights, magnitude))
 
