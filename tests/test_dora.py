@@ -301,3 +301,41 @@ def test_dora_with_what_cannot_take_it_is_refused_before_any_work():
     assert not lora_layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ConfigError, match="use_dora: DoRA is a variant of the LoRA adapter, and method full"):
         TrainConfig(method="full", use_dora=True).validate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora-nf4"])
+def test_tailor_train_use_dora_saves_a_trained_dora_adapter(method, tmp_path):
+    if method.startswith("qlora"):
+        pytest.importorskip("bitsandbytes")
+    from conftest import write_arithmetic_jsonl
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+
+    model_dir = tiny_model_dir(tmp_path / "model")
+    data = write_arithmetic_jsonl(tmp_path / "train.jsonl", n=16)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--method", method,
+        "--use-dora", "--max-steps", "3", "--rank", "4", "--lora-alpha", "8", "--lr", "1e-2",
+        "--batch-size", "4", "--target-modules", "q_proj,v_proj", "--set", "num_threads=1",
+        "--set", "progress=false", "--set", "precision=fp32"])
+    assert result.exit_code == 0, result.output
+    assert read_adapter_config(out / "adapter").use_dora
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    magnitude_keys = [k for k in weights if k.endswith("lora_magnitude_vector")]
+    assert len(magnitude_keys) == 4  # q_proj and v_proj of two layers
+    for key in magnitude_keys:
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector")
+        weight = base[f"{module}.weight"].float()
+        if method == "qlora-nf4":  # the weight the adapter saw: quantized from fp32 (precision fp32)
+            from tailor.quant.bnb import dequantized_weight, quantized_linear
+
+            weight = dequantized_weight(quantized_linear(weight, None, "nf4", torch.float32), torch.float32)
+        start = weight.norm(dim=1)  # m at creation: ||W|| per row (B = 0)
+        assert (weights[key] - start).abs().max().item() > 1e-3, key  # trained
+        assert weights[key.replace("lora_magnitude_vector", "lora_B.weight")].abs().max().item() > 0
