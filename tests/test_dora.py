@@ -6,6 +6,7 @@ each check also asserts the adapter changes the output, so it can fail.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -339,3 +340,29 @@ def test_tailor_train_use_dora_saves_a_trained_dora_adapter(method, tmp_path):
         start = weight.norm(dim=1)  # m at creation: ||W|| per row (B = 0)
         assert (weights[key] - start).abs().max().item() > 1e-3, key  # trained
         assert weights[key.replace("lora_magnitude_vector", "lora_B.weight")].abs().max().item() > 0
+
+
+def test_the_norm_kept_between_inference_forwards_follows_changed_weights():
+    """Eval mode without gradient keeps ||W + s B A|| per layer; a changed A, B or W is seen at once."""
+    x = make_input()
+    model = add_lora(build(CASES["llama-qv"]), LoraConfig(**dora("llama-qv")))
+    randomise(model)
+    model.eval()
+
+    def fresh() -> torch.Tensor:  # a copy, with gradient enabled: nothing kept, computed from scratch
+        return copy.deepcopy(model)(input_ids=x).logits.detach()
+
+    with torch.no_grad():
+        first = model(input_ids=x).logits
+        assert all(layer._norm_cache for layer in lora_layers(model).values())
+        assert torch.equal(model(input_ids=x).logits, first)
+    torch.testing.assert_close(first, fresh(), atol=0, rtol=0)
+    for change in ("lora_B", "lora_A", "base_layer.weight"):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if change in name and "q_proj" in name:
+                    p.mul_(1.5)  # in place: same storage, a new version
+            changed = model(input_ids=x).logits
+        assert (changed - first).abs().max().item() > 1e-4, change
+        torch.testing.assert_close(changed, fresh(), atol=0, rtol=0, msg=change)
+        first = changed

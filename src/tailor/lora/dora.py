@@ -78,18 +78,23 @@ def new_magnitude(weight: torch.Tensor, delta: torch.Tensor, transposed: bool,
     return nn.Parameter(row_norm(weight, delta, transposed).to(dtype))
 
 
+def linear_norm(base_layer: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                fan_in_fan_out: bool) -> torch.Tensor:
+    """``||W + s B A||`` per output row of a Linear / Conv1D layer (d_out,), fp32 at least, no gradient:
+    a constant for the gradient (DoRA 4.3), so no graph through the d_out x d_in sum."""
+    with torch.no_grad():
+        delta = _product(b, a) * scaling  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
+        return row_norm(base_weight(base_layer), delta.T if fan_in_fan_out else delta, fan_in_fan_out)
+
+
 def linear_term(x: torch.Tensor, result: torch.Tensor, *, a: torch.Tensor, b: torch.Tensor,
-                dropout: nn.Module, scaling: float, magnitude: torch.Tensor, base_layer: nn.Module,
-                fan_in_fan_out: bool, training: bool) -> torch.Tensor:
+                dropout: nn.Module, scaling: float, magnitude: torch.Tensor, norm: torch.Tensor,
+                base_layer: nn.Module, fan_in_fan_out: bool, training: bool) -> torch.Tensor:
     """What DoRA adds to `result` (the output so far) for one adapter of a Linear / Conv1D layer.
 
-    x (..., d_in) in the adapter's compute dtype; a (r, d_in); b (d_out, r); magnitude (d_out,).
-    Returns ``(g - 1) * (W x) + g * s B A x`` (..., d_out), with g = m / ||W + s B A|| (detached).
+    x (..., d_in) in the adapter's compute dtype; a (r, d_in); b (d_out, r); magnitude (d_out,); norm
+    (d_out,): `linear_norm`'s. Returns ``(g - 1) * (W x) + g * s B A x`` (..., d_out), g = m / norm.
     """
-    weight = base_weight(base_layer)
-    with torch.no_grad():  # the norm is a constant (DoRA 4.3): no graph through the d_out x d_in product
-        delta = _product(b, a) * scaling  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
-        norm = row_norm(weight, delta.T if fan_in_fan_out else delta, fan_in_fan_out)
     # (d_out,), broadcast over (..., d_out); kept in fp32 under autocast as PEFT does: g - 1 is small, and
     # rounding g to bf16 would scale W x by up to 0.4 % error
     gain = magnitude / norm
@@ -98,7 +103,7 @@ def linear_term(x: torch.Tensor, result: torch.Tensor, *, a: torch.Tensor, b: to
         base_out = result if bias is None else result - bias  # W x, from the base call already made
     else:
         x = dropout(x)  # PEFT: the dropped-out x feeds W x too, so W x is computed again
-        w = weight.to(x.dtype)
+        w = base_weight(base_layer).to(x.dtype)
         base_out = F.linear(x, w.T if fan_in_fan_out else w)
     lora_out = F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))  # (..., d_in) -> (..., r) -> (..., d_out)
     return (gain - 1) * base_out + gain * lora_out * scaling
@@ -137,5 +142,5 @@ def unmerged_weight(merged: torch.Tensor, delta: torch.Tensor, magnitude: torch.
     return merged.to(norm.dtype) / gain - delta.to(norm.dtype)
 
 
-__all__ = ["base_weight", "embedding_term", "linear_term", "new_magnitude",
+__all__ = ["base_weight", "embedding_term", "linear_norm", "linear_term", "new_magnitude",
            "register_dequantizer", "row_norm", "unmerged_weight"]

@@ -84,6 +84,8 @@ class LoraLayer(nn.Module):
         self.lora_magnitude_vector = nn.ParameterDict()
         # {adapter: ||W + s B A|| per row} of merged DoRA adapters: unmerging needs the norm of the unmerged W
         self.merged_norms: dict[str, torch.Tensor] = {}
+        # {adapter: (what it was computed from, ||W + s B A||)}: DoRA's norm kept between inference forwards
+        self._norm_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
 
     def __getattr__(self, name: str):
         try:
@@ -114,6 +116,7 @@ class LoraLayer(nn.Module):
         if name in self.lora_magnitude_vector:  # ParameterDict.pop takes no default
             del self.lora_magnitude_vector[name]
         self.merged_norms.pop(name, None)
+        self._norm_cache.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
@@ -217,8 +220,8 @@ class LoraLinear(LoraLayer):
                 term = dora.linear_term(
                     x.to(compute_dtype or a.dtype), self._so_far(name, result, total), a=a, b=b,
                     dropout=self.lora_dropout[name], scaling=self.scaling[name],
-                    magnitude=self.lora_magnitude_vector[name], base_layer=self.base_layer,
-                    fan_in_fan_out=self.fan_in_fan_out, training=self.training)
+                    magnitude=self.lora_magnitude_vector[name], norm=self._dora_norm(name, a, b),
+                    base_layer=self.base_layer, fan_in_fan_out=self.fan_in_fan_out, training=self.training)
                 total = term if total is None else total + term
                 continue
             if compute_dtype is not None:
@@ -231,6 +234,22 @@ class LoraLinear(LoraLayer):
             term = lora_term(self.lora_dropout[name](x_in), a, b, self.scaling[name])
             total = term if total is None else total + term
         return total
+
+    def _dora_norm(self, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """DoRA's ``||W + s B A||`` for adapter `name`. In training it is computed in every forward, as PEFT
+        does; at inference (eval mode, no gradient: generation, evaluation) it is kept while A, B and W are
+        unchanged (same storage, same version counter): a decode step would otherwise form W + s B A in
+        every layer for one token."""
+        weight = self.base_layer.weight
+        if self.training or torch.is_grad_enabled() or any(map(torch.is_inference, (a, b, weight))):
+            self._norm_cache.pop(name, None)  # (inference tensors have no version counter to key on)
+            return dora.linear_norm(self.base_layer, a, b, self.scaling[name], self.fan_in_fan_out)
+        key = (a.data_ptr(), a._version, b.data_ptr(), b._version, weight.data_ptr(), weight._version)
+        cached = self._norm_cache.get(name)
+        if cached is None or cached[0] != key:
+            norm = dora.linear_norm(self.base_layer, a, b, self.scaling[name], self.fan_in_fan_out)
+            cached = self._norm_cache[name] = (key, norm)
+        return cached[1]
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = _at_least_fp32(self.lora_A[name].weight, self.lora_B[name].weight)
