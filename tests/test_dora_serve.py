@@ -4,6 +4,7 @@ and in one batch beside a plain LoRA adapter and the bare base (a real server an
 from __future__ import annotations
 
 import asyncio
+import shutil
 import warnings
 
 import openai
@@ -81,3 +82,30 @@ def test_a_dora_adapter_serves_pefts_answers_alone_and_in_a_mixed_batch(files, o
     for answer, name, prompt in zip(mixed, names, prompts, strict=True):
         reference = peft_answer(model_dir, None if name is None else root / name, prompt, 10)
         assert answer.choices[0].text == reference, name
+
+
+def test_dora_adapters_the_slots_cannot_hold_are_refused(files, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tailor.lora import add_lora_slots
+    from tailor.serve.adapters import AdapterRefusedError, read_for_slots
+
+    model_dir, root = files
+    slots = add_lora_slots(AutoModelForCausalLM.from_pretrained(model_dir), num_slots=1, max_rank=4)
+    prepared, rank = read_for_slots(root / "dora", slots)
+    assert rank == 4 and all(len(tensors) == 3 for tensors in prepared.values())  # A^T, g * s B^T, g - 1
+
+    broken = tmp_path / "broken"  # a magnitude dropped from the file
+    shutil.copytree(root / "dora", broken)
+    weights = load_file(broken / "adapter_model.safetensors")
+    dropped = next(k for k in sorted(weights) if k.endswith("lora_magnitude_vector"))
+    del weights[dropped]
+    save_file(weights, broken / "adapter_model.safetensors")
+    with pytest.raises(AdapterRefusedError, match="without lora_magnitude_vector"):
+        read_for_slots(broken, slots)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)  # DoRA on the embeddings: not a slot's
+    add_lora(model, LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], use_dora=True))
+    save_adapter(model, tmp_path / "embedding")
+    with pytest.raises(AdapterRefusedError, match="lora_embedding_A"):
+        read_for_slots(tmp_path / "embedding", slots)

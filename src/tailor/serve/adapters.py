@@ -144,6 +144,10 @@ def read_for_slots(directory: Path, slots: LoraSlots) -> tuple[dict, int]:
     if incomplete or not halves:
         raise AdapterRefusedError(f"{directory}: lora_A/lora_B pairs are incomplete for {incomplete[:3]} "
                                   "(or there are none); save the adapter again.")
+    unscaled = sorted(set(halves) - set(magnitudes)) if config.use_dora else []
+    if unscaled:
+        raise AdapterRefusedError(f"{directory}: a DoRA adapter (use_dora) without lora_magnitude_vector for "
+                                  f"{unscaled[:3]}; save the adapter again.")
     weights, rank = slots.adapter_weights(config, halves)  # MoE parameters: PEFT's paths -> their keys
     try:
         prepared = slots.prepare(weights, magnitudes)  # checked, transposed, scaled: a slot write copies
