@@ -304,6 +304,19 @@ def test_dora_with_what_cannot_take_it_is_refused_before_any_work():
         TrainConfig(method="full", use_dora=True).validate()
 
 
+def test_tailor_train_refuses_dora_with_method_full_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--method", "full", "--use-dora", "--data", "builtin:support",
+                                      "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "use_dora" in result.output and "use method lora" in result.output
+    assert not out.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora-nf4"])
 def test_tailor_train_use_dora_saves_a_trained_dora_adapter(method, tmp_path):
