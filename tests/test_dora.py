@@ -379,3 +379,35 @@ def test_the_norm_kept_between_inference_forwards_follows_changed_weights():
         assert (changed - first).abs().max().item() > 1e-4, change
         torch.testing.assert_close(changed, fresh(), atol=0, rtol=0, msg=change)
         first = changed
+
+
+@pytest.mark.slow
+def test_compare_trains_dora_beside_lora(tmp_path):
+    import json
+
+    from conftest import write_arithmetic_jsonl
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+
+    model = tiny_model_dir(tmp_path / "model")
+    data = write_arithmetic_jsonl(tmp_path / "train.jsonl", n=16)
+    val = write_arithmetic_jsonl(tmp_path / "val.jsonl", n=4, offset=100)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {model}\ndata: {data}\nval_data: {val}\nmax_steps: 2\nbatch_size: 4\nrank: 4\n"
+                      "lora_alpha: 8\nlr: 1.0e-3\nnum_threads: 1\nmax_seq_len: 64\n")
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["compare", str(config), "--methods", "lora-r2,dora-r2",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row["method"]: row for row in json.loads((out / "compare.json").read_text())["methods"]}
+    assert list(rows) == ["lora-r2", "dora-r2"] and all(row.get("error") is None for row in rows.values())
+    dora_adapter = read_adapter_config(out / "dora-r2" / "run" / "adapter")
+    assert dora_adapter.use_dora and dora_adapter.r == 2
+    assert not read_adapter_config(out / "lora-r2" / "run" / "adapter").use_dora
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules="all-linear",
+                                                                      use_dora=True))
+    assert rows["dora-r2"]["trainable_params"] == reference.get_nb_trainable_parameters()[0]
+    assert rows["dora-r2"]["trainable_params"] > rows["lora-r2"]["trainable_params"]  # + the magnitudes
