@@ -411,3 +411,47 @@ def test_compare_trains_dora_beside_lora(tmp_path):
                                                                       use_dora=True))
     assert rows["dora-r2"]["trainable_params"] == reference.get_nb_trainable_parameters()[0]
     assert rows["dora-r2"]["trainable_params"] > rows["lora-r2"]["trainable_params"]  # + the magnitudes
+
+
+@pytest.mark.slow
+def test_a_dora_run_killed_and_resumed_ends_at_the_uninterrupted_adapter(tmp_path):
+    """The magnitudes and their optimizer state are in the checkpoint: SIGKILL, --resume, same adapter."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import write_arithmetic_jsonl
+    from safetensors.torch import load_file
+
+    from tailor.train.checkpoint import list_checkpoints
+
+    model_dir = tiny_model_dir(tmp_path / "model")
+    data = write_arithmetic_jsonl(tmp_path / "train.jsonl", n=32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+    def command(out, *extra):  # dropout > 0: the restored RNG state matters too
+        return [sys.executable, "-m", "tailor.cli", "train", "--model", str(model_dir), "--data", str(data),
+                "--out", str(out), "--max-steps", "40", "--batch-size", "4", "--rank", "4", "--lora-alpha",
+                "8", "--lr", "3e-3", "--save-every", "10", "--use-dora", "--set", "lora_dropout=0.1",
+                "--set", "num_threads=1", "--set", "progress=false", *extra]
+
+    subprocess.run(command(tmp_path / "reference"), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(killed / "checkpoints"):
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint to interrupt"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "adapter").exists()
+    result = subprocess.run(command(killed, "--resume"), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    ours = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    theirs = load_file(str(tmp_path / "reference" / "adapter" / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and any(k.endswith("lora_magnitude_vector") for k in ours)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
