@@ -133,6 +133,17 @@ def _product(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return b.to(dtype) @ a.to(dtype)
 
 
+def merged_weight(merged: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
+                  transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g * (merged + delta)``, g = m / ||base + delta|| per row (PEFT's merge: the norm is the unmerged
+    base weight's, as the forward takes it, even when other adapters are merged already), and that norm,
+    which unmerging needs. fp32 at least; all in the stored layout."""
+    norm = row_norm(base, delta, transposed)
+    gain = magnitude.to(norm.dtype) / norm
+    gain = gain.view(1, -1) if transposed else gain.view(-1, 1)
+    return gain * (merged.to(norm.dtype) + delta.to(norm.dtype)), norm
+
+
 def unmerged_weight(merged: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
                     transposed: bool) -> torch.Tensor:
     """W again from a merged ``g * (W + delta)``, g = m / norm, with the norm of the unmerged W kept at merge
@@ -142,5 +153,5 @@ def unmerged_weight(merged: torch.Tensor, delta: torch.Tensor, magnitude: torch.
     return merged.to(norm.dtype) / gain - delta.to(norm.dtype)
 
 
-__all__ = ["base_weight", "embedding_term", "linear_norm", "linear_term", "new_magnitude",
+__all__ = ["base_weight", "embedding_term", "linear_norm", "linear_term", "merged_weight", "new_magnitude",
            "register_dequantizer", "row_norm", "unmerged_weight"]

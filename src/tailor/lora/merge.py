@@ -38,10 +38,8 @@ def _merged_weights(layer: LoraLayer, names: list[str]) -> tuple[torch.Tensor, d
     for name in names:
         delta = layer.delta_weight(name).to(weight.device)
         if layer.uses_dora(name):
-            norm = dora.row_norm(unmerged, delta, _transposed(layer))
-            gain = layer.lora_magnitude_vector[name].to(norm.dtype) / norm
-            gain = gain.view(1, -1) if _transposed(layer) else gain.view(-1, 1)
-            merged, norms[name] = gain * (merged + delta), norm
+            magnitude = layer.lora_magnitude_vector[name]
+            merged, norms[name] = dora.merged_weight(merged, unmerged, delta, magnitude, _transposed(layer))
         else:
             merged = merged + delta
     return merged.to(weight.dtype), norms

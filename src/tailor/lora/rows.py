@@ -348,10 +348,9 @@ class LoraSlots:
     def _dora_gain(layer: LoraLinear, a: torch.Tensor, b: torch.Tensor, scaling: float,
                    magnitude: torch.Tensor) -> torch.Tensor:
         """g = m / ||W + scaling B A|| per output row (fp32), W the layer's (dequantized) base weight."""
-        weight = dora.base_weight(layer.base_layer)
-        delta = (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)) * scaling
-        norm = dora.row_norm(weight, delta.T if layer.fan_in_fan_out else delta, layer.fan_in_fan_out)
-        return magnitude.to(norm.device, torch.float32) / norm
+        device = layer.base_layer.weight.device
+        norm = dora.linear_norm(layer.base_layer, a.to(device), b.to(device), scaling, layer.fan_in_fan_out)
+        return magnitude.to(device, torch.float32) / norm
 
     @torch.no_grad()
     def write(self, slot: int, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
