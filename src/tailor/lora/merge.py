@@ -52,7 +52,9 @@ def _to_merge(layer: LoraLayer, adapter_names: list[str] | None) -> list[str]:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module, safe: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-    """Add ``B A * scaling`` of the active (or given) adapters into each base weight, in fp32.
+    """Add ``B A * scaling`` of the active (or given) adapters into each base weight, in fp32 (a DoRA
+    adapter: ``W -> m / ||W + s B A|| * (W + s B A)``; DoRA adapters merge in one call, into unmerged
+    weights).
 
     The layers then skip those adapters' branch, so outputs stay the same up to rounding.
     With ``safe=True`` every merged weight is checked first and nothing changes if any value is
@@ -60,7 +62,8 @@ def merge_lora(model: nn.Module, safe: bool = False, adapter_names: list[str] | 
 
     Raises:
         UnsafeMergeError: safe merge found non-finite values (model untouched).
-        ValueError: a base weight is not a float tensor (a quantized layer; model untouched).
+        ValueError: a base weight is not a float tensor (a quantized layer; model untouched), or a DoRA
+            adapter would merge into a weight that holds merged adapters already (model untouched).
     """
     layers = lora_layers(model)
     for key, layer in layers.items():
