@@ -16,6 +16,10 @@ own subprocess so that peak memory does not mix:
     tailor-no-prefix-sharing   the same with share_prefix=False (what running a shared prompt prefix
                         once per batch buys; an ablation)
     tailor-full         tailor.train.fit with method=full (reference: every weight trained)
+    tailor-dora         tailor with use_dora (DoRA: a trained magnitude per output row; its step time
+                        against tailor's LoRA is the price of DoRA)
+    peft-dora           PEFT with use_dora=True + the plain loop, in the precision tailor runs here
+                        (autocast bf16 where bf16 is native, else fp32): DoRA's price in PEFT, beside it
     peft-same-batches   the fastest PEFT configuration again, on tailor's length-grouped batches: the
                         like-for-like reference for the loss (runs after the others)
 
@@ -80,8 +84,9 @@ from _shared import (  # noqa: E402
 PEFT_CONFIGS = ("peft-fp32", "peft-autocast-bf16", "peft-bf16")
 BF16_PEFT_CONFIGS = ("peft-autocast-bf16", "peft-bf16")  # left out by default where bf16 is not native
 TAILOR_CONFIGS = ("tailor", "tailor-no-prefix-sharing", "tailor-full")
+DORA_CONFIGS = ("tailor-dora", "peft-dora")  # not candidates for "PEFT best" (that is plain LoRA's)
 SAME_BATCHES = "peft-same-batches"
-ALL_CONFIGS = PEFT_CONFIGS + TAILOR_CONFIGS + (SAME_BATCHES,)
+ALL_CONFIGS = PEFT_CONFIGS + TAILOR_CONFIGS + DORA_CONFIGS + (SAME_BATCHES,)
 GOAL = {"ratio_vs_peft_best": 3.0, "eval_loss_gap": 0.02, "peak_rss_ratio": 1.0}  # from the speed issue
 RESULT_MARKER = "TRAIN_THROUGHPUT_RESULT "
 
@@ -233,13 +238,14 @@ def run_peft(args: argparse.Namespace, name: str, device: str) -> dict[str, Any]
     model, tokenizer = load_model(args.model, dtype=torch.float32, device=device)
     train_set, eval_set = load_data(args, tokenizer)
     seed_everything(args.seed)  # same adapter init as tailor's train() (it reseeds after data prep)
-    variant = args.same_batches_variant if name == SAME_BATCHES else name
+    dora_variant = "peft-autocast-bf16" if config.precision == "bf16" else "peft-fp32"  # tailor's precision
+    variant = {SAME_BATCHES: args.same_batches_variant, "peft-dora": dora_variant}.get(name, name)
     if variant == "peft-bf16":
         model.to(torch.bfloat16)
     model.config.use_cache = False
     model = get_peft_model(model, PeftLoraConfig(
         r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-        task_type="CAUSAL_LM"))
+        task_type="CAUSAL_LM", use_dora=name == "peft-dora"))
     model.train()
     optimizer = make_optimizer(model, config)
     autocast = variant == "peft-autocast-bf16"
@@ -316,6 +322,8 @@ def run_tailor(args: argparse.Namespace, name: str, device: str) -> dict[str, An
     method = "full" if name == "tailor-full" else "lora"
     run_dir = tempfile.mkdtemp(prefix=f"tt-{name}-")
     config = train_config(args, method, device, run_dir, share_prefix=name != "tailor-no-prefix-sharing")
+    if name == "tailor-dora":
+        config = config.replace(use_dora=True)
     seed_everything(args.seed)
     model, tokenizer = load_model(args.model, dtype=torch.float32, device=device)
     train_set, eval_set = load_data(args, tokenizer)
@@ -371,7 +379,7 @@ def child_main(args: argparse.Namespace) -> None:
     import torch
 
     started = time.perf_counter()
-    runner = run_peft if args.child in (*PEFT_CONFIGS, SAME_BATCHES) else run_tailor
+    runner = run_peft if args.child in (*PEFT_CONFIGS, "peft-dora", SAME_BATCHES) else run_tailor
     try:
         result = runner(args, args.child, device)
         result["status"] = "ok"
@@ -469,6 +477,11 @@ def compare(results: dict[str, dict[str, Any]], peak_tflops: float,
             out["ratio_vs_peft_same_batches"] = ratio("tokens_per_s", same)
         if "tailor-no-prefix-sharing" in ok:
             out["prefix_sharing_speedup"] = ratio("tokens_per_s", ok["tailor-no-prefix-sharing"])
+        if "tailor-dora" in ok:  # DoRA's step time over LoRA's, each in its own library
+            out["dora_step_time_vs_lora"] = round(ok["tailor-dora"]["s_per_step"] / tailor["s_per_step"], 4)
+            if "peft-dora" in ok:
+                out["tailor_dora_vs_peft_dora"] = round(ok["tailor-dora"]["tokens_per_s"]
+                                                        / ok["peft-dora"]["tokens_per_s"], 4)
         gap = out.get("eval_loss_gap_vs_peft_same_batches", out["eval_loss_gap_vs_peft_best"])
         out["goal"] = {
             "tokens_per_s": out["ratio_vs_peft_best"] >= GOAL["ratio_vs_peft_best"],
@@ -478,6 +491,9 @@ def compare(results: dict[str, dict[str, Any]], peak_tflops: float,
         }
         out["tailor_fraction_of_peak"] = tailor["fraction_of_peak"]
         out["tailor_fraction_of_peak_per_cpu_s"] = tailor.get("fraction_of_peak_per_cpu_s")
+    peft_lora = ok.get(results.get("peft-dora", {}).get("variant"))  # PEFT's LoRA in the same precision
+    if "peft-dora" in ok and peft_lora:
+        out["peft_dora_step_time_vs_lora"] = round(ok["peft-dora"]["s_per_step"] / peft_lora["s_per_step"], 4)
     return out
 
 
@@ -574,6 +590,14 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     if summary.get("prefix_sharing_speedup") is not None:
         print(f"shared prefix once per batch: {summary['prefix_sharing_speedup']:.2f}x tokens/s "
               "(tailor vs tailor-no-prefix-sharing)")
+    if summary.get("dora_step_time_vs_lora") is not None:
+        line = f"DoRA step time / LoRA step time: tailor {summary['dora_step_time_vs_lora']:.2f}x"
+        if summary.get("peft_dora_step_time_vs_lora") is not None:
+            line += (f", PEFT {summary['peft_dora_step_time_vs_lora']:.2f}x "
+                     f"({report['configs']['peft-dora']['variant']})")
+        if summary.get("tailor_dora_vs_peft_dora") is not None:
+            line += f"; tailor-dora / peft-dora tokens/s {summary['tailor_dora_vs_peft_dora']:.2f}x"
+        print(line)
     if summary.get("goal"):
         goal = summary["goal"]
         print("goal (>= 3x PEFT best, loss within 2%, RSS <= PEFT best): "

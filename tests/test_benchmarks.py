@@ -98,6 +98,20 @@ def test_loss_goal_uses_peft_on_the_same_batches_when_present(bench):
                                "loss_compared_with": "peft-same-batches"}
 
 
+def test_dora_rows_are_compared_with_lora_in_the_same_library(bench):
+    def ok(tps, step, **extra):
+        return {"status": "ok", "tokens_per_s": tps, "s_per_step": step, "eval_loss": 1.0,
+                "peak_rss_mib": 100, "flops_per_token": 1e9, **extra}
+
+    results = {"peft-fp32": ok(100, 2.0), "peft-autocast-bf16": ok(120, 1.6), "tailor": ok(400, 0.5),
+               "tailor-dora": ok(320, 0.6), "peft-dora": ok(80, 2.4, variant="peft-fp32")}
+    summary = bench.compare(results, peak_tflops=1.0)
+    assert summary["peft_best"] == "peft-autocast-bf16"  # PEFT's DoRA is not a candidate for PEFT best
+    assert summary["dora_step_time_vs_lora"] == pytest.approx(1.2)
+    assert summary["peft_dora_step_time_vs_lora"] == pytest.approx(1.2)  # against peft-fp32, its precision
+    assert summary["tailor_dora_vs_peft_dora"] == pytest.approx(4.0)
+
+
 def test_unknown_configuration_is_refused(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--configs", "peft-fp32,tailr"])
@@ -170,6 +184,7 @@ def test_two_steps_of_each_configuration_on_a_tiny_model(bench, tmp_path):
         assert math.isfinite(result["eval_loss"]) and math.isfinite(result["last_train_loss"])
     assert report["peft_best"] in bench.PEFT_CONFIGS
     assert report["ratio_vs_peft_best"] > 0
+    assert report["dora_step_time_vs_lora"] > 0 and report["peft_dora_step_time_vs_lora"] > 0
     assert report["matmul_tflops"]["bf16"] > 0
     # same init, same recipe, 3 tiny steps: LoRA losses agree closely between PEFT and tailor
     assert abs(report["eval_loss_gap_vs_peft_fp32"]) < 0.02

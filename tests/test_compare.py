@@ -28,13 +28,19 @@ def test_method_names_and_rank_scaling():
     assert by["qlora-r8"].overrides == {"method": "qlora-nf4", "rank": 8, "lora_alpha": 16.0}
     assert by["qlora-int8"].overrides == {"method": "qlora-int8"}
 
+    # DoRA is LoRA with use_dora, its rank scaled like LoRA's
+    by = {e.label: e for e in parse_entries("lora-r16,dora,dora-r8", {"rank": 16, "lora_alpha": 32})}
+    assert by["dora"].method == "lora" and by["dora"].overrides == {"method": "lora", "use_dora": True}
+    assert by["dora-r8"].overrides == {"method": "lora", "use_dora": True, "rank": 8, "lora_alpha": 16.0}
+    assert "use_dora" not in by["lora-r16"].overrides
+
     # a full fine-tune has no frozen base to hold replayed answers to: it replays them with ce
     entries = parse_entries("full,lora", {"replay_ratio": 0.4, "replay_loss": "kl"})
     kl = {e.label: e.overrides for e in entries}
     assert kl == {"full": {"method": "full", "replay_loss": "ce"}, "lora": {"method": "lora"}}
 
 
-@pytest.mark.parametrize("text", ["lora-r", "dora", "full-r8", "lora,lora"])
+@pytest.mark.parametrize("text", ["lora-r", "vera", "full-r8", "lora,lora", "dora,dora-r16,dora"])
 def test_unknown_or_repeated_method_lists_valid_names(text):
     with pytest.raises(ValueError, match="zero-shot, few-shot, full|twice"):
         parse_entries(text, {})

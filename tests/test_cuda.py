@@ -77,6 +77,54 @@ def test_lora_layer_forward_and_backward_on_the_device_equal_cpu_fp32():
         close_in_bf16(a, e, name)
 
 
+def test_dora_on_the_device_equals_cpu_fp32_and_pefts_dora_on_an_nf4_base(tmp_path):
+    """DoRA (use_dora): its layer under bf16 on the device against fp32 on the CPU; on an NF4 base on the
+    device, the model's logits against PEFT's DoRA loading the same adapter onto the same base."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from tailor.adapters import load_adapter, save_adapter
+    from tailor.lora import LoraConfig, add_lora, lora_layers
+    from tailor.quant import quantize_model
+
+    config = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "use_dora": True}
+    model = add_lora(llama64(), LoraConfig(**config))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B that does something (it starts at zero), magnitudes off their start
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=generator)
+                p.copy_(p * (1 + 0.3 * noise) if "lora_magnitude_vector" in name else noise * 0.3)
+    layer = lora_layers(model)["model.layers.0.mlp.up_proj"]
+    x, grad_out = torch.randn(3, 7, 64), torch.randn(3, 7, 128)
+
+    def run(module, x, grad_out):
+        x = x.clone().requires_grad_(True)
+        module(x).backward(grad_out)
+        return [x.grad] + [p.grad for p in module.adapter_parameters("default")]
+
+    expected = run(layer, x, grad_out)  # CPU, fp32
+    on_device = copy.deepcopy(layer).to(DEVICE)
+    on_device.base_layer.to(torch.bfloat16)  # the frozen base in bf16, the adapter in fp32: how tailor trains
+    actual = run(on_device, x.to(DEVICE, torch.bfloat16), grad_out.to(DEVICE, torch.bfloat16))
+    for name, a, e in zip(("input", "lora_A", "lora_B", "magnitude"), actual, expected, strict=True):
+        close_in_bf16(a, e, f"DoRA {name} grad")
+
+    save_adapter(model, tmp_path / "dora")
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ours = quantize_model(llama64().to(DEVICE), "nf4", compute_dtype=torch.float32)
+    load_adapter(ours, tmp_path / "dora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = quantize_model(llama64().to(DEVICE), "nf4", compute_dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "dora").eval()
+    with torch.no_grad():
+        got, want = ours.eval()(ids).logits, theirs(input_ids=ids).logits
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 1e-4 * scale, "NF4 DoRA logits against PEFT's"
+
+
 def test_nf4_loading_equals_transformers_and_bitsandbytes(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -124,9 +124,13 @@ def _read_parent(path: Path, weight: float, ref: str | None) -> Parent:
                         "updates: they cannot be weighted and summed exactly)")
     if config.bias != "none":
         problems.append(f"bias={config.bias!r} (trained biases are not low-rank updates)")
+    if config.use_dora:
+        problems.append("use_dora=true (a DoRA adapter rescales each row of the weight: its update is not "
+                        "a low-rank term that can be weighted and summed)")
     if problems:
         raise CombineError(f"Adapter {path} cannot be combined: it has {'; '.join(problems)}. Combine "
-                           "adapters trained with bias='none' and without modules_to_save.")
+                           "plain LoRA adapters trained with bias='none' and without modules_to_save, or "
+                           "merge a DoRA adapter into the model instead (tailor merge).")
     tensors = {k.removeprefix(PREFIX): v for k, v in _read_weights(path, allow_pickle=False).items()}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}
     for key in tensors:

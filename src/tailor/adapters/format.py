@@ -1,7 +1,8 @@
 """Adapters on disk in PEFT's format: adapter_config.json + adapter_model.safetensors.
 
 Keys are ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (embeddings:
-``.lora_embedding_A`` / ``.lora_embedding_B``), without the adapter name; modules_to_save copies are saved
+``.lora_embedding_A`` / ``.lora_embedding_B``; DoRA adapters also ``.lora_magnitude_vector``, with
+``use_dora: true`` in the config), without the adapter name; modules_to_save copies are saved
 whole under the module's own path (``base_model.model.classifier.weight``). So a tailor adapter loads with
 ``peft.PeftModel.from_pretrained`` and a PEFT adapter loads here, without conversion.
 
@@ -82,7 +83,7 @@ def config_from_peft_dict(data: dict[str, Any], source: str = CONFIG_NAME) -> Lo
 
     Raises:
         AdapterFormatError: peft_type is not "LORA", or the adapter uses a PEFT feature tailor does not
-            implement (DoRA, lora_bias, ...), or a field has a bad value.
+            implement (lora_bias, ...), or a field has a bad value.
     """
     peft_type = data.get("peft_type")
     if peft_type != "LORA":
@@ -330,7 +331,7 @@ def _check_fit(model: nn.Module, config: LoraConfig, weights: dict[str, torch.Te
     plan = plan_lora(model, config)
     expected: dict[str, tuple[int, ...]] = {}
     for key, module, r, _ in plan.targets:
-        for suffix, shape in adapter_shapes(module, r).items():
+        for suffix, shape in adapter_shapes(module, r, plan.config.use_dora).items():
             expected[f"{key}.{suffix}"] = shape
     saved = _parameter_paths(model, plan.config)
     for path, param_name, r, _ in plan.parameters:

@@ -442,8 +442,8 @@ def _comparable(info: dict[str, Any]) -> dict[str, Any]:
     metadata = info["metadata"] or {}
     flat: dict[str, Any] = {}
     config = {k: v for k, v in info["adapter_config"].items()
-              if k in ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern",
-                       "lora_dropout", "bias", "modules_to_save", "base_model_name_or_path")}
+              if k in ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "rank_pattern",
+                       "alpha_pattern", "lora_dropout", "bias", "modules_to_save", "base_model_name_or_path")}
     _flatten("adapter", config, flat)
     for key in ("base", "precision", "train_config", "data", "metrics", "combination"):
         if metadata.get(key) is not None:

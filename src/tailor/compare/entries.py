@@ -3,6 +3,7 @@
   zero-shot, few-shot          the base model asked directly, or with k solved training examples first
   full                         full fine-tune
   lora, lora-r16               LoRA (rank from the config, or 16)
+  dora, dora-r16               DoRA: LoRA with a trained magnitude per output row (use_dora)
   qlora, qlora-r16             LoRA on a 4-bit NF4 base (qlora-nf4-r16 is the same)
   qlora-int8, qlora-int8-r16   LoRA on an 8-bit base
   dpo, dpo-r16, orpo-r16       LoRA trained on preference pairs alone (DPO, ORPO)
@@ -20,10 +21,13 @@ from typing import Any
 from tailor.method_specs import method_spec
 
 PROMPTING = ("zero-shot", "few-shot")
-_TRAINED = re.compile(r"^(?P<method>full|lora|qlora|qlora-nf4|qlora-int8|dpo|orpo)(?:-r(?P<rank>\d+))?"
+_TRAINED = re.compile(r"^(?P<method>full|lora|dora|qlora|qlora-nf4|qlora-int8|dpo|orpo)(?:-r(?P<rank>\d+))?"
                       r"(?:\+(?P<then>dpo|orpo))?$")
-VALID_FORMS = ("zero-shot, few-shot, full, lora[-rN], qlora[-rN], qlora-nf4[-rN], qlora-int8[-rN], dpo[-rN], "
-               "orpo[-rN], lora[-rN]+dpo")
+VALID_FORMS = ("zero-shot, few-shot, full, lora[-rN], dora[-rN], qlora[-rN], qlora-nf4[-rN], "
+               "qlora-int8[-rN], dpo[-rN], orpo[-rN], lora[-rN]+dpo")
+ALIASES = {"qlora": "qlora-nf4", "dpo": "lora", "orpo": "lora"}  # the tailor.methods name they train
+# names that are a method with settings of its own: {name: (tailor.methods name, TrainConfig fields)}
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"dora": ("lora", {"use_dora": True})}
 # the preference set of a built-in SFT set (what a preference entry of a comparison trains on)
 PREFERENCE_SETS = {"builtin:support": "builtin:support-prefs"}
 INIT_FROM = "init_adapter_from"  # an override the runner resolves: the entry whose adapter to start from
@@ -57,8 +61,8 @@ def parse_entries(text: str | list[str], base: dict[str, Any], shots: int = 3,
         if not match:
             bad.append(name)
             continue
-        method = {"qlora": "qlora-nf4", "dpo": "lora", "orpo": "lora"}.get(match["method"], match["method"])
-        overrides: dict[str, Any] = {"method": method, **(method_overrides or {}).get(method, {})}
+        method, settings = VARIANTS.get(match["method"], (ALIASES.get(match["method"], match["method"]), {}))
+        overrides: dict[str, Any] = {"method": method, **settings, **(method_overrides or {}).get(method, {})}
         objective = match["then"] or (match["method"] if match["method"] in ("dpo", "orpo") else None)
         if objective is not None:
             if match["then"] and method_spec(method).trains_all_weights:

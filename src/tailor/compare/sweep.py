@@ -16,7 +16,7 @@ from tailor.config import coerce_field, field_names, load_config, save_config
 from tailor.files import atomic_write_json, atomic_write_text
 
 SWEEPABLE = ("rank", "lora_alpha", "lr", "lora_dropout", "target_modules", "method", "use_rslora",
-             "max_steps", "batch_size", "weight_decay", "warmup_steps")
+             "use_dora", "max_steps", "batch_size", "weight_decay", "warmup_steps")
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:

@@ -147,6 +147,8 @@ class LoraSection:
     init_adapter: str | None = None
     """Start from this adapter (a directory) and train it on, instead of a new one; with objective dpo
     it is also the reference (SFT first, then DPO)."""
+    use_dora: bool = False
+    """DoRA: also train a magnitude per output row of each adapted weight (PEFT's use_dora; slower steps)."""
 
     def problems(self) -> list[str]:
         c = _Checks(self)

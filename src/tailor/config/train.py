@@ -177,6 +177,10 @@ class TrainConfig:
                      f"{self.objective} learns from preference pairs; set replay_ratio 0 (or objective sft)")
         if self.init_adapter is not None and (full or spec is None):
             p.append(f"init_adapter: method {self.method} trains no adapter to start from; use a LoRA method")
+        if self.use_dora and full:
+            p.append(f"use_dora: DoRA is a variant of the LoRA adapter, and method {self.method} trains "
+                     "every weight with no adapter; use method lora (or a qlora method), or leave use_dora "
+                     "out")
         if self.register is not None and full:
             p.append(f"register: method {self.method} delivers a whole model, not an adapter; the store "
                      "keeps adapters (train a LoRA method, or leave register out)")

@@ -48,6 +48,9 @@ class LoraConfig:
     """Which base biases train too: "none", "all", or "lora_only" (biases of adapted layers)."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
+    use_dora: bool = False
+    """DoRA (https://arxiv.org/abs/2402.09353): W' = m * (W + s B A) / ||W + s B A|| per output row, with the
+    magnitude m trained too (tailor.lora.dora). Linear, Conv1D and Embedding layers; not target_parameters."""
     init_lora_weights: bool | str = True
     """True: A kaiming-uniform, B zeros (output unchanged at start); "gaussian": A ~ N(0, 1/r);
     False: A and B both random (for tests: the adapter changes the output immediately)."""
@@ -170,6 +173,12 @@ def _problems(c: LoraConfig) -> list[str]:
                 problems.append(f"{name}[{key!r}]={value!r}: keys must be strings and values a {kind}.")
     if not isinstance(c.use_rslora, bool):
         problems.append(f"use_rslora={c.use_rslora!r} must be True or False.")
+    if not isinstance(c.use_dora, bool):
+        problems.append(f"use_dora={c.use_dora!r} must be True or False.")
+    elif c.use_dora and c.target_parameters:
+        problems.append(f"use_dora=True cannot adapt target_parameters {c.target_parameters} (mixture-of-"
+                        "experts parameters; PEFT refuses DoRA there too): target linear layers with "
+                        "target_modules, or set use_dora=False.")
     if not isinstance(c.fan_in_fan_out, bool):
         problems.append(f"fan_in_fan_out={c.fan_in_fan_out!r} must be True or False.")
     return problems

@@ -176,6 +176,13 @@ def _resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
         )
         targets = _short_names(model, dataclasses.replace(probe, modules_to_save=modules_to_save), paths)
         moe, factors = experts.moe_all_linear(model, paths)
+        if moe and config.use_dora:
+            raise LoraTargetError(
+                f"use_dora cannot adapt the mixture-of-experts parameters of {type(model).__name__} "
+                f"({moe[:2]} ...: target_modules 'all-linear' includes them on an MoE model; PEFT refuses "
+                "DoRA there too). List the layers to adapt in target_modules (e.g. q_proj,k_proj,v_proj,"
+                "o_proj), or set use_dora false."
+            )
         if moe:
             if config.layers_to_transform is not None:  # PEFT matches parameters without a layer filter
                 moe = [f"{p}.{n}" for p, n in experts.target_parameter_keys(model, moe)
@@ -340,7 +347,8 @@ def add_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.
     try:
         for key, module, r, alpha in plan.targets:
             layer = module if isinstance(module, LoraLayer) else wrap_layer(module)
-            layer.add_adapter(name, r, alpha, plan.config.lora_dropout, plan.config.use_rslora, init)
+            layer.add_adapter(name, r, alpha, plan.config.lora_dropout, plan.config.use_rslora, init,
+                              use_dora=plan.config.use_dora)
             if layer is not module:
                 _replace_module(model, key, layer)
         for path, param_name, r, alpha in plan.parameters:

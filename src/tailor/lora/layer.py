@@ -7,7 +7,8 @@
     └──► dropout ──► A (r x d_in) ──► B (d_out x r) ──► * scaling ┘
 
 The base call and the adapter term are two separate calls (``base_layer(x)`` and ``lora_delta(x)``),
-so a quantized base layer or a per-row (multi-adapter) delta can replace either side alone.
+so a quantized base layer or a per-row (multi-adapter) delta can replace either side alone. A DoRA
+adapter (``use_dora``, tailor.lora.dora) also reads the base output: its term rescales it per row.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import dora
 
 try:  # GPT-2 style Conv1D (weight stored (in, out)); transformers is optional for lora/
     from transformers.pytorch_utils import Conv1D
@@ -77,6 +80,12 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # DoRA adapters' magnitudes, one per output row (PEFT's name; absent for plain LoRA adapters)
+        self.lora_magnitude_vector = nn.ParameterDict()
+        # {adapter: ||W + s B A|| per row} of merged DoRA adapters: unmerging needs the norm of the unmerged W
+        self.merged_norms: dict[str, torch.Tensor] = {}
+        # {adapter: (what it was computed from, ||W + s B A||)}: DoRA's norm kept between inference forwards
+        self._norm_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
 
     def __getattr__(self, name: str):
         try:
@@ -98,9 +107,16 @@ class LoraLayer(nn.Module):
         self.r[name], self.lora_alpha[name] = r, alpha
         self.scaling[name] = lora_scaling(r, alpha, use_rslora)
 
+    def uses_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
     def _forget(self, name: str) -> None:
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
+        if name in self.lora_magnitude_vector:  # ParameterDict.pop takes no default
+            del self.lora_magnitude_vector[name]
+        self.merged_norms.pop(name, None)
+        self._norm_cache.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
@@ -117,14 +133,23 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        delta = self.lora_delta(x)
+        delta = self.lora_delta(x, result=result)
         if delta is not None:
             # PEFT semantics: the sum is formed in the wider of the two dtypes, then cast back once.
             result = (result + delta).to(result.dtype)
         return result
 
-    def lora_delta(self, x: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor | None:
+    def lora_delta(self, x: torch.Tensor, names: Sequence[str] | None = None,
+                   result: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The adapters' terms summed; `result`, the base output, is needed by DoRA adapters only."""
         raise NotImplementedError
+
+    def _so_far(self, name: str, result: torch.Tensor | None, total: torch.Tensor | None) -> torch.Tensor:
+        """The output before DoRA adapter `name`: the base output plus the adapters before it (PEFT adds the
+        active adapters in turn, each DoRA term rescaling what is there)."""
+        if result is None:
+            raise ValueError(f"Adapter {name!r} is a DoRA adapter: its term needs the base output (result=).")
+        return result if total is None else result + total
 
 
 class LoraLinear(LoraLayer):
@@ -134,7 +159,8 @@ class LoraLinear(LoraLayer):
     (https://arxiv.org/abs/2106.09685); ``s_k = alpha / r`` (or ``alpha / sqrt(r)``). For Conv1D the base
     weight is stored (d_in, d_out) (``fan_in_fan_out``); A and B keep the Linear layout and only the
     merged delta is transposed. x is cast to the adapter dtype for the branch; the output keeps the
-    base output's dtype.
+    base output's dtype. With ``use_dora`` an adapter also has ``lora_magnitude_vector[k]`` (d_out,) and
+    its term is DoRA's (tailor.lora.dora.linear_term).
 
     Args:
         base_layer: the frozen ``nn.Linear`` / ``Conv1D`` (or a compatible quantized layer exposing
@@ -158,7 +184,7 @@ class LoraLinear(LoraLayer):
 
     def add_adapter(
         self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-        init: bool | str = True,
+        init: bool | str = True, use_dora: bool = False,
     ) -> None:
         self._record(name, r, alpha, use_rslora)
         device = self.base_layer.weight.device
@@ -168,6 +194,10 @@ class LoraLinear(LoraLayer):
         self.lora_A[name], self.lora_B[name] = a, b
         # nn.Identity when p == 0: no dropout kernel, no mask memory.
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if use_dora:
+            weight = dora.base_weight(self.base_layer)
+            self.lora_magnitude_vector[name] = dora.new_magnitude(
+                weight, self.delta_weight(name).to(weight.device), self.fan_in_fan_out, ADAPTER_DTYPE)
 
     def delete_adapter(self, name: str) -> None:
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
@@ -175,14 +205,25 @@ class LoraLinear(LoraLayer):
         self._forget(name)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return [self.lora_A[name].weight, self.lora_B[name].weight]
+        magnitude = [self.lora_magnitude_vector[name]] if self.uses_dora(name) else []
+        return [self.lora_A[name].weight, self.lora_B[name].weight, *magnitude]
 
-    def lora_delta(self, x: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor | None:
-        """Sum of the adapters' terms (default: active, unmerged ones) in fp32, or None if there are none."""
+    def lora_delta(self, x: torch.Tensor, names: Sequence[str] | None = None,
+                   result: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Sum of the adapters' terms (default: active, unmerged ones) in fp32, or None if there are none.
+        `result` (the base output) is needed when one of them is a DoRA adapter."""
         total = None
         compute_dtype = autocast_dtype(x)
         for name in self._unmerged_active() if names is None else names:
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            if self.uses_dora(name):
+                term = dora.linear_term(
+                    x.to(compute_dtype or a.dtype), self._so_far(name, result, total), a=a, b=b,
+                    dropout=self.lora_dropout[name], scaling=self.scaling[name],
+                    magnitude=self.lora_magnitude_vector[name], norm=self._dora_norm(name, a, b),
+                    base_layer=self.base_layer, fan_in_fan_out=self.fan_in_fan_out, training=self.training)
+                total = term if total is None else total + term
+                continue
             if compute_dtype is not None:
                 # Under autocast cast the thin (r x d) weights, not the (tokens x d) activation: casting
                 # x up to fp32 only for autocast to cast it back down costs two full copies per layer.
@@ -194,9 +235,24 @@ class LoraLinear(LoraLayer):
             total = term if total is None else total + term
         return total
 
+    def _dora_norm(self, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """DoRA's ``||W + s B A||`` for adapter `name`. In training it is computed in every forward, as PEFT
+        does; at inference (eval mode, no gradient: generation, evaluation) it is kept while A, B and W are
+        unchanged (same storage, same version counter): a decode step would otherwise form W + s B A in
+        every layer for one token."""
+        weight = self.base_layer.weight
+        if self.training or torch.is_grad_enabled() or any(map(torch.is_inference, (a, b, weight))):
+            self._norm_cache.pop(name, None)  # (inference tensors have no version counter to key on)
+            return dora.linear_norm(self.base_layer, a, b, self.scaling[name], self.fan_in_fan_out)
+        key = (a.data_ptr(), a._version, b.data_ptr(), b._version, weight.data_ptr(), weight._version)
+        cached = self._norm_cache.get(name)
+        if cached is None or cached[0] != key:
+            norm = dora.linear_norm(self.base_layer, a, b, self.scaling[name], self.fan_in_fan_out)
+            cached = self._norm_cache[name] = (key, norm)
+        return cached[1]
+
     def delta_weight(self, name: str) -> torch.Tensor:
-        a = self.lora_A[name].weight.float()
-        b = self.lora_B[name].weight.float()
+        a, b = _at_least_fp32(self.lora_A[name].weight, self.lora_B[name].weight)
         delta = (b @ a) * self.scaling[name]  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
         return delta.T if self.fan_in_fan_out else delta
 
@@ -207,6 +263,8 @@ class LoraEmbedding(LoraLayer):
     ``lora_embedding_A[k]`` is (r, num_embeddings), ``lora_embedding_B[k]`` (embedding_dim, r), fp32
     (PEFT's layout and names). Init swaps the roles of the Linear case: A zeros, B normal. No dropout
     (as PEFT). A base ``embed_scale`` (Gemma-style scaled embeddings) also scales the adapter term.
+    With ``use_dora``: ``lora_magnitude_vector[k]`` (embedding_dim,), PEFT's DoRA for embeddings
+    (tailor.lora.dora.embedding_term).
 
     Shapes:
         x: (...) int64 -> (..., embedding_dim)
@@ -220,7 +278,7 @@ class LoraEmbedding(LoraLayer):
 
     def add_adapter(
         self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-        init: bool | str = True,
+        init: bool | str = True, use_dora: bool = False,
     ) -> None:
         self._record(name, r, alpha, use_rslora)
         device = self.base_layer.weight.device
@@ -230,15 +288,20 @@ class LoraEmbedding(LoraLayer):
             nn.init.zeros_(a)
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
+        if use_dora:
+            self.lora_magnitude_vector[name] = dora.new_magnitude(
+                self.base_layer.weight, self.delta_weight(name), True, ADAPTER_DTYPE)
 
     def delete_adapter(self, name: str) -> None:
         del self.lora_embedding_A[name], self.lora_embedding_B[name]
         self._forget(name)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return [self.lora_embedding_A[name], self.lora_embedding_B[name]]
+        magnitude = [self.lora_magnitude_vector[name]] if self.uses_dora(name) else []
+        return [self.lora_embedding_A[name], self.lora_embedding_B[name], *magnitude]
 
-    def lora_delta(self, x: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor | None:
+    def lora_delta(self, x: torch.Tensor, names: Sequence[str] | None = None,
+                   result: torch.Tensor | None = None) -> torch.Tensor | None:
         base = self.base_layer
         embed_scale = getattr(base, "embed_scale", None)
         total = None
@@ -248,6 +311,12 @@ class LoraEmbedding(LoraLayer):
                 x, a.T, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
                 scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
             )
+            if self.uses_dora(name):
+                term = dora.embedding_term(
+                    rows, self._so_far(name, result, total), a=a, b=b, scaling=self.scaling[name],
+                    magnitude=self.lora_magnitude_vector[name], base_layer=base, embed_scale=embed_scale)
+                total = term if total is None else total + term
+                continue
             term = (rows @ b.T) * self.scaling[name]  # (..., r) @ (r, dim) -> (..., dim)
             if embed_scale is not None:
                 term = term * embed_scale.to(term.dtype)
@@ -255,9 +324,13 @@ class LoraEmbedding(LoraLayer):
         return total
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        a = self.lora_embedding_A[name].float()
-        b = self.lora_embedding_B[name].float()
+        a, b = _at_least_fp32(self.lora_embedding_A[name], self.lora_embedding_B[name])
         return ((b @ a) * self.scaling[name]).T  # (dim, num_embeddings) -> (num_embeddings, dim)
+
+
+def _at_least_fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """fp32 for the merge arithmetic, float64 kept (a float64 check of a merge must not round to fp32)."""
+    return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int]:
@@ -288,19 +361,26 @@ def wrap_layer(layer: nn.Module, fan_in_fan_out: bool = False) -> LoraLayer:
     )
 
 
-def adapter_shapes(layer: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+MAGNITUDE_KEY = "lora_magnitude_vector"  # PEFT's key suffix of a DoRA magnitude (no ".weight" on disk)
+
+
+def adapter_shapes(layer: nn.Module, r: int, use_dora: bool = False) -> dict[str, tuple[int, ...]]:
     """Shapes of one adapter's tensors (PEFT key suffixes) for a base layer or an existing LoRA layer."""
     base = layer.base_layer if isinstance(layer, LoraLayer) else layer
     if isinstance(base, nn.Embedding):
         num, dim = base.weight.shape
-        return {"lora_embedding_A": (r, num), "lora_embedding_B": (dim, r)}
+        magnitude = {MAGNITUDE_KEY: (dim,)} if use_dora else {}
+        return {"lora_embedding_A": (r, num), "lora_embedding_B": (dim, r), **magnitude}
     d_in, d_out = linear_features(base)
-    return {"lora_A.weight": (r, d_in), "lora_B.weight": (d_out, r)}
+    magnitude = {MAGNITUDE_KEY: (d_out,)} if use_dora else {}
+    return {"lora_A.weight": (r, d_in), "lora_B.weight": (d_out, r), **magnitude}
 
 
 def adapter_tensors(layer: LoraLayer, name: str) -> dict[str, torch.Tensor]:
     """One adapter's tensors keyed by PEFT's key suffixes (adapter name stripped)."""
+    magnitude = {MAGNITUDE_KEY: layer.lora_magnitude_vector[name]} if layer.uses_dora(name) else {}
     if isinstance(layer, LoraEmbedding):
         return {"lora_embedding_A": layer.lora_embedding_A[name],
-                "lora_embedding_B": layer.lora_embedding_B[name]}
-    return {"lora_A.weight": layer.lora_A[name].weight, "lora_B.weight": layer.lora_B[name].weight}
+                "lora_embedding_B": layer.lora_embedding_B[name], **magnitude}
+    return {"lora_A.weight": layer.lora_A[name].weight, "lora_B.weight": layer.lora_B[name].weight,
+            **magnitude}

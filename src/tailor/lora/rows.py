@@ -23,6 +23,11 @@ fresh buffers before the ``bmm`` read them (`benchmarks/lora_rows_decode.py`: th
 faster with the copies kept; whole engine decode steps 1.05-1.33x). The copies cost one adapter per
 running row; the engine frees them when idle (`LoraSlots.drop_row_copies`).
 
+DoRA adapters (``use_dora``) fit the same banks: at inference their row norm ``||W + s B A||`` is a
+constant, so a slot holds g = m / ||W + s B A|| per output row: g folded into B, and g - 1 in a third bank
+``gain`` (S+1, d_out), allocated with the first DoRA adapter. A row using such a slot first rescales the base
+output, ``y += (g - 1) * (y - bias)``, then adds its LoRA term: PEFT's DoRA output, per row.
+
 Parameters adapted directly (MoE experts and routers, ``target_parameters``: tailor.lora.experts) hold
 their slots as PEFT's tensors (A (r*E, d_in), scaling * B (d_out, r*E)); their module runs once per group of
 rows sharing a slot, with that slot's update added to the parameter (``experts.ParamSlotBank``).
@@ -45,6 +50,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from . import dora
 from .config import ALL_LINEAR, LoraConfig
 from .experts import LoraParam, ParamSlotBank, nested_paths, wrap_parameter
 from .inject import _replace_module, pattern_value, plan_lora
@@ -69,6 +75,9 @@ class SlotBank:
     row_b: torch.Tensor | None = None  # (rows, R, d_out)
     row_slots: list[int] = dataclasses.field(default_factory=list)  # slot held by row i (-1: none yet)
     row_key: tuple[int, ...] | None = None  # the rows' slots the copies were last brought up to date for
+    bias: torch.Tensor | None = None  # the base layer's bias (DoRA rescales the output without it)
+    gain: torch.Tensor | None = None  # (S+1, d_out): g - 1 of DoRA slots, zeros elsewhere; None until one
+    dora: set[int] = dataclasses.field(default_factory=set)  # slots holding a DoRA adapter for this layer
 
     def add_to(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result (the base layer's output, (rows, ..., d_out)) plus each row's LoRA term for x.
@@ -85,6 +94,8 @@ class SlotBank:
         if uniform is not None:
             if uniform not in self.used:
                 return result
+            if uniform in self.dora:
+                result = self._rescale(result, self.gain[uniform])  # (d_out,) over every row
             a, b = self.a[uniform], self.b[uniform]  # (d_in, R), (R, d_out)
             tokens = x.numel() // x.shape[-1]
             if self._fuses(result, tokens):
@@ -97,6 +108,9 @@ class SlotBank:
             return result
         rows, d_in = x.shape[0], x.shape[-1]
         tokens = x.numel() // (rows * d_in)  # per row
+        if not self.dora.isdisjoint(table.row_set):
+            gain = self.gain.index_select(0, table.index)  # (B, d_out); zeros for rows of other slots
+            result = self._rescale(result, gain.view(rows, *[1] * (result.dim() - 2), -1))  # (B, 1, d_out)
         if tokens == 1:  # decode: the rows' weights, kept from the last step (no gather)
             a, b = self._row_weights()
         else:
@@ -137,6 +151,11 @@ class SlotBank:
         self.row_key = slots
         return self.row_a[:rows], self.row_b[:rows]
 
+    def _rescale(self, result: torch.Tensor, gain_minus_one: torch.Tensor) -> torch.Tensor:
+        """DoRA's rescaled base output: result + (g - 1) * (result - bias), before the LoRA term is added."""
+        base_out = result if self.bias is None else result - self.bias
+        return self._add(result, gain_minus_one * base_out)
+
     def forget_slot(self, slot: int) -> None:
         """The slot's weights change: rows holding a copy of it copy it again at their next step."""
         if slot in self.row_slots:
@@ -175,7 +194,7 @@ class SlottedLinear(LoraLinear):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        delta = self.lora_delta(x)
+        delta = self.lora_delta(x, result=result)
         if delta is not None:
             result = (result + delta).to(result.dtype)
         return self.slot_bank.add_to(x, result)  # each row's own adapter, for the whole batch at once
@@ -210,7 +229,7 @@ class LoraSlots:
             device = layer.base_layer.weight.device
             a = torch.zeros(num_slots + 1, layer.in_features, max_rank, dtype=dtype, device=device)
             b = torch.zeros(num_slots + 1, max_rank, layer.out_features, dtype=dtype, device=device)
-            layer.slot_bank = SlotBank(self, a, b)
+            layer.slot_bank = SlotBank(self, a, b, bias=getattr(layer.base_layer, "bias", None))
         for param in self.params.values():
             param.slot_bank = ParamSlotBank(self)
 
@@ -289,16 +308,26 @@ class LoraSlots:
                                 "max_lora_rank or use an adapter of lower rank.")
 
     @torch.no_grad()
-    def prepare(self, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
-                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def prepare(self, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+                magnitudes: Mapping[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
         """Check one adapter's weights and put them in the banks' layout and dtype, scaling folded into
         B: {module path: (A^T (d_in, r), scaling * B^T (r, d_out))}. Slow work that needs no slot (a
         server does it while loading, off the step loop); `write_prepared` then only copies.
 
+        `magnitudes` {module path: m (d_out,)}: a DoRA adapter's; its layers get (A^T, g * scaling * B^T,
+        g - 1) with g = m / ||W + scaling B A|| from the layer's base weight.
+
         Raises:
-            SlotError: see `check`.
+            SlotError: see `check`, and magnitudes for modules the weights lack or of the wrong shape.
         """
         self.check(weights)
+        magnitudes = magnitudes or {}
+        for path, magnitude in magnitudes.items():
+            layer = self.layers.get(path)
+            if path not in weights or layer is None or tuple(magnitude.shape) != (layer.out_features,):
+                raise SlotError(f"module {path!r}: DoRA magnitude of shape {tuple(magnitude.shape)} has no "
+                                "lora_A/lora_B pair on a linear layer with slots, or does not fit its "
+                                f"{getattr(layer, 'out_features', '?')} output rows; save the adapter again.")
         prepared = {}
         for path, (a, b, scaling) in weights.items():
             if path in self.params:  # kept in PEFT's layout, scaling folded into B
@@ -306,9 +335,22 @@ class LoraSlots:
                                   (b.to(torch.float32) * scaling).to(self.dtype).contiguous())
                 continue
             a_t = a.T.to(self.dtype).contiguous()  # (r, d_in) -> (d_in, r)
+            if path in magnitudes:
+                gain = self._dora_gain(self.layers[path], a, b, scaling, magnitudes[path])  # (d_out,)
+                b_t = (b.to(torch.float32) * scaling * gain[:, None]).T.to(self.dtype).contiguous()
+                prepared[path] = (a_t, b_t, (gain - 1).to(self.dtype))
+                continue
             b_t = (b.to(torch.float32) * scaling).T.to(self.dtype).contiguous()  # (d_out, r) -> (r, d_out)
             prepared[path] = (a_t, b_t)
         return prepared
+
+    @staticmethod
+    def _dora_gain(layer: LoraLinear, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                   magnitude: torch.Tensor) -> torch.Tensor:
+        """g = m / ||W + scaling B A|| per output row (fp32), W the layer's (dequantized) base weight."""
+        device = layer.base_layer.weight.device
+        norm = dora.linear_norm(layer.base_layer, a.to(device), b.to(device), scaling, layer.fan_in_fan_out)
+        return magnitude.to(device, torch.float32) / norm
 
     @torch.no_grad()
     def write(self, slot: int, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
@@ -322,7 +364,7 @@ class LoraSlots:
         self.write_prepared(slot, self.prepare(weights))
 
     @torch.no_grad()
-    def write_prepared(self, slot: int, prepared: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def write_prepared(self, slot: int, prepared: Mapping[str, tuple[torch.Tensor, ...]]) -> None:
         """Put an adapter from `prepare` into `slot` (copies only; ranks below max_rank zero padded)."""
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} is outside [0, {self.num_slots}).")
@@ -338,8 +380,17 @@ class LoraSlots:
         for path, layer in self.layers.items():
             bank = layer.slot_bank
             bank.forget_slot(slot)
+            gain = prepared[path][2] if path in prepared and len(prepared[path]) == 3 else None
+            if gain is not None:
+                if bank.gain is None:
+                    bank.gain = bank.b.new_zeros(bank.b.shape[0], bank.b.shape[2])  # (S+1, d_out)
+                bank.gain[slot].copy_(gain)
+                bank.dora.add(slot)
+            elif slot in bank.dora:
+                bank.gain[slot].zero_()
+                bank.dora.discard(slot)
             if path in prepared:
-                a_t, b_t = prepared[path]
+                a_t, b_t = prepared[path][:2]
                 r = a_t.shape[1]
                 if r < self.max_rank and slot in bank.used:  # the padding must be zero
                     bank.a[slot, :, r:].zero_()

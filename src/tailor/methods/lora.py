@@ -20,7 +20,7 @@ def lora_config_for(model: nn.Module, config: TrainConfig) -> LoraConfig:
     """The LoraConfig a TrainConfig describes (PEFT's names; base recorded for the adapter_config.json)."""
     return LoraConfig(
         r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules, use_rslora=config.use_rslora,
+        target_modules=config.target_modules, use_rslora=config.use_rslora, use_dora=config.use_dora,
         base_model_name_or_path=getattr(model.config, "_name_or_path", None) or config.model,
         task_type="CAUSAL_LM",
     )

@@ -36,6 +36,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from tailor.lora.dora import register_dequantizer
+
 KINDS = ("nf4", "int8")
 INSTALL_HINT = "pip install 'tailor[qlora]' (or pip install bitsandbytes)"
 # LLM.int8() outlier threshold: transformers' BitsAndBytesConfig(llm_int8_threshold=6.0), what PEFT's
@@ -254,6 +256,15 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype = torch.bfloat16) ->
         scb = _int8_scales(layer)
         return bnb.functional.int8_vectorwise_dequant(weight.data, scb).to(dtype)
     raise TypeError(f"{type(layer).__name__} is not a bitsandbytes Linear4bit / Linear8bitLt layer")
+
+
+def _dequantized_for_dora(layer: nn.Module) -> torch.Tensor:
+    """DoRA's norm and W x read the weight the layer computes with (fp32 holds every NF4 / int8 value)."""
+    return dequantized_weight(layer, torch.float32)
+
+
+# a DoRA adapter on a bitsandbytes layer dequantizes its weight, as PEFT does (tailor.lora.dora)
+register_dequantizer(is_quantized_layer, _dequantized_for_dora)
 
 
 def _int8_scales(layer: nn.Module) -> torch.Tensor:

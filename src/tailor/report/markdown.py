@@ -16,8 +16,8 @@ from tailor.files import atomic_write_text
 from tailor.names import RUN_CONFIG_NAME
 
 CONFIG_KEYS = ("method", "model", "data", "val_data", "max_seq_len", "rank", "lora_alpha", "lora_dropout",
-               "target_modules", "use_rslora", "max_steps", "epochs", "batch_size", "grad_accum", "lr",
-               "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "precision",
+               "target_modules", "use_rslora", "use_dora", "max_steps", "epochs", "batch_size", "grad_accum",
+               "lr", "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "precision",
                "gradient_checkpointing", "seed")
 METRIC_ROWS = (("field_accuracy", "Per-field accuracy"), ("exact_match", "Exact match"),
                ("json_valid", "Valid JSON"), ("val_loss", "Validation loss"), ("perplexity", "Perplexity"))

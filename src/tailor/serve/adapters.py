@@ -40,6 +40,7 @@ from tailor.adapters.format import (
 )
 from tailor.adapters.store import NAME_RE, AdapterStore, StoreError, parse_ref
 from tailor.lora import LoraSlots, SlotError, add_lora_slots
+from tailor.lora.layer import MAGNITUDE_KEY
 
 
 class UnknownAdapterError(LookupError):
@@ -66,18 +67,19 @@ class AdapterRef:
 
 @dataclass
 class HostAdapter:
-    """One adapter read from disk, in the slots' layout: {module path: (A^T, scaling * B^T)}."""
+    """One adapter read from disk, in the slots' layout: {module path: (A^T, scaling * B^T)}, DoRA layers
+    with g folded into B and g - 1 beside (tailor.lora.rows)."""
 
     name: str
     path: Path
     generation: int
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    weights: dict[str, tuple[torch.Tensor, ...]]
     rank: int
     load_ms: float
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.nbytes = sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+        self.nbytes = sum(t.nbytes for tensors in self.weights.values() for t in tensors)
 
     @property
     def ref(self) -> AdapterRef:
@@ -122,8 +124,12 @@ def read_for_slots(directory: Path, slots: LoraSlots) -> tuple[dict, int]:
     if config.bias != "none":
         problems.append(f"bias={config.bias!r}")
     halves: dict[str, list] = {}
+    magnitudes: dict[str, torch.Tensor] = {}  # DoRA's, per module path
     for key, tensor in raw.items():
         path = key.removeprefix(PREFIX)
+        if config.use_dora and path.endswith(f".{MAGNITUDE_KEY}"):
+            magnitudes[path.removesuffix(f".{MAGNITUDE_KEY}")] = tensor
+            continue
         for index, suffix in enumerate((".lora_A.weight", ".lora_B.weight")):
             if path.endswith(suffix):
                 halves.setdefault(path.removesuffix(suffix), [None, None])[index] = tensor
@@ -138,9 +144,13 @@ def read_for_slots(directory: Path, slots: LoraSlots) -> tuple[dict, int]:
     if incomplete or not halves:
         raise AdapterRefusedError(f"{directory}: lora_A/lora_B pairs are incomplete for {incomplete[:3]} "
                                   "(or there are none); save the adapter again.")
+    unscaled = sorted(set(halves) - set(magnitudes)) if config.use_dora else []
+    if unscaled:
+        raise AdapterRefusedError(f"{directory}: a DoRA adapter (use_dora) without lora_magnitude_vector for "
+                                  f"{unscaled[:3]}; save the adapter again.")
     weights, rank = slots.adapter_weights(config, halves)  # MoE parameters: PEFT's paths -> their keys
     try:
-        prepared = slots.prepare(weights)  # checked, transposed, scaled: a slot write is then a copy
+        prepared = slots.prepare(weights, magnitudes)  # checked, transposed, scaled: a slot write copies
     except SlotError as error:
         raise AdapterRefusedError(f"{directory}: {error}") from None
     return prepared, rank
