@@ -148,7 +148,7 @@ class Completions:
                               f"{prompt_len}, so max_tokens can be at most {room} (asked: {max_tokens}).",
                               param="max_tokens", code="context_length_exceeded")
         seed = body.seed + seed_offset if body.seed is not None else None
-        vocab = len(self.engine.tokenizer)
+        vocab = self.engine.vocab_size
         if any(not 0 <= t < vocab for t in body.stop_token_ids or ()):
             raise bad_request(f"stop_token_ids must be token ids in [0, {vocab}).", param="stop_token_ids")
         top = logprobs_asked(body)

@@ -169,7 +169,7 @@ def parse(model: type[BaseModel], data: Any) -> Any:
             raise bad_request(f"Unrecognized request argument supplied: {param}.", param=param) from None
         if param is None:  # a rule between fields (a model validator): its message names them
             message = first["msg"].removeprefix("Value error, ")
-            raise bad_request(f"{message[:1].upper()}{message[1:]}.", param=message.split()[0]) from None
+            raise bad_request(f"{message}.", param=message.split()[0]) from None
         raise bad_request(f"Invalid value for {param!r}: {first['msg']}.", param=param) from None
     unsupported = request.unsupported()
     if unsupported:
