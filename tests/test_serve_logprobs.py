@@ -272,3 +272,32 @@ def test_bad_fields_are_400s_naming_them(client, server):
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         client.chat.completions.create(model=base, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                        top_logprobs=2)
+
+
+def test_echo_rows_beside_prefix_sharing_rows_in_one_prefill(one_thread, files, hand):
+    """Prompts that share a long prefix: the plain rows copy it from the prefix store, the echo row
+    computes its whole prompt; its prompt log-probabilities and everyone's answers equal each alone."""
+    from tailor.models import load_model
+    from tailor.serve.engine import Engine
+
+    model_dir, _ = files
+    model, tokenizer = load_model(str(model_dir), dtype=torch.float32)
+    system = "<|im_start|>system\nYou answer questions about orders, briefly.<|im_end|>\n"
+    prompts = [tokenizer(system + PROMPT.replace("order", word))["input_ids"]
+               for word in ("order", "parcel", "refund")]
+    plain = SamplingParams(max_tokens=5, ignore_eos=True)
+    echo = SamplingParams(max_tokens=5, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+    engine = Engine(model, tokenizer, max_batch=4)
+    engine.generate(prompts[:2], plain)  # stores the shared prefix
+    together = engine.generate(prompts, [plain, echo, plain])
+    assert engine.stats["prefix_tokens_reused"] > 0
+    for prompt, request in zip(prompts, together, strict=True):
+        assert request.output_ids == hand.greedy(prompt, None, 5)
+    echoed = together[1]
+    expected = hand.logprobs(prompts[1] + echoed.output_ids, None)
+    assert [e.token for e in echoed.prompt_logprobs] == prompts[1]
+    assert echoed.prompt_logprobs[0].logprob is None
+    got = [e.logprob for e in echoed.prompt_logprobs[1:]] + [e.logprob for e in echoed.logprobs]
+    tokens = prompts[1][1:] + echoed.output_ids
+    want = [float(expected[j, t]) for j, t in enumerate(tokens)]
+    assert got == pytest.approx(want, abs=TOLERANCE)
