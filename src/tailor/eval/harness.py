@@ -158,7 +158,8 @@ def evaluate_harness(base_name: str, deliverable: Path, tasks: list[str | dict[s
     os.environ.update(OFFLINE_ENV)
     try:
         if (deliverable / "adapter_config.json").is_file():
-            rank = int(read_adapter_config(deliverable).get("r") or 16)
+            config = read_adapter_config(deliverable)
+            rank = max([config.r, *config.rank_pattern.values()])
             app = build_server(base_name, str(deliverable.parent), max_loras=1, max_lora_rank=rank,
                                dtype=dtype, max_tokens=4096)
             app.state.engine.adapters.register(TUNED_NAME, deliverable.name)
