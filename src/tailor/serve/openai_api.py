@@ -46,7 +46,7 @@ class Job:
     request: EngineRequest
     index: int
     queue: asyncio.Queue
-    echo: str = ""  # the prompt's text, returned before the completion's (completions' echo)
+    echo: str | None = None  # the prompt's text, returned before the completion's (completions' echo)
     logprobs_sent: int = 0  # entries of request.logprobs already queued (engine thread)
 
 
@@ -93,7 +93,7 @@ class Completions:
             raise APIError(500, f"generation failed: {failed.error}", type="server_error")
         self._observe(body.model, label, jobs)
         return JSONResponse(form.response([(job.index, job.request) for job in jobs],
-                                          {job.index: job.echo for job in jobs}), headers=headers)
+                                          {job.index: job.echo or "" for job in jobs}), headers=headers)
 
     # --- before generating ---------------------------------------------------------------------------
     async def _resolve_model(self, name: str, user: str | None) -> tuple[AdapterRef | None, str]:
@@ -168,7 +168,7 @@ class Completions:
             for k in range(body.n):
                 index = p * body.n + k
                 params = self._sampling(body, max_tokens, len(ids), index)
-                job = Job(None, index, asyncio.Queue(), echoes[p] if echoes else "")
+                job = Job(None, index, asyncio.Queue(), echoes[p] if echoes else None)
 
                 def push(request, delta, job=job):  # engine thread: the new log-probabilities go along
                     entries = request.logprobs[job.logprobs_sent :]
@@ -232,8 +232,8 @@ class Completions:
                     yield sse(self._timeout().body())
                     break
                 job, delta, finished, entries = item
-                if job.echo:  # the prompt comes first, with its log-probabilities
-                    delta, job.echo = job.echo + delta, ""
+                if job.echo is not None:  # the prompt comes first, with its log-probabilities
+                    delta, job.echo = job.echo + delta, None
                     entries = (job.request.prompt_logprobs or []) + entries
                 if delta or entries:
                     yield sse(form.piece(job.index, delta, entries))
