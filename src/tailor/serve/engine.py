@@ -76,7 +76,7 @@ class Engine:
         self.pad_id = pad if pad is not None else min(self.stop_ids, default=0)  # any id: padding is masked
         self.device = next(model.parameters()).device
         # the ids a row's logits cover (a tokenizer may name fewer: an embedding padded to a multiple)
-        self.vocab_size = max(int(getattr(config, "vocab_size", 0) or 0), len(tokenizer))
+        self.vocab_size = int(getattr(config, "vocab_size", 0) or 0) or len(tokenizer)
         self.stats = {"steps": 0, "prefill_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0}
         self.scheduler = Scheduler(adapters, max_batch, prefill_tokens)
         self.batch = Batch(config.num_hidden_layers, max_batch, self.device)
