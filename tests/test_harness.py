@@ -96,3 +96,46 @@ def test_task_files_and_their_mistakes(tmp_path):
                           (str(tmp_path / "nameless.yaml"), "no `task:` name")):
         with pytest.raises(ValueError, match=message):
             parse_tasks(spec)
+
+
+def test_local_chat_completions_generation_task_scores_what_hf_generate_answers(tmp_path, offline):
+    """lm-eval's local-chat-completions (generate_until, the chat template applied by the server) against
+    tailor serve: a task whose targets are HF generate's greedy answers for half the questions (and
+    wrong for the rest) scores exact_match 0.5."""
+    from transformers import AutoTokenizer
+
+    from tailor.eval.harness import serving
+    from tailor.serve.sampling import stop_token_ids
+    from tailor.serve.server import build_server
+
+    model_dir = tiny_model_dir(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    stops = stop_token_ids(model, tokenizer)
+    questions = ["add 1 2", "where is it?", "hello", "what now", "ok then", "the end"]
+    rows = []
+    for i, question in enumerate(questions):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        out = out[: next((k for k, t in enumerate(out) if t in stops), len(out))]
+        answer = tokenizer.decode(out, skip_special_tokens=True).split("|")[0]  # "|": the stop string
+        rows.append({"question": question, "target": answer if i % 2 == 0 else answer + "-wrong"})
+    data = tmp_path / "gen.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sum(bool(r["target"]) for r in rows[::2]) >= 2  # real answers to match, not empty strings
+    task = {"task": "tailor_gen", "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
+            "output_type": "generate_until", "doc_to_text": "{{question}}",
+            "doc_to_target": "{{target}}", "generation_kwargs": {"until": ["|"], "max_gen_toks": 6},
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+            "metadata": {"version": 1.0}}
+    app = build_server(str(model_dir), dtype="float32")
+    with serving(app) as url:
+        results = lm_eval.simple_evaluate(
+            model="local-chat-completions", apply_chat_template=True, tasks=[task], log_samples=False,
+            model_args={"base_url": f"{url}/v1/chat/completions", "model": str(model_dir), "max_retries": 1})
+    assert results["results"]["tailor_gen"]["exact_match,none"] == pytest.approx(0.5)
