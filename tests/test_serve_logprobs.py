@@ -301,3 +301,23 @@ def test_echo_rows_beside_prefix_sharing_rows_in_one_prefill(one_thread, files, 
     tokens = prompts[1][1:] + echoed.output_ids
     want = [float(expected[j, t]) for j, t in enumerate(tokens)]
     assert got == pytest.approx(want, abs=TOLERANCE)
+
+
+def test_logprobs_benchmark_runs_end_to_end(one_thread, tmp_path):
+    """benchmarks/serve_logprobs.py with a tiny model and setting (figures come from a quiet machine)."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_logprobs.py"
+    spec = importlib.util.spec_from_file_location("serve_logprobs", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["serve_logprobs"] = module
+    spec.loader.exec_module(module)
+    model_dir = tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "out.json"
+    result = module.main(["--model", str(model_dir), "--dtype", "float32", "--requests", "3", "--new-tokens",
+                          "4", "--rank", "4", "--json", str(out)])
+    assert json.loads(out.read_text())["decode_ratio"] == result["decode_ratio"] > 0
+    assert result["echo_ratio"] > 0 and set(result["prompts_per_s"]) == {"plain", "echo"}
