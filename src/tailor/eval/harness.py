@@ -143,11 +143,6 @@ def evaluate_harness(base_name: str, deliverable: Path, tasks: list[str | dict[s
                      batch_size: int = 8) -> dict[str, Any]:
     """Run `tasks` against the base model and against the tuned one (an adapter directory, or a full
     fine-tune's model directory): {"tasks", "limit", "base": {task: metrics}, "tuned": {...}}."""
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise ValueError(f"--harness runs lm-evaluation-harness, which is not installed: {HARNESS_INSTALL}."
-                         ) from None
     from tailor.adapters import read_adapter_config
     from tailor.models.load import resolve_model
     from tailor.serve.server import build_server
@@ -155,8 +150,13 @@ def evaluate_harness(base_name: str, deliverable: Path, tasks: list[str | dict[s
     tokenizer_dir = resolve_model(base_name).directory
     settings = dict(limit=limit, include=include, batch_size=batch_size)
     previous = {key: os.environ.get(key) for key in OFFLINE_ENV}
-    os.environ.update(OFFLINE_ENV)
+    os.environ.update(OFFLINE_ENV)  # before datasets is first imported: it reads them once, at import
     try:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise ValueError("--harness runs lm-evaluation-harness, which is not installed: "
+                             f"{HARNESS_INSTALL}.") from None
         if (deliverable / "adapter_config.json").is_file():
             config = read_adapter_config(deliverable)
             rank = max([config.r, *config.rank_pattern.values()])
