@@ -321,3 +321,22 @@ def test_logprobs_benchmark_runs_end_to_end(one_thread, tmp_path):
                           "4", "--rank", "4", "--json", str(out)])
     assert json.loads(out.read_text())["decode_ratio"] == result["decode_ratio"] > 0
     assert result["echo_ratio"] > 0 and set(result["prompts_per_s"]) == {"plain", "echo"}
+
+
+def test_bf16_models_report_prompt_logprobs_from_their_split_head(one_thread, files, hand):
+    """A bf16 model runs its body and head apart (tailor.serve.runner): the prompt's positions go through
+    the head too; values near the fp32 model's (bf16 rounding)."""
+    from tailor.models import load_model
+    from tailor.serve.engine import Engine
+
+    model_dir, _ = files
+    model, tokenizer = load_model(str(model_dir), dtype=torch.bfloat16)
+    engine = Engine(model, tokenizer, max_batch=2)
+    assert engine.runner.split is not None
+    prompt = tokenizer(PROMPT)["input_ids"]
+    (request,) = engine.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=2))
+    assert request.output_ids == [] and request.generated == 0 and request.finish_reason == "length"
+    expected = hand.logprobs(prompt, None)
+    got = [e.logprob for e in request.prompt_logprobs[1:]]
+    assert got == pytest.approx([float(expected[j, t]) for j, t in enumerate(prompt[1:])], abs=0.1)
+    assert all(len(e.top) == 2 for e in request.prompt_logprobs[1:])
