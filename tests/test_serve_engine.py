@@ -151,7 +151,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(one_thread, tokenize
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=3.0)
     with pytest.raises(ValueError, match="max_tokens"):
-        SamplingParams(max_tokens=0)
+        SamplingParams(max_tokens=-1)  # 0 is the prompt alone (echo), -1 nothing
 
 
 def test_stop_strings_cut_the_text_and_streamed_deltas_add_up(one_thread, tokenizer, prompts):

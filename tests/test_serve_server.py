@@ -229,7 +229,7 @@ def test_client_mistakes_get_openai_errors_with_the_right_status(server, client)
     with pytest.raises(openai.NotFoundError) as error:
         client.completions.create(model="no-such-adapter", prompt="hi", max_tokens=2)
     assert error.value.code == "model_not_found"
-    for bad in ({"temperature": 5}, {"max_tokens": 65}, {"max_tokens": 0}, {"n": 0}, {"logprobs": 2},
+    for bad in ({"temperature": 5}, {"max_tokens": 65}, {"max_tokens": 0}, {"n": 0}, {"logprobs": 21},
                 {"extra_body": {"unknown_field": 1}}, {"top_p": 0}, {"stop": ["a"] * 5}):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=base, prompt="hi", **{"max_tokens": 2, **bad})

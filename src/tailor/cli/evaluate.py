@@ -106,6 +106,12 @@ def eval_command(
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     preferences: str | None = typer.Option(None, "--preferences", help="held-out preference pairs (file or "
                                            "builtin:support-prefs:test): preference accuracy, base vs tuned"),
+    harness: str | None = typer.Option(
+        None, "--harness", help="lm-evaluation-harness tasks instead (comma-separated names or task YAML "
+        "files), scored through tailor serve; --n limits the examples per task, --batch-size the prompts "
+        "per request; needs the [harness] extra"),
+    harness_include: str | None = typer.Option(
+        None, "--harness-include", help="a folder of lm-eval task YAMLs to find --harness names in"),
 ) -> None:
     """Base vs tuned on held-out data: task metrics, validation loss, capability retention -> eval.json."""
     from rich.console import Console
@@ -113,6 +119,19 @@ def eval_command(
     from tailor.eval import evaluate_run, print_evaluation
 
     console = Console()
+    if harness is not None:
+        from tailor.eval import harness_run, render_harness
+
+        try:
+            console.print(f"lm-evaluation-harness {harness} on {run_dir or adapter}", highlight=False,
+                          markup=False)
+            result = harness_run(run_dir, tasks=harness, model=model, adapter=adapter, out=out, limit=n,
+                                 include=harness_include, dtype=dtype, batch_size=batch_size)
+        except ValueError as error:
+            fail(error)
+        console.print(render_harness(result))
+        console.print(f"wrote {result['eval_json']}", highlight=False, markup=False)
+        return
     try:
         console.print(f"evaluating {run_dir or adapter} on {data}", highlight=False, markup=False)
         result = evaluate_run(run_dir, model=model, adapter=adapter, data=data, n=n, out=out,

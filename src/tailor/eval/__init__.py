@@ -9,9 +9,9 @@ from tailor.eval.evaluate import (
     write_eval_json,
 )
 from tailor.eval.generate import generate, stop_token_ids
-from tailor.eval.render import print_evaluation, render_comparison, render_retention
+from tailor.eval.render import print_evaluation, render_comparison, render_harness, render_retention
 from tailor.eval.retention import RETENTION_ITEMS, RetentionItem, retention_check
-from tailor.eval.run import evaluate_run
+from tailor.eval.run import evaluate_run, harness_run
 from tailor.eval.structured import parse_json_object, score_structured
 
 __all__ = [
@@ -21,9 +21,11 @@ __all__ = [
     "evaluate_model",
     "evaluate_run",
     "generate",
+    "harness_run",
     "parse_json_object",
     "print_evaluation",
     "render_comparison",
+    "render_harness",
     "render_retention",
     "retention_check",
     "score_answers",

@@ -107,3 +107,29 @@ def print_evaluation(result: dict[str, Any], console: Any, title: str | None = N
                           markup=False)
     if result.get("eval_json"):
         console.print(f"wrote {result['eval_json']}", highlight=False, markup=False)
+
+def harness_rows(harness: dict[str, Any]) -> list[tuple[str, str, Any, Any, bool]]:
+    """(task, metric, base, tuned, higher is better) for each metric lm-eval reported (standard errors
+    left out)."""
+    base, tuned = harness.get("base") or {}, harness.get("tuned") or {}
+    rows = []
+    for task in dict.fromkeys([*base, *tuned]):
+        b, t = base.get(task) or {}, tuned.get(task) or {}
+        better = t.get("higher_is_better") or b.get("higher_is_better") or {}
+        for metric in dict.fromkeys([*b, *t]):
+            if metric != "higher_is_better" and "_stderr" not in metric:
+                rows.append((task, metric, b.get(metric), t.get(metric), better.get(metric, True)))
+    return rows
+
+
+def render_harness(harness: dict[str, Any]) -> Table:
+    """Table of lm-evaluation-harness scores, base vs tuned (eval.json's "harness" entry)."""
+    limit = f", first {harness['limit']} examples per task" if harness.get("limit") else ""
+    table = Table(title=f"lm-evaluation-harness through tailor serve{limit}")
+    for column, justify in (("task", "left"), ("metric", "left"), ("base", "right"), ("tuned", "right"),
+                            ("change", "right")):
+        table.add_column(column, justify=justify)
+    for task, metric, base, tuned, up in harness_rows(harness):
+        table.add_row(escape(task), escape(metric), _format(base), _format(tuned), _change(base, tuned, up))
+    return table
+

@@ -33,20 +33,9 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
     """
     from tailor.data import load_examples
     from tailor.files import check_output_path  # a wrong --out fails before the evaluation, not after it
-    from tailor.methods import get_method
-    from tailor.models import DEFAULT_MODEL, parse_dtype
+    from tailor.models import parse_dtype
 
-    run = Path(run_dir) if run_dir is not None else None
-    config = _run_config(run) if run is not None else {}
-    method = get_method(config.get("method", "lora") if adapter is None else "lora")
-    deliverable = Path(adapter) if adapter is not None else method.deliverable_dir(run) if run else None
-    if deliverable is None or not deliverable.is_dir():
-        missing = deliverable if adapter is not None or run is None or run.is_dir() else run
-        where = (f"{missing} {'is a file, not a directory' if missing.exists() else 'does not exist'}"
-                 if missing else "no run directory or --adapter given")
-        raise ValueError(f"nothing to compare: {where}; pass a run directory that holds adapter/ or model/, "
-                         "or --adapter DIR.")
-    base_name = model or config.get("model") or adapter_base_model(deliverable) or DEFAULT_MODEL
+    run, config, method, deliverable, base_name = _what_to_compare(run_dir, model, adapter)
     examples = load_examples(data)[: n if n else None]
     pairs = None
     if preferences:  # bad preference data stops here, before the model loads
@@ -83,6 +72,48 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
     return result
 
 
+def harness_run(run_dir: str | Path | None = None, *, tasks: str, model: str | None = None,
+                adapter: str | Path | None = None, out: str | Path | None = None, limit: int | None = None,
+                include: str | Path | None = None, dtype: str = "auto",
+                batch_size: int = 8) -> dict[str, Any]:
+    """lm-evaluation-harness `tasks` (tailor.eval.harness.parse_tasks), base vs tuned, through tailor's
+    server; the result goes into eval.json's "harness" entry (`out`, default run_dir/eval.json; what else
+    the file holds is kept) and, for a run, its report.md. Returns the harness entry plus eval_json."""
+    from tailor.eval.harness import evaluate_harness, merge_into_eval_json, parse_tasks
+    from tailor.files import check_output_path
+
+    parsed = parse_tasks(tasks)  # bad task files fail before the model loads
+    run, _, _, deliverable, base_name = _what_to_compare(run_dir, model, adapter)
+    target = check_output_path(Path(out) if out else (run / "eval.json" if run else Path("eval.json")))
+    harness = evaluate_harness(base_name, deliverable, parsed, limit=limit, include=include, dtype=dtype,
+                               batch_size=batch_size)
+    merge_into_eval_json(target, harness, {"model": base_name, "adapter": str(deliverable)})
+    if run is not None and target.resolve() == (run / "eval.json").resolve():
+        from tailor.report import write_report
+
+        write_report(run)
+    return {**harness, "eval_json": str(target)}
+
+
+def _what_to_compare(run_dir: str | Path | None, model: str | None, adapter: str | Path | None):
+    """(run directory or None, its config, its method, the deliverable directory, the base model's name)."""
+    from tailor.methods import get_method
+    from tailor.models import DEFAULT_MODEL
+
+    run = Path(run_dir) if run_dir is not None else None
+    config = _run_config(run) if run is not None else {}
+    method = get_method(config.get("method", "lora") if adapter is None else "lora")
+    deliverable = Path(adapter) if adapter is not None else method.deliverable_dir(run) if run else None
+    if deliverable is None or not deliverable.is_dir():
+        missing = deliverable if adapter is not None or run is None or run.is_dir() else run
+        where = (f"{missing} {'is a file, not a directory' if missing.exists() else 'does not exist'}"
+                 if missing else "no run directory or --adapter given")
+        raise ValueError(f"nothing to compare: {where}; pass a run directory that holds adapter/ or model/, "
+                         "or --adapter DIR.")
+    base_name = model or config.get("model") or adapter_base_model(deliverable) or DEFAULT_MODEL
+    return run, config, method, deliverable, base_name
+
+
 def _run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RUN_CONFIG_NAME
     if not path.is_file():
@@ -106,4 +137,4 @@ def adapter_base_model(directory: str | Path | None) -> str | None:
         return None
 
 
-__all__ = ["DEFAULT_EVAL_DATA", "adapter_base_model", "evaluate_run"]
+__all__ = ["DEFAULT_EVAL_DATA", "adapter_base_model", "evaluate_run", "harness_run"]

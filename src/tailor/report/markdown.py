@@ -78,6 +78,29 @@ def comparison_lines(evaluation: dict[str, Any]) -> list[str]:
     return lines
 
 
+def harness_lines(harness: dict[str, Any]) -> list[str]:
+    """Base vs tuned scores of lm-evaluation-harness tasks (eval.json's "harness", `tailor eval --harness`);
+    standard errors beside the scores."""
+    base, tuned = harness.get("base") or {}, harness.get("tuned") or {}
+    rows = []
+    for task in dict.fromkeys([*base, *tuned]):
+        b, t = base.get(task) or {}, tuned.get(task) or {}
+        for metric in dict.fromkeys([*b, *t]):
+            if metric == "higher_is_better" or "_stderr" in metric:
+                continue
+            cells = []
+            for side in (b, t):
+                error = side.get(f"{metric}_stderr")
+                spread = f" ± {_fmt(error)}" if isinstance(error, float) else ""
+                cells.append(_fmt(side.get(metric)) + spread)
+            delta = (f"{t[metric] - b[metric]:+.3f}" if isinstance(b.get(metric), (int, float))
+                     and isinstance(t.get(metric), (int, float)) else "–")
+            rows.append([task, metric, *cells, delta])
+    limit = f" (first {harness['limit']} examples per task)" if harness.get("limit") else ""
+    return [f"Scored by lm-eval's local-completions against `tailor serve`{limit}:", "",
+            *_table(["task", "metric", "base", "tuned", "Δ"], rows)]
+
+
 def render_report(run_dir: Path) -> str:
     run_dir = Path(run_dir)
     config_path = run_dir / RUN_CONFIG_NAME
@@ -147,7 +170,10 @@ def render_report(run_dir: Path) -> str:
             out += ["![loss curve](loss.png)", ""]
 
     if evaluation:
-        out += ["## Base vs tuned", "", *comparison_lines(evaluation), ""]
+        if evaluation.get("base") or evaluation.get("tuned"):  # an eval.json may hold the harness only
+            out += ["## Base vs tuned", "", *comparison_lines(evaluation), ""]
+        if evaluation.get("harness"):
+            out += ["## lm-evaluation-harness", "", *harness_lines(evaluation["harness"]), ""]
         retention = evaluation.get("retention")
         if retention:
             sides = [(who, r) for who, r in retention.items() if isinstance(r, dict)]

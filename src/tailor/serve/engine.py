@@ -11,6 +11,9 @@ Each `step()`:
   3. turns the tokens into text and finishes the requests that hit a stop token, a stop string,
      max_tokens or the context length (`TextStream`), and frees their rows for the next step.
 
+Requests that ask for log-probabilities get them from the same logits, row by row (`tailor.serve.logprobs`);
+for a prompt's own tokens (echo), its prefill keeps the logits of every prompt position.
+
 The engine is driven either synchronously (`generate`: evaluation, `tailor generate`) or by its own thread
 (`start`: the server), where `submit` and `abort` may be called from any thread.
 """
@@ -27,7 +30,8 @@ from torch import nn
 
 from tailor.serve.adapters import AdapterRef, EngineAdapters, UnknownAdapterError
 from tailor.serve.batch import Batch
-from tailor.serve.prefixes import PrefixCache
+from tailor.serve.logprobs import generated_logprobs, prompt_logprobs
+from tailor.serve.prefixes import PrefixCache, wants_prompt_logits
 from tailor.serve.request import Request
 from tailor.serve.runner import ModelRunner
 from tailor.serve.sampling import SamplingParams, stop_token_ids
@@ -71,6 +75,8 @@ class Engine:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.stop_ids, default=0)  # any id: padding is masked
         self.device = next(model.parameters()).device
+        # the ids a row's logits cover (a tokenizer may name fewer: an embedding padded to a multiple)
+        self.vocab_size = int(getattr(config, "vocab_size", 0) or 0) or len(tokenizer)
         self.stats = {"steps": 0, "prefill_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0}
         self.scheduler = Scheduler(adapters, max_batch, prefill_tokens)
         self.batch = Batch(config.num_hidden_layers, max_batch, self.device)
@@ -230,7 +236,16 @@ class Engine:
         prefixes = self.prefixes.find(joiners, self._compute_prefix)
         forward, reused = self.batch.prefill(joiners, prefixes, self.pad_id)
         self.stats["prefix_tokens_reused"] += reused
-        logits = self.runner.forward(forward)
+        echoed = [r for r in joiners if wants_prompt_logits(r)]
+        keep = max(len(r.prompt_ids) for r in echoed) if echoed else None  # rows end at the same column
+        logits = self.runner.forward(forward, keep)
+        if keep:
+            for i, request in enumerate(joiners):
+                if wants_prompt_logits(request):
+                    own = logits[i, keep - len(request.prompt_ids):]  # (P, V): its prompt's positions
+                    request.prompt_logprobs = prompt_logprobs(own, request.prompt_ids,
+                                                              request.params.prompt_logprobs)
+            logits = logits[:, -1]  # (n, V)
         self.batch.join(joiners)
         self._accept(joiners, logits)
         used = sum(len(r.prompt_ids) for r in joiners)
@@ -247,7 +262,8 @@ class Engine:
         """Choose and append each request's next token; finish those that stop."""
         for listener in self.logits_listeners:
             listener(requests, logits)
-        self.stream.accept(requests, self.runner.choose(requests, logits))
+        tokens = self.runner.choose(requests, logits, self.stop_ids)
+        self.stream.accept(requests, tokens, generated_logprobs(requests, logits, tokens))
 
     def _retire(self) -> None:
         """Free the rows (and adapter slots) of finished requests."""

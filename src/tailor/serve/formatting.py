@@ -2,7 +2,8 @@
 
 The two shapes differ in three places only (the objects' names, a choice's text as ``text`` or as an
 assistant ``message``/``delta``, and chat's opening chunk that names the role); they are all here, so the
-generation path (`tailor.serve.openai_api`) never asks which endpoint it serves.
+generation path (`tailor.serve.openai_api`) never asks which endpoint it serves. Log-probabilities, when
+asked for, are written in the endpoint's shape by `tailor.serve.logprobs.LogprobsWriter`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 
+from tailor.serve.logprobs import LogprobsWriter, TokenLogprob
 from tailor.serve.request import Request
 
 
@@ -18,27 +21,33 @@ class ResponseFormat:
     """How one response is written (`chat`: chat completions, else completions) for the adapter or base
     model name that served it."""
 
-    def __init__(self, chat: bool, served: str) -> None:
-        self.chat, self.served = chat, served
+    def __init__(self, chat: bool, served: str, logprobs: LogprobsWriter | None = None) -> None:
+        self.chat, self.served, self.logprobs = chat, served, logprobs
+        self._offsets: dict[int, int] = {}  # each streamed choice's text_offset so far
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
     # --- whole answers -------------------------------------------------------------------------------
-    def response(self, requests: list[tuple[int, Request]]) -> dict:
-        """The whole answer of finished requests, each with its choice index."""
-        choices = [self._choice(index, request) for index, request in requests]
+    def response(self, requests: list[tuple[int, Request]], echoes: dict[int, str] | None = None) -> dict:
+        """The whole answer of finished requests, each with its choice index (`echoes`: the prompt text
+        that comes before a completion's text, by choice index)."""
+        echoes = echoes or {}
+        choices = [self._choice(index, request, echoes.get(index, "")) for index, request in requests]
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.served,
                 "choices": choices, "usage": usage([r for _, r in requests]), "system_fingerprint": None}
 
-    def _choice(self, index: int, request: Request) -> dict:
+    def _choice(self, index: int, request: Request, echo: str = "") -> dict:
         choice: dict = {"index": index}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": request.text}
         else:
-            choice["text"] = request.text
-        return {**choice, "logprobs": None, "finish_reason": finish_reason(request)}
+            choice["text"] = echo + request.text
+        logprobs = None
+        if self.logprobs is not None:  # the prompt's (echo) then the answer's
+            logprobs = self.logprobs.write((request.prompt_logprobs or []) + request.logprobs)
+        return {**choice, "logprobs": logprobs, "finish_reason": finish_reason(request)}
 
     # --- streamed answers ----------------------------------------------------------------------------
     def opening(self, indices: list[int]) -> list[dict]:
@@ -47,9 +56,15 @@ class ResponseFormat:
             return []
         return [self._chunk(index, {"role": "assistant", "content": ""}, None) for index in indices]
 
-    def piece(self, index: int, text: str) -> dict:
-        """A chunk with a piece of a choice's text."""
-        return self._chunk(index, {"content": text} if self.chat else text, None)
+    def piece(self, index: int, text: str, logprobs: Sequence[TokenLogprob] = ()) -> dict:
+        """A chunk with a piece of a choice's text (and the log-probabilities of the tokens computed since
+        the last piece, when they were asked for)."""
+        chunk = self._chunk(index, {"content": text} if self.chat else text, None)
+        if self.logprobs is not None:
+            offset = self._offsets.get(index, 0)
+            chunk["choices"][0]["logprobs"] = self.logprobs.write(logprobs, offset)
+            self._offsets[index] = offset + self.logprobs.text_length(logprobs)
+        return chunk
 
     def last(self, index: int, request: Request) -> dict:
         """A choice's last chunk: its finish_reason, and its usage."""

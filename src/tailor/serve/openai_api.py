@@ -21,6 +21,7 @@ from tailor.serve.adapters import AdapterManager, AdapterRef, AdapterRefusedErro
 from tailor.serve.engine import Engine
 from tailor.serve.formatting import ResponseFormat, sse
 from tailor.serve.http import ServerConfig, authorize, read_json
+from tailor.serve.logprobs import LogprobsWriter, TokenTexts
 from tailor.serve.metrics import ServerMetrics
 from tailor.serve.protocol import (
     APIError,
@@ -39,11 +40,14 @@ MAX_CHOICES = 32  # completions per request (prompts x n)
 
 @dataclass
 class Job:
-    """One engine request of an HTTP request (choice `index`), and the queue its text arrives on."""
+    """One engine request of an HTTP request (choice `index`), and the queue its text arrives on:
+    (text, finished, the log-probabilities of the tokens since the last item)."""
 
     request: EngineRequest
     index: int
     queue: asyncio.Queue
+    echo: str | None = None  # the prompt's text, returned before the completion's (completions' echo)
+    logprobs_sent: int = 0  # entries of request.logprobs already queued (engine thread)
 
 
 class Completions:
@@ -53,16 +57,18 @@ class Completions:
         self.engine, self.config, self.routes, self.metrics = engine, config, routes, metrics
         self.manager: AdapterManager | None = engine.adapters
         self.max_prompt = min(config.max_prompt_tokens or engine.max_model_len - 1, engine.max_model_len - 1)
+        self.token_texts = TokenTexts(engine.tokenizer)
 
     async def answer(self, http: Request, body, prompts: list[list[int]], max_tokens: int | None,
-                     chat: bool):
-        """Generate for `prompts` (each `body.n` times) and answer whole or as a stream."""
+                     chat: bool, echoes: list[str] | None = None):
+        """Generate for `prompts` (each `body.n` times) and answer whole or as a stream (`echoes`: each
+        prompt's text, returned before its completion)."""
         adapter, served = await self._resolve_model(body.model, body.user)
         http.state.model = body.model
         for ids in prompts:
             self._check_prompt(ids)
         self._check_queue()
-        jobs = self._jobs(body, prompts, max_tokens, adapter)
+        jobs = self._jobs(body, prompts, max_tokens, adapter, echoes)
         try:
             for job in jobs:
                 self.engine.submit(job.request)
@@ -72,7 +78,9 @@ class Completions:
         except ValueError as error:
             self._abort(jobs)
             raise bad_request(str(error)) from None
-        form = ResponseFormat(chat, served)
+        top = logprobs_asked(body)
+        form = ResponseFormat(chat, served, LogprobsWriter(self.token_texts, chat, top)
+                              if top is not None else None)
         label = adapter.name if adapter is not None else ""
         headers = {"x-tailor-adapter": label}
         if body.stream:
@@ -84,7 +92,8 @@ class Completions:
         if failed is not None:
             raise APIError(500, f"generation failed: {failed.error}", type="server_error")
         self._observe(body.model, label, jobs)
-        return JSONResponse(form.response([(job.index, job.request) for job in jobs]), headers=headers)
+        return JSONResponse(form.response([(job.index, job.request) for job in jobs],
+                                          {job.index: job.echo or "" for job in jobs}), headers=headers)
 
     # --- before generating ---------------------------------------------------------------------------
     async def _resolve_model(self, name: str, user: str | None) -> tuple[AdapterRef | None, str]:
@@ -128,6 +137,9 @@ class Completions:
         room = context - prompt_len
         if max_tokens is None:
             max_tokens = min(limit, room)
+        if body.min_tokens > max_tokens:
+            raise bad_request(f"min_tokens={body.min_tokens} is above max_tokens={max_tokens}.",
+                              param="min_tokens")
         if max_tokens > limit:
             raise bad_request(f"max_tokens={max_tokens} is above this server's limit of {limit}.",
                               param="max_tokens")
@@ -136,28 +148,39 @@ class Completions:
                               f"{prompt_len}, so max_tokens can be at most {room} (asked: {max_tokens}).",
                               param="max_tokens", code="context_length_exceeded")
         seed = body.seed + seed_offset if body.seed is not None else None
+        vocab = self.engine.vocab_size
+        if any(not 0 <= t < vocab for t in body.stop_token_ids or ()):
+            raise bad_request(f"stop_token_ids must be token ids in [0, {vocab}).", param="stop_token_ids")
+        top = logprobs_asked(body)
+        echo_logprobs = top if getattr(body, "echo", False) else None
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              stop=tuple(body.stop or ()), seed=seed)
+                              stop=tuple(body.stop or ()), seed=seed, ignore_eos=body.ignore_eos,
+                              top_k=body.top_k, min_tokens=body.min_tokens,
+                              stop_token_ids=tuple(body.stop_token_ids or ()),
+                              repetition_penalty=body.repetition_penalty, logprobs=top,
+                              prompt_logprobs=echo_logprobs)
 
     def _jobs(self, body, prompts: list[list[int]], max_tokens: int | None,
-              adapter: AdapterRef | None) -> list[Job]:
+              adapter: AdapterRef | None, echoes: list[str] | None) -> list[Job]:
         loop = asyncio.get_running_loop()
         jobs = []
         for p, ids in enumerate(prompts):
             for k in range(body.n):
                 index = p * body.n + k
                 params = self._sampling(body, max_tokens, len(ids), index)
-                queue: asyncio.Queue = asyncio.Queue()
+                job = Job(None, index, asyncio.Queue(), echoes[p] if echoes else None)
 
-                def push(request, delta, queue=queue):
-                    loop.call_soon_threadsafe(queue.put_nowait, (delta, request.finished))
+                def push(request, delta, job=job):  # engine thread: the new log-probabilities go along
+                    entries = request.logprobs[job.logprobs_sent :]
+                    job.logprobs_sent += len(entries)
+                    loop.call_soon_threadsafe(job.queue.put_nowait, (delta, request.finished, entries))
 
-                def done(request, queue=queue):
-                    loop.call_soon_threadsafe(queue.put_nowait, ("", True))
+                def done(request, job=job):
+                    loop.call_soon_threadsafe(job.queue.put_nowait, ("", True, []))
 
-                request = (EngineRequest(ids, params, adapter, on_update=push) if body.stream
-                           else EngineRequest(ids, params, adapter, on_finish=done))
-                jobs.append(Job(request, index, queue))
+                job.request = (EngineRequest(ids, params, adapter, on_update=push) if body.stream
+                               else EngineRequest(ids, params, adapter, on_finish=done))
+                jobs.append(job)
         return jobs
 
     # --- while generating ----------------------------------------------------------------------------
@@ -170,7 +193,7 @@ class Completions:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise TimeoutError
-                    _, finished = await asyncio.wait_for(job.queue.get(), remaining)
+                    _, finished, _ = await asyncio.wait_for(job.queue.get(), remaining)
                     if finished:
                         break
         except (TimeoutError, asyncio.TimeoutError):
@@ -190,8 +213,8 @@ class Completions:
 
         async def forward(job: Job) -> None:
             while True:
-                delta, finished = await job.queue.get()
-                await merged.put((job, delta, finished))
+                delta, finished, entries = await job.queue.get()
+                await merged.put((job, delta, finished, entries))
                 if finished:
                     return
 
@@ -203,13 +226,17 @@ class Completions:
             while open_jobs:
                 remaining = deadline - time.monotonic()
                 try:
-                    job, delta, finished = await asyncio.wait_for(merged.get(), max(remaining, 0.001))
+                    item = await asyncio.wait_for(merged.get(), max(remaining, 0.001))
                 except (TimeoutError, asyncio.TimeoutError):
                     self._abort(jobs)
                     yield sse(self._timeout().body())
                     break
-                if delta:
-                    yield sse(form.piece(job.index, delta))
+                job, delta, finished, entries = item
+                if job.echo is not None:  # the prompt comes first, with its log-probabilities
+                    delta, job.echo = job.echo + delta, None
+                    entries = (job.request.prompt_logprobs or []) + entries
+                if delta or entries:
+                    yield sse(form.piece(job.index, delta, entries))
                 if finished:
                     open_jobs -= 1
                     request = job.request
@@ -290,7 +317,11 @@ def openai_router(completions: Completions) -> APIRouter:
             raise bad_request("prompt must be a string, a list of strings, or token ids.", param="prompt")
         if len(prompts) * body.n > MAX_CHOICES:
             raise bad_request(f"At most {MAX_CHOICES} completions per request (prompts x n).", param="prompt")
-        return await completions.answer(request, body, prompts, body.max_tokens, chat=False)
+        echoes = None
+        if body.echo:  # the prompt as given; token ids as their text
+            given = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt[0], str) else None
+            echoes = given or [engine.tokenizer.decode(ids) for ids in prompts]
+        return await completions.answer(request, body, prompts, body.max_tokens, chat=False, echoes=echoes)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -314,6 +345,14 @@ def openai_router(completions: Completions) -> APIRouter:
 
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
+
+
+def logprobs_asked(body) -> int | None:
+    """How many most likely tokens to report per position, or None when no log-probabilities are asked
+    for (completions: `logprobs` N; chat: `logprobs` true with `top_logprobs` N, default 0)."""
+    if isinstance(body, ChatRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
 
 
 __all__ = ["Completions", "Job", "openai_router"]

@@ -43,10 +43,10 @@ class PrefixCache:
         joiners share (`compute` runs them)."""
         if not self.enabled:
             return [None] * len(joiners)
-        found = [self._stored(r) for r in joiners]
+        found = [None if wants_prompt_logits(r) else self._stored(r) for r in joiners]
         groups: dict[AdapterRef | None, list[int]] = {}
         for i, request in enumerate(joiners):
-            if found[i] is None:
+            if found[i] is None and not wants_prompt_logits(request):
                 groups.setdefault(request.ref, []).append(i)
         for key, members in groups.items():
             if len(members) < 2:
@@ -78,6 +78,12 @@ class PrefixCache:
         return best
 
 
+def wants_prompt_logits(request: Request) -> bool:
+    """Whether the request reports its prompt's log-probabilities (echo): then every prompt token is
+    computed in its own prefill, none copied from a stored prefix."""
+    return request.params.prompt_logprobs is not None
+
+
 def common_prefix_length(prompts: list[list[int]]) -> int:
     first = prompts[0]
     length = min(len(p) for p in prompts)
@@ -89,4 +95,4 @@ def common_prefix_length(prompts: list[list[int]]) -> int:
     return length
 
 
-__all__ = ["MAX_PREFIXES", "Prefix", "PrefixCache", "common_prefix_length"]
+__all__ = ["MAX_PREFIXES", "Prefix", "PrefixCache", "common_prefix_length", "wants_prompt_logits"]

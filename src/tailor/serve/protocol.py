@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tailor.serve.sampling import MAX_LOGPROBS
 
 
 class APIError(Exception):
@@ -36,7 +38,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class _VllmSampling(BaseModel):
+    """vLLM's sampling fields, with vLLM's meanings (what benchmark clients such as vLLM's
+    benchmark_serving and genai-perf send; tailor.serve.sampling.SamplingParams says what each does)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = None
+    top_k: int = Field(default=-1, ge=-1)  # -1 or 0: off
+    repetition_penalty: float = Field(default=1.0, gt=0)  # 1: off
+
+
+class _Common(_VllmSampling):
     """Fields shared by completions and chat completions; OpenAI's defaults."""
 
     model_config = ConfigDict(extra="forbid")
@@ -79,16 +94,22 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0 only with echo: the prompt's logprobs alone
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
+    @model_validator(mode="after")
+    def _nothing_to_generate(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 returns only the prompt, so it needs echo: true; "
+                             "else ask for at least 1 token")
+        return self
+
     def unsupported(self) -> list[str]:
         found = super().unsupported()
-        found += [name for name, off in (("echo", self.echo is False), ("logprobs", self.logprobs is None),
-                                         ("best_of", self.best_of in (None, 1)), ("suffix", not self.suffix))
+        found += [name for name, off in (("best_of", self.best_of in (None, 1)), ("suffix", not self.suffix))
                   if not off]
         return found
 
@@ -114,16 +135,20 @@ class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # needs logprobs: true
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
 
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
     def unsupported(self) -> list[str]:
         found = super().unsupported()
-        if self.logprobs or self.top_logprobs:
-            found.append("logprobs")
         if self.tools or self.tool_choice not in (None, "none"):
             found.append("tools")
         if self.response_format and self.response_format.get("type") != "text":
@@ -142,6 +167,9 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         param = ".".join(str(p) for p in first["loc"]) or None
         if first["type"] == "extra_forbidden":
             raise bad_request(f"Unrecognized request argument supplied: {param}.", param=param) from None
+        if param is None:  # a rule between fields (a model validator): its message names them
+            message = first["msg"].removeprefix("Value error, ")
+            raise bad_request(f"{message}.", param=message.split()[0]) from None
         raise bad_request(f"Invalid value for {param!r}: {first['msg']}.", param=param) from None
     unsupported = request.unsupported()
     if unsupported:

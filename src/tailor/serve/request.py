@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tailor.serve.adapters import AdapterRef
+from tailor.serve.logprobs import TokenLogprob
 from tailor.serve.sampling import SamplingParams
 
 _ids = itertools.count()
@@ -36,6 +37,8 @@ class Request:
     on_finish: Callable[[Request], None] | None = None
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     output_ids: list[int] = field(default_factory=list)  # the answer (a final stop token left out)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of output_ids (params.logprobs set)
+    prompt_logprobs: list[TokenLogprob] | None = None  # of prompt_ids (params.prompt_logprobs set)
     generated: int = 0  # tokens generated, a final stop token included (usage.completion_tokens)
     text: str = ""
     finish_reason: str | None = None

@@ -8,6 +8,8 @@ run apart, so that greedy choices can be re-scored in fp32 from the hidden state
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 
@@ -15,6 +17,7 @@ from tailor.models.parts import output_head, transformer_body
 from tailor.serve.adapters import EngineAdapters
 from tailor.serve.batch import Forward
 from tailor.serve.kv import RowKVCache
+from tailor.serve.processors import process_logits, processed_rows
 from tailor.serve.request import Request
 from tailor.serve.sampling import choose_tokens
 
@@ -40,8 +43,9 @@ class ModelRunner:
         self.hidden: torch.Tensor | None = None  # (B, H) the last forward's last hidden states (split only)
         self.dtype = next(model.parameters()).dtype
 
-    def forward(self, step: Forward) -> torch.Tensor:
-        """One forward of the model over the planned rows/columns; the last position's logits (B, V)."""
+    def forward(self, step: Forward, keep: int | None = None) -> torch.Tensor:
+        """One forward of the model over the planned rows/columns; the last position's logits (B, V), or
+        with `keep`, the last `keep` positions' (B, keep, V) (a prompt's log-probabilities)."""
         self.cache.plan(step.rows, step.write_start, step.view_start)
         mask = step.mask
         if mask is not None and self.attention == "eager":  # eager attention adds the mask
@@ -53,25 +57,32 @@ class ModelRunner:
         try:
             if self.split is None:
                 out = self.model(input_ids=step.input_ids, position_ids=step.positions, attention_mask=mask,
-                                 cache=self.cache, use_cache=True, logits_to_keep=1)
+                                 cache=self.cache, use_cache=True, logits_to_keep=keep or 1)
                 self.hidden = None
-                return out.logits[:, -1, :]  # (B, V)
+                return out.logits if keep else out.logits[:, -1, :]  # (B, keep, V) or (B, V)
             body, head = self.split
             out = body(input_ids=step.input_ids, position_ids=step.positions, attention_mask=mask,
                        cache=self.cache, use_cache=True)
             self.hidden = out.last_hidden_state[:, -1, :]  # (B, H): the greedy choice is refined from it
+            if keep:
+                return head(out.last_hidden_state[:, -keep:, :])  # (B, keep, V)
             return head(self.hidden)  # (B, V)
         finally:
             if adapters is not None:
                 adapters.use_rows(None)
 
-    def choose(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        """Each request's next token from its row of the last forward's logits (its own sampling)."""
-        tokens = choose_tokens(logits, [r.params for r in requests], [r.generator for r in requests])
+    def choose(self, requests: list[Request], logits: torch.Tensor,
+               stop_ids: Collection[int] = ()) -> list[int]:
+        """Each request's next token from its row of the last forward's logits (its own processors and
+        sampling; `stop_ids`: the tokens that end an answer, which min_tokens holds back)."""
+        processed = processed_rows(requests)
+        chosen_from = process_logits(logits, requests, stop_ids, processed) if processed else logits
+        tokens = choose_tokens(chosen_from, [r.params for r in requests], [r.generator for r in requests])
         if self.hidden is not None and logits.dtype != torch.float32:
             greedy = self.refine_greedy(logits).tolist()
-            tokens = [g if r.params.temperature == 0 else t
-                      for r, t, g in zip(requests, tokens, greedy, strict=True)]
+            changed = set(processed)  # a processed row's argmax is its processed logits' own
+            tokens = [g if r.params.greedy and i not in changed else t
+                      for i, (r, t, g) in enumerate(zip(requests, tokens, greedy, strict=True))]
         return tokens
 
     def refine_greedy(self, logits: torch.Tensor, k: int = 4) -> torch.Tensor:

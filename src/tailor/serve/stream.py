@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+from tailor.serve.logprobs import TokenLogprob
 from tailor.serve.request import Request
 from tailor.serve.sampling import held_back, stop_position
 
@@ -25,20 +26,28 @@ class TextStream:
         self.tokenizer, self.stop_ids, self.stats = tokenizer, stop_ids, stats
         self.max_model_len = max_model_len
 
-    def accept(self, requests: list[Request], tokens: list[int]) -> None:
-        """Append each request's next token; finish those that stop."""
+    def accept(self, requests: list[Request], tokens: list[int],
+               logprobs: list[TokenLogprob | None] | None = None) -> None:
+        """Append each request's next token (and its log-probability, for those that asked); finish those
+        that stop. A request with max_tokens 0 (its prompt's log-probabilities only) finishes here."""
         now = time.perf_counter()
-        for request, token in zip(requests, tokens, strict=True):
+        for k, (request, token) in enumerate(zip(requests, tokens, strict=True)):
             if request.finished:
+                continue
+            params = request.params
+            if params.max_tokens == 0:
+                self.finish(request, "length")
                 continue
             if request.first_token_at is None:
                 request.first_token_at = now
             request.generated += 1
             self.stats["generated_tokens"] += 1
-            if token in self.stop_ids and not request.params.ignore_eos:
+            if (token in self.stop_ids and not params.ignore_eos) or token in params.stop_token_ids:
                 self.finish(request, "stop")
                 continue
             request.output_ids.append(token)
+            if logprobs is not None and logprobs[k] is not None:
+                request.logprobs.append(logprobs[k])
             if request.params.stop or request.on_update is not None:
                 self._update_text(request)  # may finish it at a stop string
             full = len(request.prompt_ids) + len(request.output_ids) >= self.max_model_len
@@ -48,7 +57,8 @@ class TextStream:
     def _update_text(self, request: Request) -> None:
         before = len(request.text)
         text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
-        stops = request.params.stop
+        # stop strings are looked for once min_tokens are generated (vLLM)
+        stops = request.params.stop if request.generated >= request.params.min_tokens else ()
         if stops:
             found = stop_position(text, stops, max(0, before - max(len(s) for s in stops)))
             if found is not None:
