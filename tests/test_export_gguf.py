@@ -156,6 +156,20 @@ def test_an_architecture_llama_cpp_is_not_given_is_refused_before_any_work(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "model"]
 
 
+def test_a_sentencepiece_style_vocabulary_is_refused_before_the_merge(tmp_path, monkeypatch):
+    model_dir = tiny_model_dir(tmp_path / "model")
+    adapter = make_adapter(model_dir, tmp_path / "adapter", targets=["q_proj"])
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True  # Llama 2 / Mistral / Gemma style
+    (model_dir / "tokenizer.json").write_text(json.dumps(spec))
+    import tailor.models
+
+    monkeypatch.setattr(tailor.models, "load_model", None)  # the refusal comes before any model load
+    with pytest.raises(GGUFExportError, match="SentencePiece-style.*--lora-only"):
+        merge_adapter(adapter, tmp_path / "m.gguf", gguf=True)
+    assert not (tmp_path / "m.gguf").exists()
+
+
 # ------------------------------------------------------------------------------------------------ Ollama
 def test_chatml_becomes_ollamas_template_with_the_default_system_prompt():
     from tailor.models import load_tokenizer

@@ -108,16 +108,22 @@ def pre_tokenizer_name(tokenizer: Any) -> str:
     return KNOWN_PRE_TOKENIZERS.get(digest, "default")
 
 
-def _add_tokenizer(gguf: Any, writer: Any, tokenizer: Any, vocab_size: int) -> str:
-    spec = _tokenizer_json(tokenizer)
-    model = spec.get("model", {})
+def check_tokenizer(tokenizer: Any) -> dict[str, Any]:
+    """Refuse a tokenizer this writer does not convert (anything but byte-level BPE); its BPE model."""
+    model = _tokenizer_json(tokenizer).get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         kind = "SentencePiece-style BPE (byte_fallback)" if model.get("byte_fallback") else model.get("type")
         raise GGUFExportError(
-            f"the tokenizer is {kind}; tailor writes byte-level BPE vocabularies (SmolLM2, Llama 3, GPT-2 "
-            "style) to GGUF. Write the merged transformers directory instead (tailor merge without --gguf) "
-            "and convert it with llama.cpp's convert_hf_to_gguf.py."
+            f"the tokenizer is {kind}; tailor writes byte-level BPE vocabularies (SmolLM2, Llama 3, Qwen, "
+            "GPT-2 style) to GGUF. Write the adapter alone (--lora-only: it holds no vocabulary; run it on a "
+            "base GGUF from llama.cpp's converter), or the merged transformers directory (tailor merge "
+            "without --gguf) and convert it with llama.cpp's convert_hf_to_gguf.py."
         )
+    return model
+
+
+def _add_tokenizer(gguf: Any, writer: Any, tokenizer: Any, vocab_size: int) -> str:
+    model = check_tokenizer(tokenizer)
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
     if max(by_id, default=-1) >= vocab_size:
         raise GGUFExportError(f"the tokenizer has token ids up to {max(by_id)} but the model only "
@@ -214,5 +220,6 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, quant: str = 
     return {"tensors": counts, "pre_tokenizer": pre, "quant": quant, "architecture": arch_name(spec)}
 
 
-__all__ = ["GGUFExportError", "GGUF_TOLERANCE", "QUANT_TYPES", "check_exportable", "pre_tokenizer_name",
+__all__ = ["GGUFExportError", "GGUF_TOLERANCE", "QUANT_TYPES", "check_exportable", "check_tokenizer",
+           "pre_tokenizer_name",
            "round_like_gguf", "write_gguf"]

@@ -244,10 +244,14 @@ def merge_adapter(
     base_name = (model or (metadata.get("base") or {}).get("name") or config.base_model_name_or_path
                  or DEFAULT_MODEL)
     resolved = resolve_model(base_name)
-    if gguf:
+    if gguf:  # the architecture and the vocabulary, before the model is loaded
         from transformers import AutoConfig
 
+        from tailor.export.gguf import check_tokenizer
+        from tailor.models.load import load_tokenizer
+
         check_exportable(AutoConfig.from_pretrained(resolved.directory, local_files_only=True))
+        check_tokenizer(load_tokenizer(str(resolved.directory)))
     stored = (_dtype(base_dtype, "--base-dtype") if base_dtype != "auto"
               else _checkpoint_dtype(resolved.directory))
 

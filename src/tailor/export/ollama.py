@@ -147,11 +147,9 @@ def export_ollama(adapter: str | os.PathLike, out: str | os.PathLike, *, lora_on
         else:
             result = merge_adapter(adapter, tmp / "model.gguf", model=model, gguf=True, quant=quant,
                                    force=force, store=store, device=device, **merge_options)
-            from transformers import AutoTokenizer
+            from tailor.models.load import load_tokenizer
 
-            from tailor.models import resolve_model
-
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(result.base).directory)
+            tokenizer = load_tokenizer(result.base)
             files = ["model.gguf"]
             notes = list(result.notes)
         chat = chat_format(tokenizer)
