@@ -2,8 +2,9 @@
 
 llama-cpp-python is built from its PyPI source distribution the first time a test needs it (CPU only, this
 machine's instruction set, without the multimodal library) and installed into the test's environment, so
-later runs import it at once (pip also keeps the built wheel in its cache). Measured here: 1221 s for a
-build with llava on a shared 2-core machine. Without cmake or a C/C++ compiler, or without the package
+later runs import it at once (pip also keeps the built wheel in its cache, so a new environment reuses
+it). Measured on this session's 2-core machine while other jobs ran on it (load 5-9): 1221 s with the
+multimodal library, 1659 s without it (CMAKE_ARGS below) under heavier load: about 20-28 minutes here. Without cmake or a C/C++ compiler, or without the package
 index, the tests that need it skip and say why.
 """
 
