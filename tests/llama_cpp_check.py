@@ -4,8 +4,8 @@ llama-cpp-python is built from its PyPI source distribution the first time a tes
 machine's instruction set, without the multimodal library) and installed into the test's environment, so
 later runs import it at once (pip also keeps the built wheel in its cache, so a new environment reuses
 it). Measured on this session's 2-core machine while other jobs ran on it (load 5-9): 1221 s with the
-multimodal library, 1659 s without it (CMAKE_ARGS below) under heavier load: about 20-28 minutes here. Without cmake or a C/C++ compiler, or without the package
-index, the tests that need it skip and say why.
+multimodal library, 1659 s without it (CMAKE_ARGS below) under heavier load: about 20-28 minutes here.
+Without cmake or a C/C++ compiler, or without the package index, the tests that need it skip and say why.
 """
 
 from __future__ import annotations
