@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_model_dir, tiny_qwen2
+from conftest import tiny_llama, tiny_mixtral, tiny_model_dir
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -180,12 +180,11 @@ def test_gguf_round_trip_through_transformers_loader(tiny, tmp_path, ids, quant)
 
 
 def test_gguf_refuses_other_architectures_before_any_work(tmp_path):
-    model_dir = tiny_model_dir(tmp_path / "model")
-    tiny_qwen2(0).save_pretrained(model_dir)
+    model_dir = tiny_model_dir(tmp_path / "model", builder=tiny_mixtral)  # MoE: not written to GGUF
     model, _ = load_model(str(model_dir), device="cpu")
     add_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
     adapter = save_adapter(model, tmp_path / "adapter")
-    with pytest.raises(GGUFExportError, match="llama-architecture.*'qwen2'.*convert_hf_to_gguf"):
+    with pytest.raises(GGUFExportError, match="supports model_type 'llama'.*'mixtral'.*convert_hf_to_gguf"):
         merge_adapter(adapter, tmp_path / "out.gguf", gguf=True)
     assert not (tmp_path / "out.gguf").exists()
     merge_adapter(adapter, tmp_path / "merged")  # the transformers directory works for any causal LM

@@ -77,7 +77,12 @@ def merge_command(
     quantized: str = typer.Option("auto", "--quantized", help="base quantization the adapter was trained "
                                   "on: auto (from its metadata) | none | nf4 | int8 (dequantized before "
                                   "merging)"),
-    gguf: bool = typer.Option(False, "--gguf", help="write one GGUF file (llama architecture) instead"),
+    gguf: bool = typer.Option(False, "--gguf", help="write one GGUF file instead (llama, mistral, qwen2, "
+                              "qwen3, gemma2, gemma3, phi3)"),
+    lora_only: bool = typer.Option(False, "--lora-only", help="with --gguf / --ollama: write the adapter "
+                                   "alone, as llama.cpp's LoRA GGUF (llama-cli --lora, Ollama ADAPTER)"),
+    ollama: bool = typer.Option(False, "--ollama", help="write a directory for `ollama create`: the GGUF(s) "
+                                "and a Modelfile"),
     quant: str = typer.Option("f16", "--quant", help="GGUF tensor type: f16 | q8_0 | bf16 | f32"),
     verify: str = typer.Option("float64", "--verify", help="arithmetic of the logit check: float64 (limit "
                                "1e-4; a float64 copy of the model in memory) | float32"),
@@ -89,6 +94,25 @@ def merge_command(
     from tailor.export.merge import format_result, merge_adapter
 
     try:
+        if ollama:
+            from tailor.export.ollama import export_ollama, format_ollama_result
+
+            result = export_ollama(adapter, out, lora_only=lora_only, model=model, quant=quant, force=force,
+                                   store=store, dtype=dtype, base_dtype=base_dtype, quantized=quantized,
+                                   verify=verify)
+            if not lora_only:
+                format_result(result.merge, typer.echo)
+            format_ollama_result(result, typer.echo)
+            return
+        if lora_only:
+            if not gguf:
+                raise ValueError("--lora-only writes llama.cpp's LoRA adapter GGUF: add --gguf (and an --out "
+                                 "ending in .gguf), or --ollama.")
+            from tailor.export.gguf_lora import export_lora_gguf, format_lora_result
+
+            format_lora_result(export_lora_gguf(adapter, out, model=model, quant=quant, force=force,
+                                                store=store), typer.echo)
+            return
         result = merge_adapter(adapter, out, model=model, dtype=dtype, base_dtype=base_dtype,
                                quantized=quantized, force=force, gguf=gguf, quant=quant, store=store,
                                verify=verify)

@@ -1,11 +1,11 @@
-"""Write a (merged) llama-architecture transformers model as one GGUF file, with the `gguf` package.
+"""Write a (merged) transformers model as one GGUF file, with the `gguf` package.
 
-Tensor names come from gguf-py's own name map for the llama architecture (`get_tensor_name_map`, the
-table llama.cpp's convert_hf_to_gguf.py uses and transformers' GGUF loader reads back): ``token_embd``,
-``blk.N.attn_q`` ... ``output_norm``, ``output``. As in llama.cpp's converter, the rows of the query and
-key projections are permuted from Hugging Face's rotary layout (the two halves of each head) to GGML's
-(interleaved pairs); transformers undoes it on load. 1-D tensors (norms, biases) stay float32, as
-llama.cpp writes them.
+Every architecture in `tailor.export.gguf_arch.ARCHITECTURES` (llama, mistral, qwen2, qwen3, gemma2,
+gemma3, phi3): tensor names from gguf-py's own name map for it (`get_tensor_name_map`, the table llama.cpp's
+convert_hf_to_gguf.py uses and transformers' GGUF loader reads back): ``token_embd``, ``blk.N.attn_q`` ...
+``output_norm``, ``output``; q/k rows permuted for llama, Gemma's norms shifted, the hyper-parameters as
+the converter writes them (see gguf_arch). 1-D tensors (norms, biases) stay float32, as llama.cpp writes
+them.
 
 The tokenizer goes in as llama.cpp's "gpt2" (byte-level BPE) vocabulary: tokens, token types, merges,
 special token ids, the chat template, and the pre-tokenizer name llama.cpp recognises by hashing the
@@ -22,6 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from tailor.export.gguf_arch import (
+    GGUFExportError,
+    _gguf,
+    arch_name,
+    architecture,
+    check_exportable,
+    tensor_namer,
+    to_gguf_layout,
+    write_metadata,
+)
 
 QUANT_TYPES = ("f32", "f16", "bf16", "q8_0")
 # How far the GGUF file's logits (loaded back by transformers' GGUF loader) may be from the adapter-applied
@@ -44,52 +55,6 @@ KNOWN_PRE_TOKENIZERS = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
 }
-
-
-class GGUFExportError(ValueError):
-    """The model or tokenizer cannot be written as GGUF here; the message says why and what to do."""
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError:  # pragma: no cover - a dependency of tailor
-        raise GGUFExportError("GGUF export needs the gguf package: pip install gguf") from None
-    return gguf
-
-
-def check_exportable(config: Any) -> None:
-    """Refuse, before any work, a model this writer does not convert faithfully."""
-    model_type = getattr(config, "model_type", None)
-    if model_type != "llama":
-        raise GGUFExportError(
-            f"GGUF export supports llama-architecture models (model_type 'llama': SmolLM2, Llama 2/3, "
-            f"TinyLlama, ...); this model is {model_type!r}. Write the merged transformers directory instead "
-            "(tailor merge without --gguf) and convert it with llama.cpp's convert_hf_to_gguf.py."
-        )
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in (None, "default"):
-        raise GGUFExportError(
-            f"this model scales its rotary embedding ({rope_type!r}); tailor's GGUF writer does not write "
-            "RoPE scaling. Write the merged transformers directory (tailor merge without --gguf) and convert "
-            "it with llama.cpp's convert_hf_to_gguf.py."
-        )
-
-
-def _rope_theta(config: Any) -> float:
-    rope = getattr(config, "rope_parameters", None)
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        return float(rope["rope_theta"])
-    return float(getattr(config, "rope_theta", 10000.0))
-
-
-def _permute(weight: np.ndarray, n_head: int) -> np.ndarray:
-    """HF rotary layout -> GGML's, per head: (n_head, 2, d/2, ...) -> (n_head, d/2, 2, ...) (llama.cpp's
-    LlamaModel.permute). Rows of q (n_head heads) or k (n_kv_head heads); works on biases too."""
-    rows = weight.shape[0]
-    return (weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
 
 
 def _tensor_data(gguf: Any, array: np.ndarray, quant: str) -> tuple[np.ndarray, Any]:
@@ -143,16 +108,22 @@ def pre_tokenizer_name(tokenizer: Any) -> str:
     return KNOWN_PRE_TOKENIZERS.get(digest, "default")
 
 
-def _add_tokenizer(gguf: Any, writer: Any, tokenizer: Any, vocab_size: int) -> str:
-    spec = _tokenizer_json(tokenizer)
-    model = spec.get("model", {})
+def check_tokenizer(tokenizer: Any) -> dict[str, Any]:
+    """Refuse a tokenizer this writer does not convert (anything but byte-level BPE); its BPE model."""
+    model = _tokenizer_json(tokenizer).get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         kind = "SentencePiece-style BPE (byte_fallback)" if model.get("byte_fallback") else model.get("type")
         raise GGUFExportError(
-            f"the tokenizer is {kind}; tailor writes byte-level BPE vocabularies (SmolLM2, Llama 3, GPT-2 "
-            "style) to GGUF. Write the merged transformers directory instead (tailor merge without --gguf) "
-            "and convert it with llama.cpp's convert_hf_to_gguf.py."
+            f"the tokenizer is {kind}; tailor writes byte-level BPE vocabularies (SmolLM2, Llama 3, Qwen, "
+            "GPT-2 style) to GGUF. Write the adapter alone (--lora-only: it holds no vocabulary; run it on a "
+            "base GGUF from llama.cpp's converter), or the merged transformers directory (tailor merge "
+            "without --gguf) and convert it with llama.cpp's convert_hf_to_gguf.py."
         )
+    return model
+
+
+def _add_tokenizer(gguf: Any, writer: Any, tokenizer: Any, vocab_size: int) -> str:
+    model = check_tokenizer(tokenizer)
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
     if max(by_id, default=-1) >= vocab_size:
         raise GGUFExportError(f"the tokenizer has token ids up to {max(by_id)} but the model only "
@@ -194,73 +165,61 @@ def _add_tokenizer(gguf: Any, writer: Any, tokenizer: Any, vocab_size: int) -> s
 # ---------------------------------------------------------------------------------------------- model
 def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, quant: str = "f16",
                extra: dict[str, str] | None = None) -> dict[str, Any]:
-    """Write `model` (a plain llama-architecture transformers model) and `tokenizer` to `path` as GGUF.
+    """Write `model` (a plain transformers model of an architecture in gguf_arch.ARCHITECTURES) and
+    `tokenizer` to `path` as GGUF.
 
     `quant`: f32, f16, bf16 or q8_0 for the 2-D weights. `extra`: string key-values added to the file
     (tailor records the adapter and the export there). Returns what was written (tensor count, types).
 
     Raises:
-        GGUFExportError: not a llama model, RoPE scaling, a tokenizer other than byte-level BPE, an
-            unknown quant.
+        GGUFExportError: an architecture or RoPE scaling tailor does not write, a tokenizer other than
+            byte-level BPE, an unknown quant, a tensor with no GGUF name.
     """
     if quant not in QUANT_TYPES:
         raise GGUFExportError(f"--quant {quant!r} is not one of {', '.join(QUANT_TYPES)}.")
     config = model.config
-    check_exportable(config)
+    spec = architecture(config)
     gguf = _gguf()
-    n_layers, n_head = config.num_hidden_layers, config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    name_of = tensor_namer(spec, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tensors = []  # (gguf name, hf name): every name is checked before the file is opened
+    for hf_name in model.state_dict():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp and transformers reuse token_embd when the file has no output.weight
+        stem, _, suffix = hf_name.rpartition(".")
+        gguf_stem = name_of(stem)
+        if gguf_stem is None:
+            if "rotary_emb" in hf_name:
+                continue  # computed, not stored
+            raise GGUFExportError(f"no GGUF name for tensor {hf_name!r} in llama.cpp's {arch_name(spec)} "
+                                  "architecture: not a plain model of it.")
+        tensors.append((f"{gguf_stem}.{suffix}", hf_name))
 
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_type("model")
+    writer = gguf.GGUFWriter(str(path), arch_name(spec))
+    writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(str(getattr(model, "name_or_path", "") or "merged"))
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(n_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // n_head:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    write_metadata(writer, spec, config)
     writer.add_file_type(_file_type(gguf, quant))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     pre = _add_tokenizer(gguf, writer, tokenizer, config.vocab_size) if tokenizer is not None else None
     for key, value in (extra or {}).items():
         writer.add_string(key, value)
-
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    state = model.state_dict()
     counts: dict[str, int] = {}
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp and transformers reuse token_embd when the file has no output.weight
-        stem, _, suffix = hf_name.rpartition(".")
-        gguf_stem = name_map.get_name(stem)
-        if gguf_stem is None:
-            if "rotary_emb" in hf_name:
-                continue  # computed, not stored
-            raise GGUFExportError(f"no GGUF name for tensor {hf_name!r}: not a plain llama model.")
-        array = tensor.detach().to("cpu", torch.float32).numpy()
-        if stem.endswith("self_attn.q_proj"):
-            array = _permute(array, n_head)
-        elif stem.endswith("self_attn.k_proj"):
-            array = _permute(array, n_kv)
+    for gguf_name, hf_name in tensors:
+        array = state[hf_name].detach().to("cpu", torch.float32).numpy()
+        array = to_gguf_layout(spec, config, hf_name, array)
         data, raw_dtype = _tensor_data(gguf, array, quant)
-        writer.add_tensor(f"{gguf_stem}.{suffix}", data, raw_dtype=raw_dtype)
+        writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
         kind = raw_dtype.name if raw_dtype is not None else str(data.dtype)
         counts[kind] = counts.get(kind, 0) + 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"tensors": counts, "pre_tokenizer": pre, "quant": quant}
+    return {"tensors": counts, "pre_tokenizer": pre, "quant": quant, "architecture": arch_name(spec)}
 
 
-__all__ = ["GGUFExportError", "GGUF_TOLERANCE", "QUANT_TYPES", "check_exportable", "pre_tokenizer_name",
+__all__ = ["GGUFExportError", "GGUF_TOLERANCE", "QUANT_TYPES", "check_exportable", "check_tokenizer",
+           "pre_tokenizer_name",
            "round_like_gguf", "write_gguf"]

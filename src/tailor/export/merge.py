@@ -1,5 +1,6 @@
 """`tailor merge`: an adapter folded into its base, written as a plain transformers directory or one GGUF
-file, and checked against the adapter-applied model before anything is written.
+file (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3: tailor.export.gguf_arch), and checked against the
+adapter-applied model before anything is written.
 
 The merge is computed in float32: the base weights are taken as stored (a bf16 checkpoint's values are
 exact in fp32), a quantized base (bitsandbytes NF4 / int8: a QLoRA adapter's, or a pre-quantized
@@ -204,8 +205,9 @@ def merge_adapter(
     `model`: the base (default: the one the adapter names). `dtype`: the written weights (float32 keeps
     the logits within 1e-4 of the adapter-applied model; bfloat16 / float16 round the merged weights).
     `base_dtype`: the precision of the base weights (auto: as stored in the checkpoint). `quantized`:
-    auto (as the adapter was trained: its metadata), none, nf4, int8. `gguf`: write one GGUF file
-    (llama architecture; `quant` f32, f16, bf16, q8_0) instead of a transformers directory. `verify`:
+    auto (as the adapter was trained: its metadata), none, nf4, int8. `gguf`: write one GGUF file (an
+    architecture in gguf_arch.ARCHITECTURES; `quant` f32, f16, bf16, q8_0) instead of a transformers
+    directory. `verify`:
     the arithmetic of the check, float64 (the merge's own error, limit 1e-4; needs memory for a float64
     copy of the model) or float32 (limit 1e-4 or 1e-5 of the largest logit, see `_tolerance`).
 
@@ -242,10 +244,14 @@ def merge_adapter(
     base_name = (model or (metadata.get("base") or {}).get("name") or config.base_model_name_or_path
                  or DEFAULT_MODEL)
     resolved = resolve_model(base_name)
-    if gguf:
+    if gguf:  # the architecture and the vocabulary, before the model is loaded
         from transformers import AutoConfig
 
+        from tailor.export.gguf import check_tokenizer
+        from tailor.models.load import load_tokenizer
+
         check_exportable(AutoConfig.from_pretrained(resolved.directory, local_files_only=True))
+        check_tokenizer(load_tokenizer(str(resolved.directory)))
     stored = (_dtype(base_dtype, "--base-dtype") if base_dtype != "auto"
               else _checkpoint_dtype(resolved.directory))
 
@@ -292,16 +298,13 @@ def merge_adapter(
             (tmp / EXPORT_RECORD).write_text(text, encoding="utf-8")
         return result
 
-    from transformers import AutoModelForCausalLM
-
     largest = max(1.0, max(float(x.abs().max()) for x in reference))
     result.tolerance = max(GGUF_TOLERANCE[quant] * largest, _tolerance(check, reference))
     extra = {"tailor.export": json.dumps({"format": 1, "created": now_iso(), **result.record()}, default=str),
              "tailor.adapter": json.dumps(metadata or None, default=str)}
     with atomic_output(out) as tmp:
         result.gguf = write_gguf(plain, tokenizer, tmp, quant, extra)
-        back = AutoModelForCausalLM.from_pretrained(str(tmp.parent), gguf_file=str(tmp), dtype=torch.float32)
-        back.to(next(plain.parameters()).device).eval()
+        back = _read_back_gguf(tmp, plain)
         result.float32_diff = _max_diff(reference32, _logits(back, prompts))
         from_file = _logits_in(back, prompts, check)
         result.max_abs_diff = _max_diff(reference, from_file)
@@ -313,6 +316,37 @@ def merge_adapter(
                               f"logits differ by {result.file_diff:.3e} from the merged model rounded to "
                               f"{quant} the same way (tensor names or layout); nothing was written.")
     return result
+
+
+def _read_back_gguf(path: Path, merged: nn.Module) -> nn.Module:
+    """The merged model's architecture holding the tensors of the GGUF file at `path`, as transformers' GGUF
+    reader reads them back (its own name table, un-permutation and Gemma norm shift: an implementation
+    other than tailor's writer). The hyper-parameters come from the merged model's config, since
+    transformers' GGUF config mapping is incomplete for some architectures (qwen3's head_dim, gemma's
+    softcapping); llama.cpp's own reading of them is what the llama.cpp tests check."""
+    import copy
+
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from tailor.export.gguf_arch import arch_name, architecture
+
+    back = copy.deepcopy(merged)
+    # transformers picks its name table by model_type; mistral's is llama.cpp's "llama" (a copy's config)
+    back.config.model_type = arch_name(architecture(merged.config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=back)["tensors"]
+    expected = set(back.state_dict())
+    if getattr(back.config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")  # the file holds the embedding once, as llama.cpp expects
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ExportError(f"verification failed: the GGUF file read back lacks {missing[:5]} and has extra "
+                          f"{extra[:5]}; nothing was written.")
+    back.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    if getattr(back.config, "tie_word_embeddings", False):
+        back.tie_weights()
+    return back.eval()
 
 
 def _logits_in(model: nn.Module, prompts: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -367,7 +401,7 @@ def format_result(result: MergeResult, echo=print) -> None:
     for note in result.notes:
         echo(f"note: {note}")
     limit = f" (limit {result.tolerance:g})" if result.tolerance is not None else ""
-    what = ("the GGUF file, loaded back with transformers' GGUF loader," if result.gguf
+    what = ("the GGUF file, read back with transformers' GGUF reader," if result.gguf
             else f"the merged model ({result.dtype} weights)")
     echo(f"verified on {result.prompts} prompts ({result.tokens} tokens) in {result.check} arithmetic: "
          f"{what} vs the adapter on its base: max |logit difference| {result.max_abs_diff:.3e}{limit}")
