@@ -22,6 +22,7 @@ from tailor.config.sections import (
     ModelSection,
     OptimizationSection,
     PrecisionSection,
+    init_changes_base,
 )
 from tailor.method_specs import METHOD_SPECS
 
@@ -165,6 +166,16 @@ class TrainConfig:
             p.append("replay_loss: kl runs the base model on the replayed rows of each process's own batch, "
                      "and fsdp needs every process to make the same passes; use strategy ddp or "
                      "replay_loss ce")
+        if init_changes_base(self.init_lora_weights) and spec is not None and spec.quantized_bits:
+            p.append(f"init_lora_weights: {self.init_lora_weights} changes the base weights, and "
+                     f"{self.method} keeps them quantized; use method lora, or init_lora_weights true or "
+                     "gaussian")
+        if self.loraplus_lr_ratio is not None and full:
+            p.append(f"loraplus_lr_ratio: LoRA+ sets the learning rate of adapters' B, and method "
+                     f"{self.method} has none; leave loraplus_lr_ratio out, or train a LoRA method")
+        if self.optimizer != "adamw" and self.strategy == "fsdp":
+            p.append(f"optimizer: {self.optimizer} keeps block-wise state per whole tensor, and fsdp shards "
+                     "the tensors; use strategy ddp or optimizer adamw")
         if self.register is not None and full:
             p.append(f"register: method {self.method} delivers a whole model, not an adapter; the store "
                      "keeps adapters (train a LoRA method, or leave register out)")

@@ -131,6 +131,10 @@ def check_before_training(config: TrainConfig) -> tuple[list, list]:
     any process is started); returns the loaded (train, validation) examples."""
     config.validate()
     get_method(config.method)
+    if config.optimizer != "adamw":  # the 8-bit optimizers are bitsandbytes'
+        from tailor.quant.bnb import require_bitsandbytes
+
+        require_bitsandbytes(config.optimizer, what="optimizer")
     check_run_dir(config.run_dir(), config.resume)
     if config.replay_prompts:
         from tailor.train.replay import load_replay_prompts
