@@ -5,6 +5,7 @@
   lora, lora-r16               LoRA (rank from the config, or 16)
   qlora, qlora-r16             LoRA on a 4-bit NF4 base (qlora-nf4-r16 is the same)
   qlora-int8, qlora-int8-r16   LoRA on an 8-bit base
+  pissa, pissa-r16             LoRA initialised by PiSSA (init_lora_weights: pissa)
 A rank other than the config's keeps the config's alpha / r, so the update's scale stays the same.
 """
 
@@ -17,8 +18,10 @@ from typing import Any
 from tailor.method_specs import method_spec
 
 PROMPTING = ("zero-shot", "few-shot")
-_TRAINED = re.compile(r"^(?P<method>full|lora|qlora|qlora-nf4|qlora-int8)(?:-r(?P<rank>\d+))?$")
-VALID_FORMS = "zero-shot, few-shot, full, lora[-rN], qlora[-rN], qlora-nf4[-rN], qlora-int8[-rN]"
+# names that are a method with settings: {name: (method, TrainConfig fields)}
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"pissa": ("lora", {"init_lora_weights": "pissa"})}
+_TRAINED = re.compile(r"^(?P<method>full|lora|qlora|qlora-nf4|qlora-int8|pissa)(?:-r(?P<rank>\d+))?$")
+VALID_FORMS = "zero-shot, few-shot, full, lora[-rN], qlora[-rN], qlora-nf4[-rN], qlora-int8[-rN], pissa[-rN]"
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,9 @@ def parse_entries(text: str | list[str], base: dict[str, Any], shots: int = 3,
         if not match:
             bad.append(name)
             continue
-        method = {"qlora": "qlora-nf4"}.get(match["method"], match["method"])
-        overrides: dict[str, Any] = {"method": method, **(method_overrides or {}).get(method, {})}
+        method, settings = VARIANTS.get(match["method"], ({"qlora": "qlora-nf4"}.get(match["method"],
+                                                                                   match["method"]), {}))
+        overrides: dict[str, Any] = {"method": method, **settings, **(method_overrides or {}).get(method, {})}
         if method_spec(method).trains_all_weights and base.get("replay_loss") == "kl":
             overrides["replay_loss"] = "ce"  # no frozen base under a full fine-tune to diverge from
         if match["rank"]:

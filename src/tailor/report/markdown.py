@@ -16,8 +16,10 @@ from tailor.files import atomic_write_text
 from tailor.names import RUN_CONFIG_NAME
 
 CONFIG_KEYS = ("method", "model", "data", "val_data", "max_seq_len", "rank", "lora_alpha", "lora_dropout",
-               "target_modules", "use_rslora", "max_steps", "epochs", "batch_size", "grad_accum", "lr",
-               "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "precision",
+               "target_modules", "use_rslora", "init_lora_weights", "max_steps", "epochs", "batch_size",
+               "grad_accum", "lr",
+               "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "optimizer",
+               "loraplus_lr_ratio", "precision",
                "gradient_checkpointing", "seed")
 METRIC_ROWS = (("field_accuracy", "Per-field accuracy"), ("exact_match", "Exact match"),
                ("json_valid", "Valid JSON"), ("val_loss", "Validation loss"), ("perplexity", "Perplexity"))
@@ -76,6 +78,23 @@ def comparison_lines(evaluation: dict[str, Any]) -> list[str]:
         lines += ["", *_table(["field", "base", "tuned"],
                               [[f, _fmt(per_base.get(f)), _fmt(per_tuned.get(f))] for f in fields])]
     return lines
+
+
+def conversion_lines(adapter_dir: Path) -> list[str]:
+    """What the save of a PiSSA/OLoRA adapter converted (its tailor_metadata.json `conversion`), or []."""
+    metadata = _read_json(adapter_dir / "tailor_metadata.json")
+    conversion = (metadata or {}).get("conversion") if isinstance(metadata, dict) else None
+    if not conversion:
+        return []
+    (r, saved_r), (alpha, saved_alpha) = conversion["r"], conversion["lora_alpha"]
+    return ["## Saved for the original base", "",
+            f"`init_lora_weights: {conversion['init_lora_weights']}` trained the adapter on a residual base "
+            "(the top-r part of each adapted weight moved into B A). The adapter in "
+            f"`{adapter_dir.name}/` is converted to an ordinary LoRA on the original base, as PEFT's "
+            "`path_initial_model_for_weight_conversion` does: rank "
+            f"{r} -> {saved_r}, lora_alpha {_fmt(alpha)} -> {_fmt(saved_alpha)} (the same scaling), "
+            "A' = [A ; A0], B' = [B | -B0], so B'A' = BA - B0A0. It loads, serves and merges on the "
+            "original base model like any LoRA adapter.", ""]
 
 
 def render_report(run_dir: Path) -> str:
@@ -145,6 +164,7 @@ def render_report(run_dir: Path) -> str:
         out += ["## Training", "", *_table(["", ""], rows), ""]
         if (run_dir / "loss.png").exists():
             out += ["![loss curve](loss.png)", ""]
+        out += conversion_lines(run_dir / str(summary.get("weights_dir", "adapter")))
 
     if evaluation:
         out += ["## Base vs tuned", "", *comparison_lines(evaluation), ""]
