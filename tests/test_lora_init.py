@@ -173,3 +173,18 @@ def test_bad_init_is_one_clear_error(values, fix):
     with pytest.raises(LoraConfigError, match="init_lora_weights") as error:
         LoraConfig(**values)
     assert fix in str(error.value)
+
+
+def test_unload_keeps_the_trained_model_or_gives_the_base_back():
+    from tailor.lora import unload_lora
+
+    case, x = CASES["llama-qv"], make_input()
+    base_logits = logits(build(case), x)
+    model = add_lora(build(case), LoraConfig(**config_with("llama-qv", "pissa")))
+    as_if_trained(model)
+    trained = logits(model, x)
+    assert (logits(unload_lora(model, merge=True), x) - trained).abs().max().item() <= 1e-4
+
+    model = add_lora(build(case), LoraConfig(**config_with("llama-qv", "olora")))
+    as_if_trained(model)
+    assert (logits(unload_lora(model, merge=False), x) - base_logits).abs().max().item() <= 1e-4

@@ -107,6 +107,7 @@ def test_planned_optimizer_state_within_20_percent_of_measured(tmp_path, optimiz
     ({"optimizer": "adamw-8bit", "strategy": "fsdp"}, "use strategy ddp or optimizer adamw"),
     ({"init_lora_weights": "svd"}, "init_lora_weights: 'svd' is not one of true, false, gaussian, pissa"),
     ({"init_lora_weights": "olora", "method": "qlora-nf4"}, "qlora-nf4 keeps them quantized"),
+    ({"init_lora_weights": "pissa", "replay_ratio": 0.2, "replay_loss": "kl"}, "use replay_loss ce"),
 ])
 def test_bad_choices_are_one_clear_error(values, problem):
     with pytest.raises(ConfigError) as error:

@@ -170,6 +170,10 @@ class TrainConfig:
             p.append(f"init_lora_weights: {self.init_lora_weights} changes the base weights, and "
                      f"{self.method} keeps them quantized; use method lora, or init_lora_weights true or "
                      "gaussian")
+        if init_changes_base(self.init_lora_weights) and self.replay_loss == "kl" and not full:
+            p.append(f"replay_loss: kl compares with the base under the adapter, and init_lora_weights "
+                     f"{self.init_lora_weights} leaves only the residual of the base there; use replay_loss "
+                     "ce, or init_lora_weights true")
         if self.loraplus_lr_ratio is not None and full:
             p.append(f"loraplus_lr_ratio: LoRA+ sets the learning rate of adapters' B, and method "
                      f"{self.method} has none; leave loraplus_lr_ratio out, or train a LoRA method")

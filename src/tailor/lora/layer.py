@@ -207,14 +207,20 @@ class LoraLinear(LoraLayer):
         self.lora_B[name].weight.copy_(b0)
         self.initial_tensors[name] = {"lora_A.weight": a0.clone(), "lora_B.weight": b0.clone()}
 
+    @torch.no_grad()
+    def give_back_to_base(self, name: str) -> None:
+        """W <- W + s B0 A0: the base gets back what PiSSA/OLoRA took for adapter `name` (none for other
+        inits; none when the adapter is merged, since W + s B A then holds the trained model)."""
+        initial = self.initial_tensors.pop(name, None)
+        if initial is None or name in self.merged_adapters:
+            return
+        weight = self.base_layer.weight
+        taken = self.scaling[name] * (initial["lora_B.weight"] @ initial["lora_A.weight"])  # (d_out, d_in)
+        taken = taken.T if self.fan_in_fan_out else taken
+        weight.data = (weight.float() + taken.to(weight.device)).to(weight.dtype)
+
     def delete_adapter(self, name: str) -> None:
-        initial = self.initial_tensors.get(name)
-        if initial is not None and name not in self.merged_adapters:  # give the base back what PiSSA took
-            with torch.no_grad():
-                weight = self.base_layer.weight
-                taken = self.scaling[name] * (initial["lora_B.weight"] @ initial["lora_A.weight"])
-                taken = taken.T if self.fan_in_fan_out else taken
-                weight.data = (weight.float() + taken.to(weight.device)).to(weight.dtype)
+        self.give_back_to_base(name)
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
         self._forget(name)
