@@ -122,3 +122,12 @@ def test_init_lora_weights_from_the_command_line():
     for written, value in (("true", True), ("False", False), ("pissa_niter_4", "pissa_niter_4")):
         config = TrainConfig(data="x.jsonl", init_lora_weights=written).validate()
         assert lora_config_for(model, config).init_lora_weights == value
+
+
+def test_plan_takes_the_training_spelling_of_the_optimizer():
+    from tailor.plan.catalogue import resolve_model
+    from tailor.plan.planner import make_setup
+
+    arch = resolve_model("SmolLM2-135M")
+    assert make_setup(arch, optimizer="paged-adamw-8bit").optimizer == "adamw-8bit-paged"
+    assert make_setup(arch, optimizer="adamw-8bit").optimizer == "adamw-8bit"

@@ -237,6 +237,7 @@ def make_setup(
     tokens: float = 1e7,
     options: StackOptions = StackOptions(),
 ) -> TrainingSetup:
+    optimizer = TRAIN_OPTIMIZERS.get(optimizer, optimizer)  # `tailor train`'s spelling is accepted too
     problems = validate(method, rank, lora_alpha, batch_size, max_seq_len, optimizer, precision, mfu, tokens,
                         options)
     targets: str | tuple[str, ...] = target_modules
