@@ -21,14 +21,12 @@ from typing import Any
 
 import torch
 
-PLAIN_INITS = (True, False, "gaussian")
-BASE_CHANGING_INITS = ("pissa", "pissa_niter_K", "olora")  # as written in messages; K a number of iterations
-_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # K: iterations of the randomised SVD
 
 
 def init_problem(value: Any) -> str | None:
     """Why `value` is not an init_lora_weights tailor knows (None when it is one)."""
-    if value in PLAIN_INITS and (isinstance(value, bool) or value == "gaussian"):
+    if isinstance(value, bool) or value == "gaussian":
         return None
     if isinstance(value, str) and (value in ("pissa", "olora") or _PISSA_NITER.fullmatch(value)):
         return None
@@ -94,5 +92,5 @@ def quantized_weight(weight: torch.Tensor) -> bool:
     return not weight.is_floating_point() or hasattr(weight, "quant_state") or hasattr(weight, "SCB")
 
 
-__all__ = ["BASE_CHANGING_INITS", "changes_base", "decompose", "init_problem", "on_original_base",
+__all__ = ["changes_base", "decompose", "init_problem", "on_original_base",
            "on_original_base_config", "quantized_weight"]
