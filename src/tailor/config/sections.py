@@ -18,7 +18,6 @@ REPLAY_LOSSES = ("ce", "kl")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit")
 # init_lora_weights values (PEFT's): the rule of tailor.lora.initialisation.init_problem, kept here too so
 # that the config is checked without torch (tailor.lora imports nothing of tailor, and torch on import)
-PLAIN_INITS = ("true", "false", "gaussian")
 BASE_CHANGING_INITS = ("pissa", "olora")  # and pissa_niter_K
 
 
