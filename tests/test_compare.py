@@ -140,3 +140,15 @@ def test_report_dir_that_holds_other_files_is_refused(tmp_path):
         assert str(out) in result.output.replace("\n", "")
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["notes.txt"]
+
+
+def test_pissa_names_are_lora_with_pissa_init():
+    entries = parse_entries("lora-r16,pissa,pissa-r8", {"rank": 16, "lora_alpha": 32},
+                            method_overrides={"lora": {"lr": 1e-4}})
+    by = {e.label: e.overrides for e in entries}
+    assert by["pissa"] == {"method": "lora", "init_lora_weights": "pissa", "lr": 1e-4}
+    assert by["pissa-r8"] == {"method": "lora", "init_lora_weights": "pissa", "lr": 1e-4, "rank": 8,
+                              "lora_alpha": 16.0}
+    from tailor.config import TrainConfig
+
+    TrainConfig(data="builtin:support", **by["pissa-r8"]).validate()  # a config the run accepts

@@ -220,7 +220,7 @@ def test_bad_targets_raise_listing_the_linear_layers(config, where):
     ({"lora_alpha": -1}, "lora_alpha"),
     ({"lora_dropout": 1.5}, "lora_dropout"),
     ({"bias": "some"}, "bias"),
-    ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+    ({"init_lora_weights": "pissa_niter"}, "init_lora_weights"),
     ({"target_modules": "q_proj(", "r": 4}, "regular expression"),
     ({"target_modules": r".*q_proj", "layers_to_transform": [0]}, "layers_to_transform"),
     ({"target_modules": ["q_proj"], "layers_pattern": "layers"}, "layers_pattern"),

@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import tiny_model_dir, write_arithmetic_jsonl
+from conftest import VOCAB, tiny_model_dir, write_arithmetic_jsonl
 from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from tailor.train.checkpoint import list_checkpoints
 
@@ -29,16 +31,37 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    model_dir = tiny_model_dir(tmp_path / "model")
+# the optimizer's own state (LoRA+'s groups, 8-bit moments) and a PiSSA base rebuilt on resume
+VARIANTS = {
+    "adamw": (),
+    "loraplus-pissa": ("--loraplus-lr-ratio", "16", "--init-lora-weights", "pissa_niter_2"),
+    # bitsandbytes keeps tensors under 4096 elements in 32 bits: rank 32 on a 128-wide model gives 8-bit
+    # moments to the (32, 128) A's and the (128, 32) B's
+    "adamw-8bit": ("--optimizer", "adamw-8bit", "--rank", "32"),
+}
+
+
+def wider_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, **overrides)).eval()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, variant):
+    model_dir = tiny_model_dir(tmp_path / "model", builder=wider_llama if variant == "adamw-8bit" else None)
     data = write_arithmetic_jsonl(tmp_path / "train.jsonl", n=64)
+    options = VARIANTS[variant]
 
     reference = tmp_path / "reference"
-    subprocess.run(_command(model_dir, data, reference), check=True, env=_env(), capture_output=True)
+    done = subprocess.run(_command(model_dir, data, reference, *options), env=_env(), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_command(model_dir, data, killed), env=_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(_command(model_dir, data, killed, *options), env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list_checkpoints(killed / "checkpoints"):
         assert process.poll() is None, "the run ended before its first checkpoint could be interrupted"
@@ -51,8 +74,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     stopped_at = int(list_checkpoints(killed / "checkpoints")[-1].name.split("-")[1])
     assert stopped_at < 60
 
-    result = subprocess.run(_command(model_dir, data, killed, "--resume"), env=_env(), capture_output=True,
-                            text=True)
+    result = subprocess.run(_command(model_dir, data, killed, *options, "--resume"), env=_env(),
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
 
     ours = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
@@ -66,3 +89,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert steps == list(range(1, 61)), "metrics continue without gaps or duplicates"
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["resumed_from"].endswith(f"step-{stopped_at:06d}")
+    # the checkpoint holds what the variant is: 8-bit moments, or LoRA+'s groups (B at 16 x A's rate)
+    saved = torch.load(list_checkpoints(killed / "checkpoints")[-1] / "optimizer.pt", weights_only=True)
+    # bitsandbytes nests its moments under one key of each parameter's state
+    states = [state.get("__bnb_optimizer_quant_state__", state) for state in saved["state"].values()]
+    moments = [t for state in states for t in state.values() if torch.is_tensor(t)]
+    assert any(t.dtype == torch.uint8 for t in moments) == (variant == "adamw-8bit")
+    scales = sorted({group["lr_scale"] for group in saved["param_groups"]})
+    assert scales == ([1.0, 16.0] if variant == "loraplus-pissa" else [1.0])

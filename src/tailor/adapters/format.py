@@ -42,6 +42,7 @@ from tailor.files import atomic_output, atomic_write_text
 from tailor.lora import LoraConfig, LoraConfigError, add_lora, delete_adapter, lora_configs, plan_lora
 from tailor.lora.experts import LoraParam, saved_paths, strip_base_layer
 from tailor.lora.experts import adapter_shapes as parameter_shapes
+from tailor.lora.initialisation import changes_base, on_original_base, on_original_base_config
 from tailor.lora.inject import _wrappers, lora_layers
 from tailor.lora.layer import LoraLayer, adapter_shapes, adapter_tensors
 from tailor.lora.modules_to_save import ModulesToSaveWrapper
@@ -103,8 +104,10 @@ def config_from_peft_dict(data: dict[str, Any], source: str = CONFIG_NAME) -> Lo
     values = {k: v for k, v in data.items() if k in fields}
     if values.get("init_lora_weights", True) not in (True, False, "gaussian"):
         raise AdapterFormatError(
-            f"{source}: init_lora_weights={values['init_lora_weights']!r} (PiSSA, OLoRA, ...) may change the "
-            "base weights; tailor only loads adapters with init_lora_weights true, false or 'gaussian'."
+            f"{source}: init_lora_weights={values['init_lora_weights']!r} (PiSSA, OLoRA, ...) was saved for "
+            "its residual base, not the original; tailor only loads adapters with init_lora_weights true, "
+            "false or 'gaussian'. Save it from PEFT with path_initial_model_for_weight_conversion (tailor's "
+            "own PiSSA/OLoRA adapters are saved so)."
         )
     try:
         return LoraConfig(**values)
@@ -235,7 +238,8 @@ def read_adapter_weights(directory: str | os.PathLike, allow_pickle: bool = Fals
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """Adapter `name`'s tensors under PEFT's on-disk keys (detached CPU copies)."""
+    """Adapter `name`'s tensors under PEFT's on-disk keys (detached CPU copies). A PiSSA/OLoRA adapter comes
+    converted for the original base (rank 2r: tailor.lora.initialisation), as `save_adapter` writes it."""
     configs = lora_configs(model)
     if name not in configs:
         raise ValueError(f"The model has no adapter {name!r}; it has {sorted(configs)}.")
@@ -245,7 +249,10 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         if name in layer.adapter_names:
             if isinstance(layer, LoraParam):  # under PEFT's nesting for this adapter's parameters
                 key = saved[f"{strip_base_layer(key)}.{layer.parameter_name}"]
-            for suffix, tensor in adapter_tensors(layer, name).items():
+            tensors = adapter_tensors(layer, name)
+            if name in layer.initial_tensors:
+                tensors = on_original_base(tensors, layer.initial_tensors[name])
+            for suffix, tensor in tensors.items():
                 state[f"{key}.{suffix}"] = tensor
             if configs[name].bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
                 state[f"{key}.base_layer.bias"] = layer.base_layer.bias
@@ -292,8 +299,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
             f"({len(broken)} tensor(s) in all); training diverged. Whatever was at {directory} is left as "
             "it is. Retrain with a lower learning rate, or save an earlier checkpoint."
         )
-    config_text = json.dumps(config_to_peft_dict(lora_configs(model)[name]), indent=2, sort_keys=True) + "\n"
-    meta_text = metadata_text(new_metadata(model, **(metadata or {})))
+    config = lora_configs(model)[name]
+    metadata = dict(metadata or {})
+    if changes_base(config.init_lora_weights):  # the base holds W - s B0 A0: saved for the original W
+        config = on_original_base_config(config)
+        metadata["conversion"] = conversion_record(lora_configs(model)[name], config)
+    config_text = json.dumps(config_to_peft_dict(config), indent=2, sort_keys=True) + "\n"
+    meta_text = metadata_text(new_metadata(model, **metadata))
     if directory.exists() and not directory.is_dir():
         raise AdapterFormatError(f"{str(directory)!r} exists and is a file, not a directory; the adapter was "
                                  "not saved and the file is left as it is. Choose another path.")
@@ -311,6 +323,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         (tmp / CONFIG_NAME).write_text(config_text, encoding="utf-8")
         (tmp / METADATA_NAME).write_text(meta_text, encoding="utf-8")
     return directory
+
+
+def conversion_record(trained: LoraConfig, saved: LoraConfig) -> dict[str, Any]:
+    """What the save of a PiSSA/OLoRA adapter changed (tailor_metadata.json's `conversion`; report.md)."""
+    return {"init_lora_weights": trained.init_lora_weights, "r": [trained.r, saved.r],
+            "lora_alpha": [trained.lora_alpha, saved.lora_alpha],
+            "note": "trained on the residual base W - s B0 A0; saved as the LoRA [B | -B0] [A ; A0] of "
+                    "rank 2r on the original base (PEFT's path_initial_model_for_weight_conversion)"}
 
 
 # ---------------------------------------------------------------------------------------------- load

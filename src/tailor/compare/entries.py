@@ -8,6 +8,7 @@
   qlora-int8, qlora-int8-r16   LoRA on an 8-bit base
   dpo, dpo-r16, orpo-r16       LoRA trained on preference pairs alone (DPO, ORPO)
   lora-r16+dpo                 the lora-r16 entry's adapter (SFT, named earlier) trained on with DPO
+  pissa, pissa-r16             LoRA initialised by PiSSA (init_lora_weights: pissa)
 A rank other than the config's keeps the config's alpha / r, so the update's scale stays the same.
 Preference entries train on the data's preference set: builtin:support -> builtin:support-prefs.
 """
@@ -21,13 +22,14 @@ from typing import Any
 from tailor.method_specs import method_spec
 
 PROMPTING = ("zero-shot", "few-shot")
-_TRAINED = re.compile(r"^(?P<method>full|lora|dora|qlora|qlora-nf4|qlora-int8|dpo|orpo)(?:-r(?P<rank>\d+))?"
-                      r"(?:\+(?P<then>dpo|orpo))?$")
-VALID_FORMS = ("zero-shot, few-shot, full, lora[-rN], dora[-rN], qlora[-rN], qlora-nf4[-rN], "
+_TRAINED = re.compile(r"^(?P<method>full|lora|dora|pissa|qlora|qlora-nf4|qlora-int8|dpo|orpo)"
+                      r"(?:-r(?P<rank>\d+))?(?:\+(?P<then>dpo|orpo))?$")
+VALID_FORMS = ("zero-shot, few-shot, full, lora[-rN], dora[-rN], pissa[-rN], qlora[-rN], qlora-nf4[-rN], "
                "qlora-int8[-rN], dpo[-rN], orpo[-rN], lora[-rN]+dpo")
 ALIASES = {"qlora": "qlora-nf4", "dpo": "lora", "orpo": "lora"}  # the tailor.methods name they train
 # names that are a method with settings of its own: {name: (tailor.methods name, TrainConfig fields)}
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"dora": ("lora", {"use_dora": True})}
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"dora": ("lora", {"use_dora": True}),
+                                                   "pissa": ("lora", {"init_lora_weights": "pissa"})}
 # the preference set of a built-in SFT set (what a preference entry of a comparison trains on)
 PREFERENCE_SETS = {"builtin:support": "builtin:support-prefs"}
 INIT_FROM = "init_adapter_from"  # an override the runner resolves: the entry whose adapter to start from

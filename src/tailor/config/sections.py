@@ -15,6 +15,28 @@ SCHEDULES = ("cosine", "linear", "constant")
 OVERFLOWS = ("truncate", "drop")
 FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
 REPLAY_LOSSES = ("ce", "kl")
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit")
+# init_lora_weights values (PEFT's): the rule of tailor.lora.initialisation.init_problem, kept here too so
+# that the config is checked without torch (tailor.lora imports nothing of tailor, and torch on import)
+BASE_CHANGING_INITS = ("pissa", "olora")  # and pissa_niter_K
+
+
+def init_lora_weights_value(value: bool | str) -> bool | str:
+    """The LoraConfig value of a config's init_lora_weights: "true"/"false" as written on a command line are
+    the booleans; other spellings stay as they are (checked by LoraSection)."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def init_changes_base(value: bool | str) -> bool:
+    """PiSSA or OLoRA: the init moves part of each base weight into the adapter."""
+    value = init_lora_weights_value(value)
+    return isinstance(value, str) and (value in BASE_CHANGING_INITS or _is_pissa_niter(value))
+
+
+def _is_pissa_niter(value: str) -> bool:
+    return value.startswith("pissa_niter_") and value.removeprefix("pissa_niter_").isdigit()
 
 
 def lora_shape_problems(rank: int | None, lora_alpha: float | None,
@@ -149,10 +171,19 @@ class LoraSection:
     it is also the reference (SFT first, then DPO)."""
     use_dora: bool = False
     """DoRA: also train a magnitude per output row of each adapted weight (PEFT's use_dora; slower steps)."""
+    init_lora_weights: bool | str = True
+    """Adapter initialisation (PEFT's values): true (A kaiming-uniform, B zero), gaussian, pissa (B A = the
+    top-r singular part of W, taken out of W), pissa_niter_K (the same by a fast randomised SVD, K
+    iterations), olora (from W's QR). PiSSA and OLoRA adapters are saved as a rank-2r LoRA on the original
+    base."""
 
     def problems(self) -> list[str]:
         c = _Checks(self)
         c.problems += lora_shape_problems(self.rank, self.lora_alpha)
+        init = init_lora_weights_value(self.init_lora_weights)
+        if not (isinstance(init, bool) or init == "gaussian" or init_changes_base(init)):
+            c.problems.append(f"init_lora_weights: {self.init_lora_weights!r} is not one of true, false, "
+                              "gaussian, pissa, pissa_niter_K (K iterations, e.g. pissa_niter_4), olora")
         c.share("lora_dropout")
         if not self.target_modules:
             c.problems.append("target_modules: empty; use all-linear, a regex, or a list of module names")
@@ -189,6 +220,15 @@ class OptimizationSection:
     """Floor of the decayed learning rate, as a share of lr."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (null: no clipping)."""
+    optimizer: str = "adamw"
+    """adamw (torch); adamw-8bit: bitsandbytes AdamW8bit, moments stored in 8 bits (block-wise), about a
+    quarter of adamw's state; paged-adamw-8bit: the same with the state in CUDA unified memory (on a CPU it
+    runs as adamw-8bit)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (https://arxiv.org/abs/2402.12354): each adapter's B learns at this multiple of lr (A at lr),
+    grouped as PEFT's create_loraplus_optimizer does; 16 is the paper's usual value (null: off)."""
+    loraplus_lr_embedding: float = 1e-6
+    """With LoRA+, the learning rate of embedding adapters (PEFT's loraplus_lr_embedding)."""
 
     objective: str = "sft"
     """What is learned: sft (the answers, cross-entropy), dpo or orpo (which of two answers is preferred:
@@ -203,6 +243,11 @@ class OptimizationSection:
     def problems(self) -> list[str]:
         c = _Checks(self)
         c.choice("schedule", SCHEDULES)
+        c.choice("optimizer", OPTIMIZERS)
+        c.positive("loraplus_lr_embedding")
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            c.problems.append(f"loraplus_lr_ratio: {self.loraplus_lr_ratio!r} must be > 0 (B's learning rate "
+                              "as a multiple of A's; 16 is usual), or null for plain LoRA")
         c.positive("batch_size", "grad_accum", "max_steps", "lr", "epochs")
         c.positive("weight_decay", "warmup_steps", "warmup_ratio", "min_lr_ratio", allow_zero=True)
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

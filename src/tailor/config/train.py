@@ -22,6 +22,7 @@ from tailor.config.sections import (
     ModelSection,
     OptimizationSection,
     PrecisionSection,
+    init_changes_base,
 )
 from tailor.method_specs import METHOD_SPECS
 
@@ -181,6 +182,24 @@ class TrainConfig:
             p.append(f"use_dora: DoRA is a variant of the LoRA adapter, and method {self.method} trains "
                      "every weight with no adapter; use method lora (or a qlora method), or leave use_dora "
                      "out")
+        if init_changes_base(self.init_lora_weights) and self.use_dora:
+            p.append(f"init_lora_weights: {self.init_lora_weights} is saved converted for the original base, "
+                     "which a DoRA adapter's magnitude cannot follow (PEFT converts plain LoRA only); leave "
+                     "use_dora out, or init_lora_weights true")
+        if init_changes_base(self.init_lora_weights) and spec is not None and spec.quantized_bits:
+            p.append(f"init_lora_weights: {self.init_lora_weights} changes the base weights, and "
+                     f"{self.method} keeps them quantized; use method lora, or init_lora_weights true or "
+                     "gaussian")
+        if init_changes_base(self.init_lora_weights) and self.replay_loss == "kl" and not full:
+            p.append(f"replay_loss: kl compares with the base under the adapter, and init_lora_weights "
+                     f"{self.init_lora_weights} leaves only the residual of the base there; use replay_loss "
+                     "ce, or init_lora_weights true")
+        if self.loraplus_lr_ratio is not None and full:
+            p.append(f"loraplus_lr_ratio: LoRA+ sets the learning rate of adapters' B, and method "
+                     f"{self.method} has none; leave loraplus_lr_ratio out, or train a LoRA method")
+        if self.optimizer != "adamw" and self.strategy == "fsdp":
+            p.append(f"optimizer: {self.optimizer} keeps block-wise state per whole tensor, and fsdp shards "
+                     "the tensors; use strategy ddp or optimizer adamw")
         if self.register is not None and full:
             p.append(f"register: method {self.method} delivers a whole model, not an adapter; the store "
                      "keeps adapters (train a LoRA method, or leave register out)")

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .initialisation import changes_base, init_problem
+
 ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -53,7 +55,10 @@ class LoraConfig:
     magnitude m trained too (tailor.lora.dora). Linear, Conv1D and Embedding layers; not target_parameters."""
     init_lora_weights: bool | str = True
     """True: A kaiming-uniform, B zeros (output unchanged at start); "gaussian": A ~ N(0, 1/r);
-    False: A and B both random (for tests: the adapter changes the output immediately)."""
+    False: A and B both random (for tests: the adapter changes the output immediately); "pissa" (full SVD),
+    "pissa_niter_K" (fast randomised SVD, K iterations) and "olora" (QR) move the top-r part of each base
+    weight into B A and leave the residual in the base (tailor.lora.initialisation; saved as a rank-2r LoRA
+    on the original base)."""
     modules_to_save: list[str] | None = None
     """Modules trained and saved whole (e.g. a classifier head), matched by name suffix."""
     layers_to_transform: list[int] | int | None = None
@@ -142,8 +147,17 @@ def _problems(c: LoraConfig) -> list[str]:
                         "PEFT: the update is added to the parameter, so x cannot be dropped out).")
     if c.bias not in BIAS_CHOICES:
         problems.append(f"bias={c.bias!r} must be one of {list(BIAS_CHOICES)}.")
-    if not (isinstance(c.init_lora_weights, bool) or c.init_lora_weights == "gaussian"):
-        problems.append(f"init_lora_weights={c.init_lora_weights!r} must be one of True, False, 'gaussian'.")
+    init = init_problem(c.init_lora_weights)
+    if init:
+        problems.append(init)
+    elif changes_base(c.init_lora_weights):
+        if c.target_parameters:
+            problems.append(f"init_lora_weights={c.init_lora_weights!r} applies to linear layers; "
+                            "target_parameters (expert stacks) cannot take it: use True or 'gaussian'.")
+        if c.use_rslora and (c.rank_pattern or c.alpha_pattern):
+            problems.append(f"init_lora_weights={c.init_lora_weights!r} with use_rslora and rank_pattern or "
+                            "alpha_pattern cannot be converted to a LoRA on the original base at save (as in "
+                            "PEFT); drop use_rslora or the patterns.")
     if c.modules_to_save is not None and not (
         isinstance(c.modules_to_save, list) and all(isinstance(m, str) and m for m in c.modules_to_save)
     ):

@@ -14,6 +14,7 @@ from torch import nn
 
 from . import experts
 from .config import ALL_LINEAR, LoraConfig
+from .initialisation import changes_base
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, is_conv1d, wrap_layer
 from .modules_to_save import ModulesToSaveWrapper
 
@@ -344,6 +345,14 @@ def add_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.
         raise ValueError("Adapters are merged into the weights; call unmerge_lora(model) before adding one.")
     plan = plan_lora(model, config)
     init = plan.config.init_lora_weights
+    if changes_base(init):  # every layer checked before the first base weight changes
+        for key, module, r, _ in plan.targets:
+            layer = module if isinstance(module, LoraLayer) else wrap_layer(module)
+            if isinstance(layer, LoraLinear):
+                try:
+                    layer.check_base_changing_init(r)
+                except ValueError as error:
+                    raise ValueError(f"{key}: {error} Nothing was changed.") from None
     try:
         for key, module, r, alpha in plan.targets:
             layer = module if isinstance(module, LoraLayer) else wrap_layer(module)

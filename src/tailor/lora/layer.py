@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora
+from .initialisation import changes_base, decompose, quantized_weight
 
 try:  # GPT-2 style Conv1D (weight stored (in, out)); transformers is optional for lora/
     from transformers.pytorch_utils import Conv1D
@@ -33,7 +34,8 @@ ADAPTER_DTYPE = torch.float32
 def init_lora_pair(a: nn.Linear, b: nn.Linear, init: bool | str, r: int) -> None:
     """PEFT's initialisation of a new adapter (reset_lora_parameters): `init` True, A kaiming-uniform like
     nn.Linear's default and B zero, so the adapter changes nothing at the start; "gaussian", A ~ N(0, 1/r)
-    and B zero; False leaves both as created (random: for tests)."""
+    and B zero; False leaves both as created (random: for tests). PiSSA and OLoRA, which read the base
+    weight, are the layer's (`LoraLinear.add_adapter`, tailor.lora.initialisation)."""
     if init is True:
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
         nn.init.zeros_(b.weight)
@@ -86,6 +88,9 @@ class LoraLayer(nn.Module):
         self.merged_norms: dict[str, torch.Tensor] = {}
         # {adapter: (what it was computed from, ||W + s B A||)}: DoRA's norm kept between inference forwards
         self._norm_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # {adapter: its tensors as initialised (fp32, PEFT key suffixes)} for the adapters whose init moved
+        # part of the base weight into them (PiSSA, OLoRA): the save converts them for the original base.
+        self.initial_tensors: dict[str, dict[str, torch.Tensor]] = {}
 
     def __getattr__(self, name: str):
         try:
@@ -111,7 +116,7 @@ class LoraLayer(nn.Module):
         return name in self.lora_magnitude_vector
 
     def _forget(self, name: str) -> None:
-        for table in (self.r, self.lora_alpha, self.scaling):
+        for table in (self.r, self.lora_alpha, self.scaling, self.initial_tensors):
             table.pop(name, None)
         if name in self.lora_magnitude_vector:  # ParameterDict.pop takes no default
             del self.lora_magnitude_vector[name]
@@ -194,12 +199,57 @@ class LoraLinear(LoraLayer):
         self.lora_A[name], self.lora_B[name] = a, b
         # nn.Identity when p == 0: no dropout kernel, no mask memory.
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if use_dora:
+        if changes_base(init):
+            self._take_from_base(name, init)
+        if use_dora:  # after the init: the magnitude is the norm of the weight the adapter starts on
             weight = dora.base_weight(self.base_layer)
             self.lora_magnitude_vector[name] = dora.new_magnitude(
                 weight, self.delta_weight(name).to(weight.device), self.fan_in_fan_out, ADAPTER_DTYPE)
 
+    def check_base_changing_init(self, r: int) -> None:
+        """Refuse PiSSA/OLoRA where they cannot run: a quantized base weight, a rank above the weight's,
+        or a second such adapter on this layer (its decomposition would be of the first's residual)."""
+        weight = self.base_layer.weight
+        if quantized_weight(weight):
+            raise ValueError(
+                "init_lora_weights PiSSA/OLoRA changes the base weight, and this "
+                f"{type(self.base_layer).__name__} is quantized; use method lora (a float base), or "
+                "init_lora_weights true or gaussian with QLoRA.")
+        if r > min(self.in_features, self.out_features):
+            raise ValueError(f"init_lora_weights PiSSA/OLoRA needs r <= min(d_in, d_out) = "
+                             f"{min(self.in_features, self.out_features)}, got r={r}; lower the rank.")
+        if self.initial_tensors:
+            held = next(iter(self.initial_tensors))
+            raise ValueError(f"This layer already holds a PiSSA/OLoRA adapter ({held!r}); one adapter per "
+                             "layer may start from the base weight.")
+
+    @torch.no_grad()
+    def _take_from_base(self, name: str, init: str) -> None:
+        """PiSSA / OLoRA: A0, B0 from the base weight W (fp32, Linear layout); W <- W - s B0 A0 in place."""
+        self.check_base_changing_init(self.r[name])
+        weight = self.base_layer.weight
+        w = weight.float().T if self.fan_in_fan_out else weight.float()  # (d_out, d_in)
+        a0, b0 = decompose(w, self.r[name], self.scaling[name], init)
+        residual = w - self.scaling[name] * (b0 @ a0)
+        weight.data = (residual.T if self.fan_in_fan_out else residual).contiguous().to(weight.dtype)
+        self.lora_A[name].weight.copy_(a0)
+        self.lora_B[name].weight.copy_(b0)
+        self.initial_tensors[name] = {"lora_A.weight": a0.clone(), "lora_B.weight": b0.clone()}
+
+    @torch.no_grad()
+    def give_back_to_base(self, name: str) -> None:
+        """W <- W + s B0 A0: the base gets back what PiSSA/OLoRA took for adapter `name` (none for other
+        inits; none when the adapter is merged, since W + s B A then holds the trained model)."""
+        initial = self.initial_tensors.pop(name, None)
+        if initial is None or name in self.merged_adapters:
+            return
+        weight = self.base_layer.weight
+        taken = self.scaling[name] * (initial["lora_B.weight"] @ initial["lora_A.weight"])  # (d_out, d_in)
+        taken = taken.T if self.fan_in_fan_out else taken
+        weight.data = (weight.float() + taken.to(weight.device)).to(weight.dtype)
+
     def delete_adapter(self, name: str) -> None:
+        self.give_back_to_base(name)
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
         self._forget(name)
@@ -291,6 +341,10 @@ class LoraEmbedding(LoraLayer):
         if use_dora:
             self.lora_magnitude_vector[name] = dora.new_magnitude(
                 self.base_layer.weight, self.delta_weight(name), True, ADAPTER_DTYPE)
+        if changes_base(init):  # PEFT leaves embeddings at their usual init; recorded so that the save of an
+            # adapter converted for the original base gives every layer the same doubled rank
+            self.initial_tensors[name] = {"lora_embedding_A": a.detach().clone(),
+                                          "lora_embedding_B": b.detach().clone()}
 
     def delete_adapter(self, name: str) -> None:
         del self.lora_embedding_A[name], self.lora_embedding_B[name]

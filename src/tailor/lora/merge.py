@@ -12,7 +12,7 @@ from torch import nn
 from . import dora
 from .experts import LoraParam
 from .inject import _replace_module, _wrappers, lora_configs, lora_layers
-from .layer import LoraEmbedding, LoraLayer
+from .layer import LoraEmbedding, LoraLayer, LoraLinear
 
 
 class UnsafeMergeError(ValueError):
@@ -130,6 +130,9 @@ def unload_lora(model: nn.Module, merge: bool = True, safe: bool = False) -> nn.
         merge_lora(model, safe=safe)
     # innermost first: nested wrappers (several parameters of one module) keep valid paths
     for key, layer in reversed(lora_layers(model).items()):
+        if isinstance(layer, LoraLinear):  # an unmerged PiSSA/OLoRA adapter gives back what it took
+            for name in list(layer.initial_tensors):
+                layer.give_back_to_base(name)
         _replace_module(model, key, layer.base_layer)
     for key, wrapper in _wrappers(model).items():
         _replace_module(model, key, wrapper._current() if merge else wrapper.original_module)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tailor.config.sections import init_lora_weights_value
 from tailor.hardware import precision_for
 from tailor.lora import LoraConfig, add_lora, unload_lora
 from tailor.methods.base import TrainingMethod, cast_weights
@@ -21,6 +22,7 @@ def lora_config_for(model: nn.Module, config: TrainConfig) -> LoraConfig:
     return LoraConfig(
         r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.target_modules, use_rslora=config.use_rslora, use_dora=config.use_dora,
+        init_lora_weights=init_lora_weights_value(config.init_lora_weights),
         base_model_name_or_path=getattr(model.config, "_name_or_path", None) or config.model,
         task_type="CAUSAL_LM",
     )

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 
 OPTIMIZERS = ("adamw", "adamw-8bit", "adamw-paged", "adamw-8bit-paged", "sgd")
 OPTIMIZER_KERNELS = ("fused", "foreach", "for-loop")
+# `tailor train`'s optimizer names (tailor.config.sections.OPTIMIZERS) -> the planner's
+TRAIN_OPTIMIZERS = {"adamw": "adamw", "adamw-8bit": "adamw-8bit", "paged-adamw-8bit": "adamw-8bit-paged"}
 # bitsandbytes optimizers (bitsandbytes/optim/optimizer.py)
 PAGED_MIN_NUMEL = 100_000  # get_state_buffer: smaller tensors get ordinary device state
 EIGHT_BIT_MIN_NUMEL = 4096  # min_8bit_size: smaller tensors keep 32-bit state
@@ -64,4 +66,5 @@ def step_temporary_bytes(tensors: list[tuple[int, int]], optimizer: str, kernel:
 
 
 __all__ = ["EIGHT_BIT_BLOCK", "EIGHT_BIT_MIN_NUMEL", "OPTIMIZERS", "OPTIMIZER_KERNELS", "PAGED_MIN_NUMEL",
+           "TRAIN_OPTIMIZERS",
            "optimizer_state_bytes", "state_bytes_on_device_and_host", "step_temporary_bytes"]

@@ -28,7 +28,7 @@ from tailor.plan.memory import (
     estimate_memory,
     trainable_parameters,
 )
-from tailor.plan.optimizer import OPTIMIZER_KERNELS, OPTIMIZERS
+from tailor.plan.optimizer import OPTIMIZER_KERNELS, OPTIMIZERS, TRAIN_OPTIMIZERS
 from tailor.plan.params import count_parameters, resolve_targets
 from tailor.plan.processes import per_process_memory
 
@@ -183,6 +183,7 @@ def train_config_inputs(config: TrainConfig, device: str = "cuda") -> dict:
         lora_dropout=0.0 if trains_all else config.lora_dropout,  # train ignores it when every weight trains
         grad_accum=config.grad_accum,
         loss_chunk_tokens=config.loss_chunk_size,
+        optimizer=TRAIN_OPTIMIZERS.get(config.optimizer, config.optimizer),
     )
 
 
@@ -207,6 +208,7 @@ def train_config_setup(config: TrainConfig, device: str = "cuda") -> TrainingSet
         loss_chunk_tokens=inputs["loss_chunk_tokens"],
         attention=inputs["attention"],
         base_dtype=inputs["base_dtype"],
+        optimizer=inputs["optimizer"],
     )
 
 
@@ -241,6 +243,7 @@ def make_setup(
     tokens: float = 1e7,
     options: StackOptions = StackOptions(),
 ) -> TrainingSetup:
+    optimizer = TRAIN_OPTIMIZERS.get(optimizer, optimizer)  # `tailor train`'s spelling is accepted too
     problems = validate(method, rank, lora_alpha, batch_size, max_seq_len, optimizer, precision, mfu, tokens,
                         options)
     targets: str | tuple[str, ...] = target_modules

@@ -54,11 +54,11 @@ def _method_name(kind: str) -> str:
     return f"qlora-{kind}"
 
 
-def require_bitsandbytes(method: str = "qlora-nf4") -> None:
-    """Raise MissingDependencyError (with the install command) unless bitsandbytes is importable.
-    Cheap: looks the package up without importing it."""
+def require_bitsandbytes(method: str = "qlora-nf4", what: str = "method") -> None:
+    """Raise MissingDependencyError (with the install command) unless bitsandbytes is importable; `what`
+    `method` names who needs it (`optimizer adamw-8bit` too). Cheap: looks the package up, no import."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise MissingDependencyError(f"method {method} needs bitsandbytes: {INSTALL_HINT}")
+        raise MissingDependencyError(f"{what} {method} needs bitsandbytes: {INSTALL_HINT}")
 
 
 class _DropMessages(logging.Filter):

@@ -16,8 +16,9 @@ from tailor.files import atomic_write_text
 from tailor.names import RUN_CONFIG_NAME
 
 CONFIG_KEYS = ("method", "model", "data", "val_data", "max_seq_len", "rank", "lora_alpha", "lora_dropout",
-               "target_modules", "use_rslora", "use_dora", "max_steps", "epochs", "batch_size", "grad_accum",
-               "lr", "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "precision",
+               "target_modules", "use_rslora", "use_dora", "init_lora_weights", "max_steps", "epochs",
+               "batch_size", "grad_accum", "lr", "schedule", "warmup_steps", "warmup_ratio", "weight_decay",
+               "max_grad_norm", "optimizer", "loraplus_lr_ratio", "precision",
                "gradient_checkpointing", "seed")
 METRIC_ROWS = (("field_accuracy", "Per-field accuracy"), ("exact_match", "Exact match"),
                ("json_valid", "Valid JSON"), ("val_loss", "Validation loss"), ("perplexity", "Perplexity"))
@@ -101,6 +102,23 @@ def harness_lines(harness: dict[str, Any]) -> list[str]:
             *_table(["task", "metric", "base", "tuned", "Δ"], rows)]
 
 
+def conversion_lines(adapter_dir: Path) -> list[str]:
+    """What the save of a PiSSA/OLoRA adapter converted (its tailor_metadata.json `conversion`), or []."""
+    metadata = _read_json(adapter_dir / "tailor_metadata.json")
+    conversion = (metadata or {}).get("conversion") if isinstance(metadata, dict) else None
+    if not conversion:
+        return []
+    (r, saved_r), (alpha, saved_alpha) = conversion["r"], conversion["lora_alpha"]
+    return ["## Saved for the original base", "",
+            f"`init_lora_weights: {conversion['init_lora_weights']}` trained the adapter on a residual base "
+            "(the top-r part of each adapted weight moved into B A). The adapter in "
+            f"`{adapter_dir.name}/` is converted to an ordinary LoRA on the original base, as PEFT's "
+            "`path_initial_model_for_weight_conversion` does: rank "
+            f"{r} -> {saved_r}, lora_alpha {_fmt(alpha)} -> {_fmt(saved_alpha)} (the same scaling), "
+            "A' = [A ; A0], B' = [B | -B0], so B'A' = BA - B0A0. It loads, serves and merges on the "
+            "original base model like any LoRA adapter.", ""]
+
+
 def render_report(run_dir: Path) -> str:
     run_dir = Path(run_dir)
     config_path = run_dir / RUN_CONFIG_NAME
@@ -168,6 +186,7 @@ def render_report(run_dir: Path) -> str:
         out += ["## Training", "", *_table(["", ""], rows), ""]
         if (run_dir / "loss.png").exists():
             out += ["![loss curve](loss.png)", ""]
+        out += conversion_lines(run_dir / str(summary.get("weights_dir", "adapter")))
 
     if evaluation:
         if evaluation.get("base") or evaluation.get("tuned"):  # an eval.json may hold the harness only

@@ -1,5 +1,6 @@
-"""The training loop: AdamW on the trainable parameters, warmup + decay, accumulation, clipping, bf16
-autocast; everything around the step (validation, keep-best, metrics, progress, checkpoints) is a hook.
+"""The training loop: AdamW (tailor.train.optimizers) on the trainable parameters, warmup + decay,
+accumulation, clipping, bf16 autocast; everything around the step (validation, keep-best, metrics, progress,
+checkpoints) is a hook.
 
 It knows nothing about where the model or the data come from: `fit` takes a prepared model, tokenized
 examples and a run directory (run.py is the whole `tailor train` pipeline). The same loop runs in one
@@ -34,6 +35,7 @@ from tailor.train.distributed import (
     world_size,
 )
 from tailor.train.hooks import Hook, StepRecord, TrainingRun, default_hooks
+from tailor.train.optimizers import make_optimizer
 from tailor.train.schedule import learning_rate, warmup_steps_for
 
 
@@ -48,27 +50,6 @@ def total_steps_for(config: TrainConfig, n_examples: int) -> int:
         return config.max_steps
     batches_per_epoch = math.ceil(n_examples / (config.batch_size * world_size()))
     return max(1, math.ceil(config.epochs * batches_per_epoch / config.grad_accum))
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters only. Decay applies to matrices, not to norms/biases (1-D).
-
-    The fused kernel (one pass over all parameters) is used where torch has it for the device, else
-    the multi-tensor `foreach` one; both beat a per-parameter Python loop.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters; nothing to train")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    kwargs: dict[str, Any] = {"lr": config.lr, "betas": tuple(config.adam_betas)}
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):  # fused unsupported for this device/dtype
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 class BatchStream:
@@ -120,8 +101,8 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer,
     DDP averages gradients over processes, hence the factor world_size in each part's scale. A preference
     objective's loss is summed over pairs and divided by the pairs (tailor.loss.preference).
     """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for group in optimizer.param_groups:  # LoRA+ groups learn at a multiple of the schedule's rate
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     device = micro_batches[0]["input_ids"].device
     per_pair = config.objective != "sft"
     counts = torch.tensor([sum(count_supervised(b["labels"]) for b in micro_batches),

@@ -146,6 +146,10 @@ def check_before_training(config: TrainConfig) -> tuple[list, list]:
     any process is started); returns the loaded (train, validation) examples."""
     config.validate()
     get_method(config.method)
+    if config.optimizer != "adamw":  # the 8-bit optimizers are bitsandbytes'
+        from tailor.quant.bnb import require_bitsandbytes
+
+        require_bitsandbytes(config.optimizer, what="optimizer")
     check_run_dir(config.run_dir(), config.resume)
     if config.init_adapter is not None:  # a wrong adapter directory is found before the model loads
         from tailor.adapters import read_adapter_config
