@@ -27,6 +27,7 @@ from torch import nn
 
 from tailor.serve.adapters import AdapterRef, EngineAdapters, UnknownAdapterError
 from tailor.serve.batch import Batch
+from tailor.serve.constraints import Constraints, OutputFormat
 from tailor.serve.prefixes import PrefixCache
 from tailor.serve.request import Request
 from tailor.serve.runner import ModelRunner
@@ -77,6 +78,9 @@ class Engine:
         self.prefixes = PrefixCache(share_prefix)
         self.runner = ModelRunner(model, self.batch.cache, adapters, attention)
         self.stream = TextStream(tokenizer, self.stop_ids, limit, self.stats)
+        vocab = model.get_output_embeddings().out_features if model.get_output_embeddings() is not None \
+            else config.vocab_size
+        self.constraints = Constraints(tokenizer, vocab, self.stop_ids)  # structured output (requests' grammars)
         self.step_listeners: list[Callable[[Engine, int, float], None]] = []  # (engine, tokens, seconds)
         # (requests, logits): each forward's last-position logits, before the tokens are chosen
         self.logits_listeners: list[Callable[[list[Request], torch.Tensor], None]] = []
@@ -139,14 +143,21 @@ class Engine:
         self._wake.set()
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 adapters: Sequence[str | None] | None = None) -> list[Request]:
-        """Run `prompts` to completion in this thread; the finished requests, in order."""
+                 adapters: Sequence[str | None] | None = None,
+                 output: OutputFormat | None = None) -> list[Request]:
+        """Run `prompts` to completion in this thread; the finished requests, in order. `output`: every
+        answer must be JSON of that format (structured output)."""
         if self._thread is not None:
             raise RuntimeError("the engine runs in its own thread: use submit() and wait on request.done.")
         every = params if isinstance(params, Sequence) else [params] * len(prompts)
         names = adapters if adapters is not None else [None] * len(prompts)
-        requests = [self.submit(Request(list(prompt), setting, name))
-                    for prompt, setting, name in zip(prompts, every, names, strict=True)]
+        requests = [Request(list(prompt), setting, name) for prompt, setting, name in zip(prompts, every, names,
+                                                                                       strict=True)]
+        if output is not None:
+            for request in requests:
+                request.constraint = self.constraints.row(output)
+        for request in requests:
+            self.submit(request)
         while not all(r.finished for r in requests):
             if not self.step():  # every waiting request waits for its adapter to load
                 self._wake.wait(timeout=0.01)
@@ -247,7 +258,11 @@ class Engine:
         """Choose and append each request's next token; finish those that stop."""
         for listener in self.logits_listeners:
             listener(requests, logits)
-        self.stream.accept(requests, self.runner.choose(requests, logits))
+        rows = [r.constraint for r in requests]
+        self.constraints.mask(rows, logits)  # structured output: each constrained row's grammar, in place
+        tokens = self.runner.choose(requests, logits)
+        self.constraints.advance(rows, tokens)
+        self.stream.accept(requests, tokens)
 
     def _retire(self) -> None:
         """Free the rows (and adapter slots) of finished requests."""
