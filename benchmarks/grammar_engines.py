@@ -1,6 +1,6 @@
-"""Grammar engines for structured output: the cost of one token's mask, llguidance vs xgrammar vs outlines-core.
+"""Grammar engines for structured output: one token's mask, llguidance vs xgrammar vs outlines-core.
 
-    python benchmarks/grammar_engines.py                    # default tokenizer, 32 rows, every engine installed
+    python benchmarks/grammar_engines.py            # default tokenizer, 32 rows, every engine installed
     python benchmarks/grammar_engines.py --rows 8 --answers 4 --json grammar.json
 
 What is timed, per engine, on the default model's tokenizer (SmolLM2, vocabulary 49,152) and the built-in
@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer (tailor.models)")
-    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {', '.join(ENGINES)}")
+    p.add_argument("--engines", default=",".join(ENGINES),
+                   help=f"comma-separated subset of {', '.join(ENGINES)}")
     p.add_argument("--rows", type=int, default=32, help="rows of the batched mask")
     p.add_argument("--answers", type=int, default=16, help="reference answers replayed per row measurement")
     p.add_argument("--threads", type=int, default=2, help="threads of the batch calls")
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     references = [e.messages[-1]["content"] for e in build_support_split("test", args.answers)]
     answers = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in references]
     print(f"tokenizer: {args.model} (vocabulary {len(tokenizer)}); {len(answers)} answers of "
-          f"{statistics.mean(map(len, answers)):.0f} tokens on average; batch of {args.rows} rows", flush=True)
+          f"{statistics.mean(map(len, answers)):.0f} tokens on average; batch of {args.rows} rows",
+          flush=True)
     results: dict[str, Any] = {}
     for name in engines:
         try:
@@ -179,9 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         result = {"installed": True, "compile_ms": round(compile_ms, 1), **measure(bench, answers, args.rows)}
         results[name] = result
-        print(f"{name:14s} compile {result['compile_ms']:8.1f} ms   mask per row-token {result['mask_row_us']:7.1f} us"
-              f" (p90 {result['mask_row_p90_us']:.1f})   batch of {args.rows}: {result['mask_batch_step_us']:8.1f} us"
-              f" per step, {result['mask_batch_per_row_us']:.1f} us per row", flush=True)
+        r = result
+        print(f"{name:14s} compile {r['compile_ms']:8.1f} ms   mask per row-token {r['mask_row_us']:7.1f} us "
+              f"(p90 {r['mask_row_p90_us']:.1f})   batch of {args.rows}: {r['mask_batch_step_us']:8.1f} us "
+              f"per step, {r['mask_batch_per_row_us']:.1f} us per row", flush=True)
     report = {"machine": machine, "model": args.model, "vocab": len(tokenizer), "rows": args.rows,
               "engines": results}
     if args.json_path:

@@ -221,8 +221,8 @@ def support_schema() -> dict:
     order_id and product possibly null, nothing else."""
     order_id = {"anyOf": [{"type": "string", "pattern": "^ORD-[0-9]{5}$"}, {"type": "null"}]}
     product = {"anyOf": [{"type": "string", "enum": list(PRODUCTS)}, {"type": "null"}]}
-    properties = {"intent": {"type": "string", "enum": list(INTENTS)}, "order_id": order_id, "product": product,
-                  "urgency": {"type": "string", "enum": list(URGENCIES)},
+    properties = {"intent": {"type": "string", "enum": list(INTENTS)}, "order_id": order_id,
+                  "product": product, "urgency": {"type": "string", "enum": list(URGENCIES)},
                   "sentiment": {"type": "string", "enum": list(SENTIMENTS)}}
     return {"type": "object", "properties": properties, "required": list(SUPPORT_FIELDS),
             "additionalProperties": False}

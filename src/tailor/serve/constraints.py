@@ -50,7 +50,8 @@ class OutputFormat:
         return cls(json.dumps(schema, separators=(",", ":")), name)  # key order kept: the properties' order
 
 
-def parse_response_format(value: dict[str, Any] | None, param: str = "response_format") -> OutputFormat | None:
+def parse_response_format(value: dict[str, Any] | None,
+                          param: str = "response_format") -> OutputFormat | None:
     """OpenAI's `response_format` as an OutputFormat (None for plain text). Shapes:
     {"type": "text"}, {"type": "json_object"},
     {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ..., "description": ...}}.
@@ -61,7 +62,8 @@ def parse_response_format(value: dict[str, Any] | None, param: str = "response_f
         raise StructuredOutputError(f"{param} must be an object such as {{\"type\": \"json_object\"}}.")
     kind = value.get("type")
     if kind not in RESPONSE_FORMAT_TYPES:
-        raise StructuredOutputError(f"{param}.type={kind!r} is not one of {', '.join(RESPONSE_FORMAT_TYPES)}.")
+        choices = ", ".join(RESPONSE_FORMAT_TYPES)
+        raise StructuredOutputError(f"{param}.type={kind!r} is not one of {choices}.")
     extra = sorted(set(value) - {"type", "json_schema"} if kind == "json_schema" else set(value) - {"type"})
     if extra:
         raise StructuredOutputError(f"{param} with type {kind!r} takes no field {', '.join(extra)}.")
@@ -118,7 +120,8 @@ class Constraints:
     """
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: frozenset[int], threads: int = 2) -> None:
-        self.tokenizer, self.vocab_size, self.stop_ids, self.threads = tokenizer, vocab_size, stop_ids, threads
+        self.tokenizer, self.vocab_size, self.stop_ids = tokenizer, vocab_size, stop_ids
+        self.threads = threads
         self._lock = threading.Lock()  # compile may run on server threads while the engine masks
         self._compiler = None
         self._batch = None
@@ -137,8 +140,8 @@ class Constraints:
             return self._compiler
 
     def compile(self, output: OutputFormat):
-        """The compiled grammar of `output` (xgrammar caches it per schema). Raises StructuredOutputError naming the
-        schema's problem (an unknown type, a bad pattern, a $ref to nowhere, ...)."""
+        """The compiled grammar of `output` (xgrammar caches it per schema). Raises StructuredOutputError
+        naming the schema's problem (an unknown type, a bad pattern, a $ref to nowhere, ...)."""
         return _compile(self._engine(), output.schema if output.schema is not None else _ANY_OBJECT)
 
     def row(self, output: OutputFormat) -> RowConstraint:

@@ -80,7 +80,7 @@ class Engine:
         self.stream = TextStream(tokenizer, self.stop_ids, limit, self.stats)
         vocab = model.get_output_embeddings().out_features if model.get_output_embeddings() is not None \
             else config.vocab_size
-        self.constraints = Constraints(tokenizer, vocab, self.stop_ids)  # structured output (requests' grammars)
+        self.constraints = Constraints(tokenizer, vocab, self.stop_ids)  # structured output: rows' grammars
         self.step_listeners: list[Callable[[Engine, int, float], None]] = []  # (engine, tokens, seconds)
         # (requests, logits): each forward's last-position logits, before the tokens are chosen
         self.logits_listeners: list[Callable[[list[Request], torch.Tensor], None]] = []
@@ -151,8 +151,8 @@ class Engine:
             raise RuntimeError("the engine runs in its own thread: use submit() and wait on request.done.")
         every = params if isinstance(params, Sequence) else [params] * len(prompts)
         names = adapters if adapters is not None else [None] * len(prompts)
-        requests = [Request(list(prompt), setting, name) for prompt, setting, name in zip(prompts, every, names,
-                                                                                       strict=True)]
+        requests = [Request(list(prompt), setting, name)
+                    for prompt, setting, name in zip(prompts, every, names, strict=True)]
         if output is not None:
             for request in requests:
                 request.constraint = self.constraints.row(output)

@@ -51,6 +51,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None  # structured output (tailor.serve.constraints)
     # accepted at their "off" values only (anything else is a 400 naming the field)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -115,7 +116,6 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -126,8 +126,6 @@ class ChatRequest(_Common):
             found.append("logprobs")
         if self.tools or self.tool_choice not in (None, "none"):
             found.append("tools")
-        if self.response_format and self.response_format.get("type") != "text":
-            found.append("response_format")
         return found
 
 
