@@ -19,6 +19,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +49,32 @@ class OutputFormat:
             raise StructuredOutputError(f"a JSON Schema is an object (or true/false), not "
                                         f"{type(schema).__name__}: {schema!r:.80}.")
         return cls(json.dumps(schema, separators=(",", ":")), name)  # key order kept: the properties' order
+
+
+def read_json_schema(path: str | Path) -> OutputFormat:
+    """The JSON Schema in file `path` (`tailor generate --json-schema FILE`, `tailor eval --json-schema`);
+    StructuredOutputError naming the file, and the line and column of a JSON mistake."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise StructuredOutputError(f"cannot read the JSON Schema file {path}: {error}.") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise StructuredOutputError(f"{path}, line {error.lineno}, column {error.colno}: not JSON "
+                                    f"({error.msg}); a JSON Schema file holds one JSON object.") from None
+    try:
+        return OutputFormat.json_schema(schema, path.stem)
+    except StructuredOutputError as error:
+        raise StructuredOutputError(f"{path}: {error}") from None
+
+
+def structured_output_available() -> bool:
+    """Whether the grammar engine (the extra `tailor[structured]`) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("xgrammar") is not None
 
 
 def parse_response_format(value: dict[str, Any] | None,
@@ -195,4 +222,4 @@ def _import_xgrammar():
 
 
 __all__ = ["INSTALL_HINT", "Constraints", "OutputFormat", "RowConstraint", "StructuredOutputError",
-           "parse_response_format"]
+           "parse_response_format", "read_json_schema", "structured_output_available"]
