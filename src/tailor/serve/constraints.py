@@ -178,7 +178,7 @@ class Constraints:
     def mask(self, constraints: list[RowConstraint | None], logits: torch.Tensor) -> None:
         """Mask, in place, the tokens each constrained row cannot take (logits (B, V), row i of request
         i); unconstrained rows are left as they are."""
-        rows = [i for i, c in enumerate(constraints) if c is not None]
+        rows = [i for i, c in enumerate(constraints) if c is not None and not c.finished]
         if not rows:
             return
         bitmask = self._bitmask_for(len(constraints))
