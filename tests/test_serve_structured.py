@@ -102,8 +102,7 @@ def test_masks_equal_xgrammars_own_and_leave_other_rows_alone(tiny):
     for token in _ids(tokenizer, '{"intent":"re'):  # move the schema row into a string value
         rows[1].accept(token)
     logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
-    ours = logits.clone()
-    constraints.mask(rows, ours)
+    ours = constraints.mask(rows, logits.clone())
     for i, row in enumerate(rows):
         if row is None:
             assert torch.equal(ours[i], logits[i])

@@ -4,9 +4,10 @@ which masks the tokens it cannot take before the row's token is chosen.
 The grammar engine is xgrammar (chosen by measured per-token mask cost: benchmarks/grammar_engines.py,
 docs/serving.md), imported only when a request asks for structured output; it is the optional extra
 `tailor[structured]`. Per step, `Constraints.mask` fills the next-token bitmask of every constrained row
-with one batched call (xgrammar's BatchGrammarMatcher, its own threads), then unpacks it and masks the
-logits with one `masked_fill`; `Constraints.advance` moves each row's matcher by the token chosen. Rows
-without a constraint are not touched, so an unconstrained row's answer is the same in any batch.
+with one batched call (xgrammar's BatchGrammarMatcher, its own threads), unpacks it (numpy's unpackbits)
+and masks the logits in one `torch.where` pass; `Constraints.advance` moves each row's matcher by the
+token chosen. Rows without a constraint are not touched, so an unconstrained row's answer is the same in
+any batch.
 
 JSON comes out on one line with compact separators (`{"a":1,"b":[2,3]}`): free whitespace lets a small
 model pad an answer with blanks until max_tokens, and the built-in task's answers are written compactly.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 INSTALL_HINT = "pip install 'tailor[structured]' (the xgrammar grammar engine)"
@@ -152,8 +154,7 @@ class Constraints:
         self._lock = threading.Lock()  # compile may run on server threads while the engine masks
         self._compiler = None
         self._batch = None
-        self._bitmask: torch.Tensor | None = None  # (rows, ceil(V / 32)) int32
-        self._bits = torch.arange(32, dtype=torch.int32)  # (32,)
+        self._bitmask: torch.Tensor | None = None  # (rows, ceil(V / 32)) int32, on the CPU
 
     def _engine(self):
         """xgrammar's compiler for this tokenizer (built on first use: ~0.3 s)."""
@@ -175,20 +176,22 @@ class Constraints:
         """A fresh matcher for one request (compiling the grammar if not cached)."""
         return RowConstraint(_import_xgrammar().GrammarMatcher(self.compile(output)))
 
-    def mask(self, constraints: list[RowConstraint | None], logits: torch.Tensor) -> None:
-        """Mask, in place, the tokens each constrained row cannot take (logits (B, V), row i of request
-        i); unconstrained rows are left as they are."""
+    def mask(self, constraints: list[RowConstraint | None], logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (B, V), row i of request i, with the tokens each constrained row cannot take at -inf;
+        unconstrained rows are left as they are (bit for bit)."""
         rows = [i for i, c in enumerate(constraints) if c is not None and not c.finished]
         if not rows:
-            return
-        bitmask = self._bitmask_for(len(constraints))
-        self._batch.batch_fill_next_token_bitmask([constraints[i].matcher for i in rows], bitmask, rows)
-        index = torch.tensor(rows)
-        words = bitmask.index_select(0, index)  # (R, W) int32
-        allowed = ((words[:, :, None] >> self._bits) & 1).bool().flatten(1)  # (R, W, 32) -> (R, 32W)
-        allowed = allowed[:, : logits.shape[-1]].to(logits.device)  # (R, V)
-        index = index.to(logits.device)
-        logits.index_copy_(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
+            return logits
+        bitmask = self._bitmask_for(len(rows))
+        self._batch.batch_fill_next_token_bitmask([constraints[i].matcher for i in rows], bitmask)
+        # bit k of int32 word w allows token 32w + k; little-endian bytes unpack LSB first to (R, 32W)
+        bits = np.unpackbits(bitmask[: len(rows)].numpy().view(np.uint8), axis=-1, bitorder="little")
+        allowed = torch.from_numpy(bits[:, : logits.shape[-1]]).view(torch.bool).to(logits.device)  # (R, V)
+        if len(rows) == logits.shape[0]:  # every row constrained: one pass over the logits
+            return torch.where(allowed, logits, float("-inf"))
+        index = torch.tensor(rows, device=logits.device)
+        chosen = torch.where(allowed, logits.index_select(0, index), float("-inf"))  # (R, V)
+        return logits.index_copy(0, index, chosen)
 
     def _bitmask_for(self, rows: int) -> torch.Tensor:
         if self._bitmask is None or self._bitmask.shape[0] < rows:

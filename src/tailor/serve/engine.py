@@ -259,7 +259,7 @@ class Engine:
         for listener in self.logits_listeners:
             listener(requests, logits)
         rows = [r.constraint for r in requests]
-        self.constraints.mask(rows, logits)  # structured output: each constrained row's grammar, in place
+        logits = self.constraints.mask(rows, logits)  # structured output: each constrained row's grammar
         tokens = self.runner.choose(requests, logits)
         self.constraints.advance(rows, tokens)
         self.stream.accept(requests, tokens)
