@@ -15,8 +15,10 @@ support task's JSON Schema (`tailor.data.support.support_schema`):
                 per row-token
 
 The rows replay the tokens of real reference answers (test split), so every mask is one the engine
-computes while serving; each engine's masks are checked to allow every replayed token. Engines that are
-not installed are reported as such.
+computes while serving; each engine's masks are checked to allow every replayed token. Each engine runs
+with its defaults, xgrammar as tailor runs it (compact JSON, tailor.serve.constraints); outlines-core
+builds its index over the whole vocabulary up front (its compile) and has no batch call (its rows are
+filled one after the other). Engines that are not installed are reported as such.
 """
 
 from __future__ import annotations
@@ -83,8 +85,11 @@ def llguidance_bench(tokenizer, schema: str, threads: int) -> Bench:
 def xgrammar_bench(tokenizer, schema: str, threads: int) -> Bench:
     import xgrammar
 
+    from tailor.serve.constraints import JSON_SEPARATORS
+
     info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=len(tokenizer))
-    compiled = xgrammar.GrammarCompiler(info, max_threads=threads).compile_json_schema(schema)
+    compiler = xgrammar.GrammarCompiler(info, max_threads=threads)  # as tailor.serve.constraints compiles:
+    compiled = compiler.compile_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS)
     batch = xgrammar.BatchGrammarMatcher(threads)
     return Bench(new=lambda: xgrammar.GrammarMatcher(compiled),
                  fill=lambda m, mask, row: m.fill_next_token_bitmask(mask, row),
