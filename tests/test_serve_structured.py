@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 import xgrammar
-from conftest import serving, tiny_model_dir
+from conftest import chat_tokenizer, serving, tiny_chat_llama, tiny_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tailor.adapters.format import save_adapter
@@ -259,3 +259,28 @@ def test_a_bad_schema_is_a_400_naming_the_problem(client, response_format, probl
         assert error.value.status_code == 400
         body = error.value.body
         assert body["param"] == "response_format" and problem in body["message"]
+
+
+def test_grammar_engines_benchmark_runs_on_a_tiny_tokenizer(tmp_path, capsys):
+    """benchmarks/grammar_engines.py end to end with a tiny setting: every engine's masks allow
+    every token of the replayed reference answers (it checks), and it reports each engine's costs."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grammar_engines.py"
+    spec = importlib.util.spec_from_file_location("grammar_engines", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["grammar_engines"] = bench
+    spec.loader.exec_module(bench)
+    model, tokenizer = tmp_path / "model", chat_tokenizer()  # byte-level BPE: every engine reads it
+    tiny_chat_llama(len(tokenizer)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    out = tmp_path / "grammar.json"
+    report = bench.main(["--model", str(model), "--rows", "3", "--answers", "2", "--threads", "1",
+                         "--json", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert set(report["engines"]) == set(bench.ENGINES)
+    xgrammar_result = report["engines"]["xgrammar"]  # tailor's engine is installed with the test extra
+    assert xgrammar_result["installed"] and xgrammar_result["mask_row_us"] > 0
+    assert "xgrammar" in capsys.readouterr().out
