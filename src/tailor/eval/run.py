@@ -130,6 +130,5 @@ def check_output_format(model, tokenizer, output) -> None:
     from tailor.serve.constraints import Constraints
     from tailor.serve.sampling import stop_token_ids
 
-    head = model.get_output_embeddings()
-    vocab = head.out_features if head is not None else model.config.vocab_size
+    vocab = getattr(model.get_output_embeddings(), "out_features", None) or model.config.vocab_size
     Constraints(tokenizer, vocab, frozenset(stop_token_ids(model, tokenizer))).compile(output)

@@ -78,8 +78,7 @@ class Engine:
         self.prefixes = PrefixCache(share_prefix)
         self.runner = ModelRunner(model, self.batch.cache, adapters, attention)
         self.stream = TextStream(tokenizer, self.stop_ids, limit, self.stats)
-        vocab = model.get_output_embeddings().out_features if model.get_output_embeddings() is not None \
-            else config.vocab_size
+        vocab = getattr(model.get_output_embeddings(), "out_features", None) or config.vocab_size  # logits
         self.constraints = Constraints(tokenizer, vocab, self.stop_ids)  # structured output: rows' grammars
         self.step_listeners: list[Callable[[Engine, int, float], None]] = []  # (engine, tokens, seconds)
         # (requests, logits): each forward's last-position logits, before the tokens are chosen
