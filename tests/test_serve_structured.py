@@ -140,6 +140,7 @@ def test_greedy_constrained_answer_equals_a_step_by_step_reference(tiny):
             expected.append(token)
     assert expected[-1] == tokenizer.eos_token_id
     assert request.output_ids == expected[:-1] and request.finish_reason == "stop"
+    assert request.generated == len(expected) - 1  # finished as the JSON completed: no step for the stop
     jsonschema.validate(json.loads(request.text), SCHEMA)
 
 

@@ -11,7 +11,8 @@ any batch.
 
 JSON comes out on one line with compact separators (`{"a":1,"b":[2,3]}`): free whitespace lets a small
 model pad an answer with blanks until max_tokens, and the built-in task's answers are written compactly.
-A row whose grammar is complete can only take a stop token, so it finishes with "stop" at that token.
+A row whose grammar is complete can only take a stop token; the engine finishes it with "stop" at once
+(`Constraints.complete`), without the step that would choose that token.
 """
 
 from __future__ import annotations
@@ -204,6 +205,16 @@ class Constraints:
         for constraint, token in zip(constraints, tokens, strict=True):
             if constraint is not None and not constraint.finished:
                 constraint.accept(token)
+
+    def complete(self, constraint: RowConstraint) -> bool:
+        """Whether the row's JSON is complete: its grammar allows nothing but a stop token next (so the
+        request can finish now, without a step that could only choose the stop token)."""
+        if constraint.finished or not constraint.matcher.is_completed():
+            return False
+        bitmask = self._bitmask_for(1)
+        constraint.matcher.fill_next_token_bitmask(bitmask, 0)
+        bits = np.unpackbits(bitmask[:1].numpy().view(np.uint8), axis=-1, bitorder="little")
+        return set(np.flatnonzero(bits[0]).tolist()) <= self.stop_ids
 
 
 def _compile(compiler, schema: str):

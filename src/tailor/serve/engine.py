@@ -262,6 +262,10 @@ class Engine:
         tokens = self.runner.choose(requests, logits)
         self.constraints.advance(rows, tokens)
         self.stream.accept(requests, tokens)
+        for request in requests:  # complete JSON: finish now (the next token could only be a stop token)
+            if request.constraint is not None and not request.finished and not request.params.ignore_eos \
+                    and self.constraints.complete(request.constraint):
+                self.stream.finish(request, "stop")
 
     def _retire(self) -> None:
         """Free the rows (and adapter slots) of finished requests."""
