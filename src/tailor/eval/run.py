@@ -100,8 +100,6 @@ def adapter_base_model(directory: str | Path | None) -> str | None:
         return None
 
 
-__all__ = ["DEFAULT_EVAL_DATA", "adapter_base_model", "evaluate_run"]
-
 
 def task_schema(data: str) -> dict[str, Any]:
     """The JSON Schema of a task's answers: the built-in support task's (tailor.data.support)."""
@@ -132,3 +130,6 @@ def check_output_format(model, tokenizer, output) -> None:
 
     vocab = getattr(model.get_output_embeddings(), "out_features", None) or model.config.vocab_size
     Constraints(tokenizer, vocab, frozenset(stop_token_ids(model, tokenizer))).compile(output)
+
+
+__all__ = ["DEFAULT_EVAL_DATA", "adapter_base_model", "check_output_format", "evaluate_run", "task_schema"]
