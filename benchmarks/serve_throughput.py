@@ -10,6 +10,11 @@ exactly --new-tokens tokens, end-of-text ignored, so every system does the same 
     hetero      tailor's engine, --requests concurrent requests, each for a different adapter (random
                 r=16 all-linear adapters of the model's shapes), adapters already in slots
     base        the same engine, the same requests with no adapter (the bare base model)
+    structured  the same engine and requests, each constrained to the support task's JSON Schema
+                (response_format json_schema: every row its own grammar, masked per row each step), against
+                the same requests unconstrained with each request's token count fixed to its constrained
+                answer's (ignore_eos), so both do the same work; two interleaved rounds, the best of each
+                (ratio_structured_vs_plain)
     hf          HF generate on the bare base model, one left-padded batch of all requests
     peft        PEFT's mixed-adapter batch (`generate(adapter_names=[...])`), one batch, one adapter per row
     swap        swap per request: load the adapter, generate alone, unload (--swap-requests requests)
@@ -40,13 +45,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (the tests do)
 from _shared import DEFAULT_MODEL, print_machine  # noqa: E402
 
-PARTS = ("hetero", "base", "hf", "peft", "swap", "cold", "many")
+PARTS = ("hetero", "base", "structured", "hf", "peft", "swap", "cold", "many")
 GOALS = {  # from the serving issue
     "ratio_vs_base": (">=", 0.7),
     "ratio_vs_peft_mixed": (">=", 3.0),
     "ratio_base_vs_hf": (">=", 1.0),
     "cold_load_ms": ("<=", 50.0),
     "ratio_1000_vs_32": (">=", 0.8),
+    "ratio_structured_vs_plain": (">=", 0.8),
 }
 
 
@@ -188,6 +194,39 @@ def run_engine(engine, prompts: list[list[int]], adapters: list[str | None],
             "prefill_seconds": round(sum(s for s, p, _ in steps if p), 3), "decode_tokens_per_s": decode_rate}
 
 
+def run_structured(engine, prompts: list[list[int]], new_tokens: int, rounds: int = 2) -> dict[str, Any]:
+    """Every request constrained to the support task's JSON Schema (greedy, up to new_tokens tokens, ending
+    when the JSON is complete), against the same requests unconstrained, each generating exactly as many
+    tokens as its constrained answer did. A full-length run first grows the KV cache to its final size
+    (else the first timed run pays for it); then `rounds` rounds of (constrained, unconstrained),
+    interleaved so that a change in the machine's load touches both; the best tokens/s of each."""
+    from tailor.data.support import support_schema
+    from tailor.serve import SamplingParams
+    from tailor.serve.constraints import OutputFormat
+
+    output = OutputFormat.json_schema(support_schema(), "support")
+    engine.generate(prompts, SamplingParams(max_tokens=2), output=output)  # compiles the grammar
+    engine.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))  # cache at full size
+    best = {"structured": 0.0, "plain": 0.0}
+    lengths: list[int] = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        constrained = engine.generate(prompts, SamplingParams(max_tokens=new_tokens), output=output)
+        seconds = time.perf_counter() - started
+        lengths = [r.generated for r in constrained]
+        best["structured"] = max(best["structured"], sum(lengths) / seconds)
+        same_work = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths]
+        started = time.perf_counter()
+        plain = engine.generate(prompts, same_work)
+        seconds = time.perf_counter() - started
+        assert [r.generated for r in plain] == lengths, "the unconstrained run must do the same work"
+        best["plain"] = max(best["plain"], sum(lengths) / seconds)
+    complete = sum(r.finish_reason == "stop" for r in constrained)
+    return {"tokens": sum(lengths), "complete_json": complete, "requests": len(prompts), "rounds": rounds,
+            "structured_tokens_per_s": round(best["structured"], 1),
+            "plain_tokens_per_s": round(best["plain"], 1)}
+
+
 def warm_slots(engine, names: list[str]) -> None:
     """Put every adapter in a slot first (a one-token request each): the hetero part measures decoding."""
     from tailor.serve import SamplingParams
@@ -277,7 +316,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
             "ratio_vs_base_no_prefix_sharing": ratio("hetero_tokens_per_s",
                                                      "base_no_prefix_sharing_tokens_per_s"),
             "ratio_decode_vs_base_decode": ratio("hetero_decode_tokens_per_s", "base_decode_tokens_per_s"),
-            "ratio_1000_vs_32": ratio("many_1000_tokens_per_s", "many_32_tokens_per_s")}
+            "ratio_1000_vs_32": ratio("many_1000_tokens_per_s", "many_32_tokens_per_s"),
+            "ratio_structured_vs_plain": ratio("structured_tokens_per_s", "structured_plain_tokens_per_s")}
 
 
 def goal_status(results: dict[str, Any]) -> dict[str, str]:
@@ -297,6 +337,8 @@ def print_table(results: dict[str, Any]) -> None:
     rows = [("engine, hetero (one adapter per request)", "hetero_tokens_per_s"),
             ("engine, bare base", "base_tokens_per_s"),
             ("engine, bare base, no prefix sharing (ablation)", "base_no_prefix_sharing_tokens_per_s"),
+            ("engine, bare base, every request a JSON Schema", "structured_tokens_per_s"),
+            ("engine, bare base, the same unconstrained", "structured_plain_tokens_per_s"),
             ("engine, hetero, decode steps only", "hetero_decode_tokens_per_s"),
             ("engine, bare base, decode steps only", "base_decode_tokens_per_s"),
             ("HF generate, bare base", "hf_base_tokens_per_s"),
@@ -361,6 +403,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             engine.share_prefix = True
             results["base_no_prefix_sharing_tokens_per_s"] = alone["tokens_per_s"]
             print(f"base without prefix sharing: {alone}", flush=True)
+        if "structured" in parts:
+            structured = run_structured(engine, prompts, args.new_tokens)
+            results["structured_tokens_per_s"] = structured["structured_tokens_per_s"]
+            results["structured_plain_tokens_per_s"] = structured["plain_tokens_per_s"]
+            print(f"structured: {structured}", flush=True)
         if "cold" in parts:
             cold_names = [f"cold-{i}" for i in range(10)]
             write_adapters(served, root, cold_names, args.rank, seed=args.seed + 1)

@@ -13,7 +13,8 @@ from tailor.hardware import cpu_capability, native_bf16, resolve_precision
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_throughput.py"
 KEYS = ("hetero_tokens_per_s", "base_tokens_per_s", "hf_base_tokens_per_s", "peft_mixed_tokens_per_s",
-        "ratio_vs_base", "ratio_vs_peft_mixed", "cold_load_ms", "ratio_1000_vs_32")
+        "ratio_vs_base", "ratio_vs_peft_mixed", "cold_load_ms", "ratio_1000_vs_32",
+        "ratio_structured_vs_plain")
 
 
 def test_every_part_on_a_tiny_model(tmp_path, one_thread, capsys):

@@ -6,6 +6,9 @@ import typer
 
 from tailor.cli.app import DTYPE_HELP, FORCE_HELP, MODEL_HELP, app, fail
 
+JSON_SCHEMA_HELP = ("a JSON Schema file: the answer is JSON it accepts, enforced while generating "
+                    "(structured output; needs pip install 'tailor[structured]')")
+
 
 def _load_for_use(model_name: str | None, adapter: str | None, dtype: str, force: bool = False):
     """Model (+ adapter when given) and tokenizer; model defaults to the adapter's base, else the default.
@@ -33,17 +36,20 @@ def generate_command(
     adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter directory (PEFT format)"),
     system: str | None = typer.Option(None, "--system", help="system prompt (default: the template's)"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    json_schema: str | None = typer.Option(None, "--json-schema", help=JSON_SCHEMA_HELP),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Answer one prompt (greedy) with the base model or with an adapter."""
     from tailor.eval import generate
+    from tailor.serve.constraints import read_json_schema
 
     try:
+        output = read_json_schema(json_schema) if json_schema else None  # before the model loads
         loaded, tokenizer = _load_for_use(model, adapter, dtype, force)
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}]
-        typer.echo(generate(loaded, tokenizer, [messages], max_new_tokens=max_new_tokens)[0])
+        typer.echo(generate(loaded, tokenizer, [messages], max_new_tokens=max_new_tokens, output=output)[0])
     except ValueError as error:
         fail(error)
 
@@ -103,6 +109,11 @@ def eval_command(
     batch_size: int = typer.Option(16, "--batch-size"),
     max_seq_len: int | None = typer.Option(None, "--max-seq-len", help="for val loss (default: the run's)"),
     retention: bool = typer.Option(True, "--retention/--no-retention", help="re-ask general prompts"),
+    constrained: bool = typer.Option(False, "--constrained", help="also score the tuned model with the "
+                                     "task's JSON Schema enforced (the built-in support task's, or "
+                                     "--json-schema)"),
+    json_schema: str | None = typer.Option(None, "--json-schema", help="the schema --constrained enforces "
+                                           "(a JSON Schema file; implies --constrained)"),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     preferences: str | None = typer.Option(None, "--preferences", help="held-out preference pairs (file or "
                                            "builtin:support-prefs:test): preference accuracy, base vs tuned"),
@@ -136,7 +147,8 @@ def eval_command(
         console.print(f"evaluating {run_dir or adapter} on {data}", highlight=False, markup=False)
         result = evaluate_run(run_dir, model=model, adapter=adapter, data=data, n=n, out=out,
                               max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_len=max_seq_len,
-                              retention=retention, dtype=dtype, preferences=preferences)
+                              retention=retention, dtype=dtype, preferences=preferences,
+                              constrained=constrained, json_schema=json_schema)
     except ValueError as error:
         fail(error)
     print_evaluation(result, console)

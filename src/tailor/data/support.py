@@ -30,7 +30,7 @@ from tailor.data.example import Example
 from tailor.files import atomic_write_text
 
 __all__ = ["INTENTS", "PRODUCTS", "SENTIMENTS", "SPLITS", "SPLIT_SIZES", "SUPPORT_FIELDS", "SYSTEM_PROMPT",
-           "URGENCIES", "build_support_split", "support_label", "write_support_jsonl"]
+           "URGENCIES", "build_support_split", "support_label", "support_schema", "write_support_jsonl"]
 
 SUPPORT_FIELDS = ("intent", "order_id", "product", "urgency", "sentiment")
 URGENCIES = ("low", "medium", "high")
@@ -213,6 +213,19 @@ def support_label(intent: str, order_id: str | None, product: str | None, urgenc
     """The reference answer: compact JSON with keys in SUPPORT_FIELDS order."""
     values = dict(zip(SUPPORT_FIELDS, (intent, order_id, product, urgency, sentiment), strict=True))
     return json.dumps(values, separators=(",", ":"))
+
+
+def support_schema() -> dict:
+    """The JSON Schema every reference answer satisfies (what `tailor eval --constrained` and
+    `response_format` enforce): the five SUPPORT_FIELDS, each from its closed set (order_id as ORD-#####),
+    order_id and product possibly null, nothing else."""
+    order_id = {"anyOf": [{"type": "string", "pattern": "^ORD-[0-9]{5}$"}, {"type": "null"}]}
+    product = {"anyOf": [{"type": "string", "enum": list(PRODUCTS)}, {"type": "null"}]}
+    properties = {"intent": {"type": "string", "enum": list(INTENTS)}, "order_id": order_id,
+                  "product": product, "urgency": {"type": "string", "enum": list(URGENCIES)},
+                  "sentiment": {"type": "string", "enum": list(SENTIMENTS)}}
+    return {"type": "object", "properties": properties, "required": list(SUPPORT_FIELDS),
+            "additionalProperties": False}
 
 
 def _order_id(rng: random.Random) -> str:

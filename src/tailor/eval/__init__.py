@@ -2,6 +2,7 @@
 
 from tailor.eval.evaluate import (
     compare_base_and_tuned,
+    evaluate_constrained,
     evaluate_model,
     score_answers,
     split_prompt_and_reference,
@@ -18,6 +19,7 @@ __all__ = [
     "RETENTION_ITEMS",
     "RetentionItem",
     "compare_base_and_tuned",
+    "evaluate_constrained",
     "evaluate_model",
     "evaluate_run",
     "generate",

@@ -16,6 +16,7 @@ from tailor.eval.generate import generate
 from tailor.eval.retention import RETENTION_ITEMS, RetentionItem, off_task, retention_check
 from tailor.eval.structured import parse_json_object, score_structured, task_fields
 from tailor.files import atomic_write_json
+from tailor.serve.constraints import OutputFormat
 
 N_SAMPLES = 3
 
@@ -89,6 +90,25 @@ def evaluate_model(
     ]
     result["predictions"] = predictions
     result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def evaluate_constrained(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    output: OutputFormat,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """The task scores of `model` when its answers must follow `output` (a JSON Schema, enforced while it
+    generates: `tailor eval --constrained`): n, field_accuracy, exact_match, json_valid, per_field (see
+    `score_structured`), schema (its name), seconds."""
+    started = time.perf_counter()
+    conversations, references = split_prompt_and_reference(examples)
+    predictions = generate(model, tokenizer, conversations, max_new_tokens, batch_size, output=output)
+    result = score_answers(predictions, references)
+    result.update(schema=output.name, seconds=round(time.perf_counter() - started, 2))
     return result
 
 

@@ -8,6 +8,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from tailor.data.tokenize import render_chat
+from tailor.serve.constraints import OutputFormat
 from tailor.serve.engine import Engine
 from tailor.serve.sampling import CHAT_END_TOKENS, SamplingParams, stop_token_ids
 
@@ -20,6 +21,7 @@ def generate(
     conversations: list[list[dict[str, str]]],
     max_new_tokens: int = 128,
     batch_size: int = 16,
+    output: OutputFormat | None = None,
 ) -> list[str]:
     """Greedy completions of `conversations`, in order, decoded without special tokens and stripped.
 
@@ -28,9 +30,10 @@ def generate(
     active adapters, or none inside `disable_adapters`): up to `batch_size` conversations at once, a
     finished one replaced by the next at once (continuous batching), a prompt prefix shared by several
     conversations (one system prompt) computed once. A conversation stops at eos or the chat end-of-turn
-    token, or after `max_new_tokens`.
+    token, or after `max_new_tokens`. `output`: every answer is JSON of that format (structured output:
+    `tailor generate --json-schema`, `tailor eval --constrained`; the grammar masks what it cannot take).
     """
-    return [text for text, _ in complete(model, tokenizer, conversations, max_new_tokens, batch_size)]
+    return [text for text, _ in complete(model, tokenizer, conversations, max_new_tokens, batch_size, output)]
 
 
 @torch.inference_mode()
@@ -40,6 +43,7 @@ def complete(
     conversations: list[list[dict[str, str]]],
     max_new_tokens: int = 128,
     batch_size: int = 16,
+    output: OutputFormat | None = None,
 ) -> list[tuple[str, str]]:
     """`generate`, with each answer's finish reason: "stop" (the model ended its turn) or "length" (cut
     at max_new_tokens)."""
@@ -53,7 +57,7 @@ def complete(
         # as HF generate: no cut at the configured context (RoPE models run past it), only the answer's
         longest = max((len(ids) for ids in prompt_ids), default=0) + max_new_tokens
         engine = Engine(model, tokenizer, max_batch=batch_size, max_model_len=longest + 1)
-        requests = engine.generate(prompt_ids, SamplingParams(max_tokens=max_new_tokens))
+        requests = engine.generate(prompt_ids, SamplingParams(max_tokens=max_new_tokens), output=output)
     finally:
         model.train(was_training)
     return [(request.text.strip(), request.finish_reason or "") for request in requests]

@@ -39,24 +39,31 @@ def _change(base: Any, tuned: Any, higher_is_better: bool) -> str:
 
 def render_comparison(result: dict[str, Any], title: str | None = None) -> Table:
     """Table of base vs tuned metrics (rows: metrics, then per-field accuracy) from
-    `compare_base_and_tuned`'s result (the eval.json structure)."""
+    `compare_base_and_tuned`'s result (the eval.json structure); with a last column for the tuned model's
+    scores with the task's schema enforced when the result has them (`tailor eval --constrained`)."""
     base, tuned = result["base"], result["tuned"]
+    enforced = result.get("tuned_constrained")
     table = Table(title=title or f"base vs tuned on {result['n']} held-out examples")
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("tuned", justify="right")
     table.add_column("change", justify="right")
+    if enforced is not None:
+        table.add_column("tuned, schema enforced", justify="right")
     for key, label, higher_is_better in HEADLINE_METRICS:
         if base.get(key) is None and tuned.get(key) is None:
             continue
-        table.add_row(label, _format(base.get(key)), _format(tuned.get(key)),
-                      _change(base.get(key), tuned.get(key), higher_is_better))
+        row = [label, _format(base.get(key)), _format(tuned.get(key)),
+               _change(base.get(key), tuned.get(key), higher_is_better)]
+        table.add_row(*row, *([_format(enforced.get(key))] if enforced is not None else []))
     base_fields, tuned_fields = base.get("per_field") or {}, tuned.get("per_field") or {}
     if base_fields or tuned_fields:
         table.add_section()
+    enforced_fields = (enforced or {}).get("per_field") or {}
     for field in base_fields | tuned_fields:
         b, t = base_fields.get(field), tuned_fields.get(field)
-        table.add_row(f"  {escape(field)}", _format(b), _format(t), _change(b, t, True))
+        row = [f"  {escape(field)}", _format(b), _format(t), _change(b, t, True)]
+        table.add_row(*row, *([_format(enforced_fields.get(field))] if enforced is not None else []))
     return table
 
 

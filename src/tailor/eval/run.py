@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tailor.config import ConfigError, read_yaml_config
-from tailor.eval.evaluate import compare_base_and_tuned, write_eval_json
+from tailor.eval.evaluate import compare_base_and_tuned, evaluate_constrained, write_eval_json
 from tailor.names import RUN_CONFIG_NAME
 
 DEFAULT_EVAL_DATA = "builtin:support:test"
@@ -22,12 +22,14 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
                  adapter: str | Path | None = None, data: str = DEFAULT_EVAL_DATA, n: int | None = None,
                  out: str | Path | None = None,
                  max_new_tokens: int = 64, batch_size: int = 16, max_seq_len: int | None = None,
-                 retention: bool = True, dtype: str = "auto",
-                 preferences: str | None = None) -> dict[str, Any]:
+                 retention: bool = True, dtype: str = "auto", preferences: str | None = None,
+                 constrained: bool = False, json_schema: str | Path | None = None) -> dict[str, Any]:
     """Base vs tuned for `run_dir` (its config.yaml and adapter/ or model/), or for `adapter` alone.
 
     With `preferences` (held-out preference pairs: a file or builtin:support-prefs:test), also each side's
-    preference accuracy (tailor.eval.preferences).
+    preference accuracy (tailor.eval.preferences). `constrained` (or a `json_schema` file) also scores the
+    tuned model with the task's JSON Schema enforced while it generates (structured output; the built-in
+    support task's schema, or the file's): eval.json's "tuned_constrained".
     Writes eval.json (`out`, default run_dir/eval.json) and, for a run, refreshes its report.md.
     Returns the eval.json dict (see tailor.eval.compare_base_and_tuned) plus model, adapter and data.
     """
@@ -36,6 +38,7 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
     from tailor.models import parse_dtype
 
     run, config, method, deliverable, base_name = _what_to_compare(run_dir, model, adapter)
+    output = _output_format(data, constrained, json_schema)  # a bad schema fails before the model loads
     examples = load_examples(data)[: n if n else None]
     pairs = None
     if preferences:  # bad preference data stops here, before the model loads
@@ -50,8 +53,13 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
     tuned = method.attach(base, deliverable)
     base.eval()
     tuned.eval()
+    if output is not None:
+        check_output_format(tuned, tokenizer, output)  # compiles for this tokenizer: before any generation
     result = compare_base_and_tuned(tuned, tokenizer, examples, **settings,
                                     base_model=None if tuned is base else base)
+    if output is not None:
+        result["tuned_constrained"] = evaluate_constrained(tuned, tokenizer, examples, output,
+                                                           max_new_tokens, batch_size)
     result.update(model=base_name, adapter=str(deliverable), data=data)
     if pairs is not None:
         from tailor.eval.preferences import compare_preferences
@@ -137,4 +145,36 @@ def adapter_base_model(directory: str | Path | None) -> str | None:
         return None
 
 
-__all__ = ["DEFAULT_EVAL_DATA", "adapter_base_model", "evaluate_run", "harness_run"]
+def task_schema(data: str) -> dict[str, Any]:
+    """The JSON Schema of a task's answers: the built-in support task's (tailor.data.support)."""
+    if data.split(":")[:2] == ["builtin", "support"]:
+        from tailor.data.support import support_schema
+
+        return support_schema()
+    raise ValueError(f"--constrained knows the JSON Schema of the built-in support task only, not of "
+                     f"{data!r}: pass --json-schema FILE with the schema its answers follow.")
+
+
+def _output_format(data: str, constrained: bool, json_schema: str | Path | None):
+    from tailor.serve import constraints
+
+    if json_schema is None and not constrained:
+        return None
+    if not constraints.structured_output_available():
+        raise ValueError(f"a constrained evaluation needs the grammar engine: {constraints.INSTALL_HINT}.")
+    if json_schema is not None:
+        return constraints.read_json_schema(json_schema)
+    return constraints.OutputFormat.json_schema(task_schema(data), "task")
+
+
+def check_output_format(model, tokenizer, output) -> None:
+    """Compile `output` for this model's tokenizer now (a schema the engine cannot enforce fails here)."""
+    from tailor.serve.constraints import Constraints
+    from tailor.serve.sampling import stop_token_ids
+
+    vocab = getattr(model.get_output_embeddings(), "out_features", None) or model.config.vocab_size
+    Constraints(tokenizer, vocab, frozenset(stop_token_ids(model, tokenizer))).compile(output)
+
+
+__all__ = ["DEFAULT_EVAL_DATA", "adapter_base_model", "check_output_format", "evaluate_run", "harness_run",
+           "task_schema"]

@@ -60,22 +60,27 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def comparison_lines(evaluation: dict[str, Any]) -> list[str]:
-    """Base vs tuned table (and per-field accuracies) from an eval.json dict."""
+    """Base vs tuned table (and per-field accuracies) from an eval.json dict; a last column for the tuned
+    model with the task's schema enforced when eval.json has it (`tailor eval --constrained`)."""
     base, tuned = evaluation.get("base") or {}, evaluation.get("tuned") or {}
+    enforced = evaluation.get("tuned_constrained")
+    extra = ["tuned, schema enforced"] if enforced is not None else []
     rows = []
     for key, label in METRIC_ROWS:
         if key not in base and key not in tuned:
             continue
         b, t = base.get(key), tuned.get(key)
         delta = f"{t - b:+.3f}" if isinstance(b, (int, float)) and isinstance(t, (int, float)) else "–"
-        rows.append([label, _fmt(b), _fmt(t), delta])
+        rows.append([label, _fmt(b), _fmt(t), delta, *([_fmt(enforced.get(key))] if extra else [])])
     n = tuned.get("n", base.get("n"))
-    lines = [f"Held-out examples: {n}", "", *_table(["metric", "base", "tuned", "Δ"], rows)]
+    lines = [f"Held-out examples: {n}", "", *_table(["metric", "base", "tuned", "Δ", *extra], rows)]
     per_base, per_tuned = base.get("per_field") or {}, tuned.get("per_field") or {}
+    per_enforced = (enforced or {}).get("per_field") or {}
     if per_base or per_tuned:
         fields = list(dict.fromkeys([*per_tuned, *per_base]))
-        lines += ["", *_table(["field", "base", "tuned"],
-                              [[f, _fmt(per_base.get(f)), _fmt(per_tuned.get(f))] for f in fields])]
+        lines += ["", *_table(["field", "base", "tuned", *extra],
+                              [[f, _fmt(per_base.get(f)), _fmt(per_tuned.get(f)),
+                                *([_fmt(per_enforced.get(f))] if extra else [])] for f in fields])]
     return lines
 
 

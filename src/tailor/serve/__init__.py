@@ -5,8 +5,9 @@ The server module imports FastAPI; this package's top level does not (evaluation
 """
 
 from tailor.serve.adapters import AdapterManager, AdapterRef, AdapterRefusedError, UnknownAdapterError
+from tailor.serve.constraints import OutputFormat, StructuredOutputError
 from tailor.serve.engine import Engine, Request
 from tailor.serve.sampling import SamplingParams, stop_token_ids
 
-__all__ = ["AdapterManager", "AdapterRef", "AdapterRefusedError", "Engine", "Request", "SamplingParams",
-           "UnknownAdapterError", "stop_token_ids"]
+__all__ = ["AdapterManager", "AdapterRef", "AdapterRefusedError", "Engine", "OutputFormat", "Request",
+           "SamplingParams", "StructuredOutputError", "UnknownAdapterError", "stop_token_ids"]

@@ -30,6 +30,7 @@ from torch import nn
 
 from tailor.serve.adapters import AdapterRef, EngineAdapters, UnknownAdapterError
 from tailor.serve.batch import Batch
+from tailor.serve.constraints import Constraints, OutputFormat
 from tailor.serve.logprobs import generated_logprobs, prompt_logprobs
 from tailor.serve.prefixes import PrefixCache, wants_prompt_logits
 from tailor.serve.request import Request
@@ -83,6 +84,8 @@ class Engine:
         self.prefixes = PrefixCache(share_prefix)
         self.runner = ModelRunner(model, self.batch.cache, adapters, attention)
         self.stream = TextStream(tokenizer, self.stop_ids, limit, self.stats)
+        vocab = getattr(model.get_output_embeddings(), "out_features", None) or config.vocab_size  # logits
+        self.constraints = Constraints(tokenizer, vocab, self.stop_ids)  # structured output: rows' grammars
         self.step_listeners: list[Callable[[Engine, int, float], None]] = []  # (engine, tokens, seconds)
         # (requests, logits): each forward's last-position logits, before the tokens are chosen
         self.logits_listeners: list[Callable[[list[Request], torch.Tensor], None]] = []
@@ -145,14 +148,21 @@ class Engine:
         self._wake.set()
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 adapters: Sequence[str | None] | None = None) -> list[Request]:
-        """Run `prompts` to completion in this thread; the finished requests, in order."""
+                 adapters: Sequence[str | None] | None = None,
+                 output: OutputFormat | None = None) -> list[Request]:
+        """Run `prompts` to completion in this thread; the finished requests, in order. `output`: every
+        answer must be JSON of that format (structured output)."""
         if self._thread is not None:
             raise RuntimeError("the engine runs in its own thread: use submit() and wait on request.done.")
         every = params if isinstance(params, Sequence) else [params] * len(prompts)
         names = adapters if adapters is not None else [None] * len(prompts)
-        requests = [self.submit(Request(list(prompt), setting, name))
+        requests = [Request(list(prompt), setting, name)
                     for prompt, setting, name in zip(prompts, every, names, strict=True)]
+        if output is not None:
+            for request in requests:
+                request.constraint = self.constraints.row(output)
+        for request in requests:
+            self.submit(request)
         while not all(r.finished for r in requests):
             if not self.step():  # every waiting request waits for its adapter to load
                 self._wake.wait(timeout=0.01)
@@ -262,8 +272,16 @@ class Engine:
         """Choose and append each request's next token; finish those that stop."""
         for listener in self.logits_listeners:
             listener(requests, logits)
-        tokens = self.runner.choose(requests, logits, self.stop_ids)
+        rows = [r.constraint for r in requests]
+        masked = self.constraints.mask(rows, logits)  # structured output: each constrained row's grammar
+        tokens = self.runner.choose(requests, masked, self.stop_ids)
+        self.constraints.advance(rows, tokens)
+        # log-probabilities of the model's own distribution (vLLM's default), before any grammar mask
         self.stream.accept(requests, tokens, generated_logprobs(requests, logits, tokens))
+        for request in requests:  # complete JSON: finish now (the next token could only be a stop token)
+            if request.constraint is not None and not request.finished and not request.params.ignore_eos \
+                    and self.constraints.complete(request.constraint):
+                self.stream.finish(request, "stop")
 
     def _retire(self) -> None:
         """Free the rows (and adapter slots) of finished requests."""

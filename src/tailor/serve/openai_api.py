@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tailor.serve.adapters import AdapterManager, AdapterRef, AdapterRefusedError, UnknownAdapterError
+from tailor.serve.constraints import OutputFormat, StructuredOutputError, parse_response_format
 from tailor.serve.engine import Engine
 from tailor.serve.formatting import ResponseFormat, sse
 from tailor.serve.http import ServerConfig, authorize, read_json
@@ -68,7 +69,11 @@ class Completions:
         for ids in prompts:
             self._check_prompt(ids)
         self._check_queue()
+        output = await self._output_format(body.response_format)
         jobs = self._jobs(body, prompts, max_tokens, adapter, echoes)
+        if output is not None:  # each choice its own grammar state (the grammar itself compiled once)
+            for job in jobs:
+                job.request.constraint = self.engine.constraints.row(output)
         try:
             for job in jobs:
                 self.engine.submit(job.request)
@@ -115,6 +120,17 @@ class Completions:
         except AdapterRefusedError as error:
             raise bad_request(str(error), param="model", code="adapter_refused") from None
         return ref, name
+
+    async def _output_format(self, response_format: dict | None) -> OutputFormat | None:
+        """The answer's required format, its grammar compiled (off the event loop; cached per schema);
+        a 400 naming the problem for a bad response_format or a schema that cannot be enforced."""
+        try:
+            output = parse_response_format(response_format)
+            if output is not None:
+                await run_in_threadpool(self.engine.constraints.compile, output)
+        except StructuredOutputError as error:
+            raise bad_request(f"Invalid response_format: {error}", param="response_format") from None
+        return output
 
     def _check_queue(self) -> None:
         waiting = len(self.engine.waiting)

@@ -66,6 +66,7 @@ class _Common(_VllmSampling):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None  # structured output (tailor.serve.constraints)
     # accepted at their "off" values only (anything else is a 400 naming the field)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -136,7 +137,6 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # needs logprobs: true
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -151,8 +151,6 @@ class ChatRequest(_Common):
         found = super().unsupported()
         if self.tools or self.tool_choice not in (None, "none"):
             found.append("tools")
-        if self.response_format and self.response_format.get("type") != "text":
-            found.append("response_format")
         return found
 
 

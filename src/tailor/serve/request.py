@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tailor.serve.adapters import AdapterRef
+from tailor.serve.constraints import RowConstraint
 from tailor.serve.logprobs import TokenLogprob
 from tailor.serve.sampling import SamplingParams
 
@@ -51,6 +52,7 @@ class Request:
     generator: torch.Generator | None = None
     sent: int = 0  # characters of text already passed to on_update
     done: threading.Event = field(default_factory=threading.Event)
+    constraint: RowConstraint | None = None  # structured output: the grammar its tokens must follow
     aborted: bool = False  # asked to stop (`Engine.abort`); finished at the next step
     cut: bool = False  # text was cut at a stop string
 

@@ -99,6 +99,7 @@ class ModelRunner:
         scores = torch.bmm(rows, self.hidden.float()[:, :, None]).squeeze(-1)  # (B, k, H) @ (B, H, 1)
         if head.bias is not None:
             scores = scores + head.bias[top].float()
+        scores = scores.masked_fill(logits.gather(1, top).isneginf(), float("-inf"))  # masked: stays out
         return top.gather(1, scores.argmax(dim=-1, keepdim=True)).squeeze(1)  # (B,)
 
 

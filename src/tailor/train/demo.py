@@ -166,10 +166,14 @@ def run_demo(out: str | Path = "runs/demo", max_steps: int | None = None, eval_n
     run_dir = train(config)
 
     from tailor.eval import evaluate_run, print_evaluation
+    from tailor.serve.constraints import INSTALL_HINT, structured_output_available
 
     console.print("[bold]evaluating[/] base vs tuned on the held-out test split ...")
+    constrained = structured_output_available()  # the tuned model again, the task's JSON Schema enforced
+    if not constrained:
+        console.print(f"(no schema-enforced column: {INSTALL_HINT})", highlight=False, markup=False)
     result = evaluate_run(run_dir, data="builtin:support:test", n=eval_n, batch_size=batch_size,
-                          max_new_tokens=EVAL_MAX_NEW_TOKENS)
+                          max_new_tokens=EVAL_MAX_NEW_TOKENS, constrained=constrained)
     print_evaluation(result, console, title=f"base vs tuned on {result['n']} held-out tickets")
     console.print(f"\nrun directory: {run_dir} (report.md, eval.json, adapter/)")
     return result
