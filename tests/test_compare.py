@@ -152,3 +152,15 @@ def test_pissa_names_are_lora_with_pissa_init():
     from tailor.config import TrainConfig
 
     TrainConfig(data="builtin:support", **by["pissa-r8"]).validate()  # a config the run accepts
+
+
+def test_pissa_and_full_entries_replay_with_cross_entropy_under_a_kl_recipe():
+    # the demo recipe replays with a KL to the base under the adapter, which a full fine-tune moves and PiSSA
+    # leaves only the residual of: those entries replay with cross-entropy instead (the run would refuse kl)
+    base = {"data": "builtin:support", "rank": 16, "lora_alpha": 32, "replay_ratio": 0.4, "replay_loss": "kl"}
+    by = {e.label: e.overrides for e in parse_entries("lora-r16,pissa-r16,full,dora-r16", base)}
+    assert [by[name].get("replay_loss") for name in ("lora-r16", "pissa-r16", "full", "dora-r16")] == \
+        [None, "ce", "ce", None]
+    from tailor.config import TrainConfig
+
+    TrainConfig(**{**base, **by["pissa-r16"]}).validate()

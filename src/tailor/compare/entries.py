@@ -80,8 +80,10 @@ def parse_entries(text: str | list[str], base: dict[str, Any], shots: int = 3,
             overrides["replay_loss"] = "ce"
             if match["then"]:
                 overrides[INIT_FROM] = name.split("+")[0]
-        if method_spec(method).trains_all_weights and base.get("replay_loss") == "kl":
-            overrides["replay_loss"] = "ce"  # no frozen base under a full fine-tune to diverge from
+        base_moves = method_spec(method).trains_all_weights or settings.get("init_lora_weights") == "pissa"
+        if base_moves and base.get("replay_loss") == "kl":
+            # no frozen base to diverge from: a full fine-tune moves it, PiSSA leaves only its residual
+            overrides["replay_loss"] = "ce"
         if match["rank"]:
             if method == "full":
                 bad.append(name)
