@@ -19,6 +19,7 @@ from typing import Any
 
 from tailor.data.errors import DataError, DataIssue
 from tailor.data.example import Example
+from tailor.data.readers import read_path, read_records
 
 __all__ = ["Example", "FORMATS", "ROLES", "detect_format", "load_examples", "read_records"]
 
@@ -58,62 +59,6 @@ def detect_format(record: dict[str, Any]) -> str | None:
     if "text" in keys:
         return "text"
     return None
-
-
-def read_records(path: Path) -> tuple[list[tuple[int, Any]], list[DataIssue]]:
-    """Parse a JSONL file or a JSON array file into (line, value) pairs plus the parse problems found."""
-    name = str(path)
-    try:
-        content = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        return [], [DataIssue(name, f"is not UTF-8 text ({err.reason} at byte {err.start}).",
-                              "save the file as UTF-8 JSONL.")]
-    except OSError as err:  # permission denied, a directory, an I/O error: say which, never a traceback
-        return [], [DataIssue(name, f"cannot be read ({err.strerror or err}).",
-                              "check that the file exists and that you may read it (ls -l), or give "
-                              "another file.")]
-    if content.lstrip().startswith("["):
-        return _read_json_array(name, content)
-    records, issues = [], []
-    for number, raw in enumerate(content.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            records.append((number, json.loads(raw)))
-        except json.JSONDecodeError as err:
-            issues.append(DataIssue(
-                name, f"not valid JSON ({err.msg} at column {err.colno}).",
-                "each line must hold one complete JSON object (JSONL); a pretty-printed file must be "
-                "one JSON array of objects.", line=number))
-    return records, issues
-
-
-def _read_json_array(name: str, content: str) -> tuple[list[tuple[int, Any]], list[DataIssue]]:
-    """Decode a top-level JSON array element by element, so each record keeps the line it starts on."""
-    decoder = json.JSONDecoder()
-    records: list[tuple[int, Any]] = []
-    position = content.index("[") + 1
-    while True:
-        while position < len(content) and content[position] in " \t\r\n,":
-            position += 1
-        if position >= len(content):
-            issue = DataIssue(name, "JSON array is not closed (missing ']').", "close the array with ']'.",
-                              line=content.count("\n") + 1)
-            return records, [issue]
-        if content[position] == "]":
-            rest = content[position + 1:].strip()
-            if rest:
-                line = content.count("\n", 0, position) + 2
-                return records, [DataIssue(name, "unexpected text after the closing ']'.",
-                                           "a JSON file must hold exactly one array.", line=line)]
-            return records, []
-        line = content.count("\n", 0, position) + 1
-        try:
-            value, position = decoder.raw_decode(content, position)
-        except json.JSONDecodeError as err:
-            return records, [DataIssue(name, f"not valid JSON ({err.msg} at column {err.colno}).",
-                                       "fix the JSON syntax of this array element.", line=err.lineno)]
-        records.append((line, value))
 
 
 def _type_name(value: Any) -> str:
@@ -230,8 +175,6 @@ def load_examples(path_or_spec: str | Path, format: str = "auto", columns: dict[
         DataError: not found, empty, unreadable, records of the wrong shape; all problems listed at once,
             each with its file, line or row, and field (column).
     """
-    from tailor.data.readers import read_path
-
     spec = str(path_or_spec)
     if format != "auto" and format not in FORMATS:
         raise DataError(DataIssue(spec, f"unknown format {format!r}.",

@@ -57,6 +57,21 @@ KNOWN_PRE_TOKENIZERS = {
 }
 
 
+def write_tensors(writer: Any, gguf: Any, arrays: Any, quant: str) -> dict[str, int]:
+    """Add each (name, fp32 array) in `quant`, write the file and close it; the tensors per stored type."""
+    counts: dict[str, int] = {}
+    for name, array in arrays:
+        data, raw_dtype = _tensor_data(gguf, array, quant)
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
+        kind = raw_dtype.name if raw_dtype is not None else str(data.dtype)
+        counts[kind] = counts.get(kind, 0) + 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return counts
+
+
 def _tensor_data(gguf: Any, array: np.ndarray, quant: str) -> tuple[np.ndarray, Any]:
     """(data, raw_dtype) for add_tensor: 1-D tensors float32; others per `quant` (q8_0 needs rows that
     are a multiple of 32 values: other rows fall back to f16, as llama.cpp does)."""
@@ -205,18 +220,10 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, quant: str = 
     for key, value in (extra or {}).items():
         writer.add_string(key, value)
     state = model.state_dict()
-    counts: dict[str, int] = {}
-    for gguf_name, hf_name in tensors:
-        array = state[hf_name].detach().to("cpu", torch.float32).numpy()
-        array = to_gguf_layout(spec, config, hf_name, array)
-        data, raw_dtype = _tensor_data(gguf, array, quant)
-        writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
-        kind = raw_dtype.name if raw_dtype is not None else str(data.dtype)
-        counts[kind] = counts.get(kind, 0) + 1
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    arrays = ((gguf_name, to_gguf_layout(spec, config, hf_name,
+                                         state[hf_name].detach().to("cpu", torch.float32).numpy()))
+              for gguf_name, hf_name in tensors)
+    counts = write_tensors(writer, gguf, arrays, quant)
     return {"tensors": counts, "pre_tokenizer": pre, "quant": quant, "architecture": arch_name(spec)}
 
 

@@ -126,7 +126,7 @@ def write_lora_gguf(model: nn.Module, path: str | os.PathLike, alpha: float, qua
     """Write the LoRA pairs of `model` (adapter "default" applied, unmerged) to `path` as llama.cpp's
     adapter GGUF. `quant`: f32, f16, bf16 or q8_0 for A and B (q8_0 needs rows of 32 values: B's rows of
     r values fall back to f16, as llama.cpp does). Returns what was written."""
-    from tailor.export.gguf import QUANT_TYPES, _file_type, _tensor_data
+    from tailor.export.gguf import QUANT_TYPES, _file_type, write_tensors
 
     if quant not in QUANT_TYPES:
         raise GGUFExportError(f"--quant {quant!r} is not one of {', '.join(QUANT_TYPES)}.")
@@ -141,16 +141,7 @@ def write_lora_gguf(model: nn.Module, path: str | os.PathLike, alpha: float, qua
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in (extra or {}).items():
         writer.add_string(key, value)
-    counts: dict[str, int] = {}
-    for name, array in tensors:
-        data, raw_dtype = _tensor_data(gguf, array, quant)
-        writer.add_tensor(name, data, raw_dtype=raw_dtype)
-        kind = raw_dtype.name if raw_dtype is not None else str(data.dtype)
-        counts[kind] = counts.get(kind, 0) + 1
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    counts = write_tensors(writer, gguf, tensors, quant)
     return {"tensors": counts, "pairs": len(tensors) // 2, "alpha": float(alpha), "quant": quant,
             "architecture": arch_name(spec)}
 
