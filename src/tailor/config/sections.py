@@ -128,6 +128,11 @@ class DataSection:
     """How replayed answers are learned: ce (cross-entropy on the base model's answer tokens) or kl (the
     KL divergence from the base model's whole next-token distribution at each answer token, computed with
     the adapter switched off; LoRA methods only)."""
+    canaries: int = 0
+    """Fake secrets (card numbers, emails, phone numbers) planted in a copy of the training data, each in an
+    assistant answer seen about 12 times over the run, listed in the run's canaries.json: `tailor eval
+    --safety` then measures how many the model leaks (docs/safety.md). For testing data leakage only: never
+    ship an adapter trained with canaries (0: none)."""
 
     def problems(self) -> list[str]:
         c = _Checks(self)
@@ -146,6 +151,10 @@ class DataSection:
         if self.replay_prompts and not self.replay_ratio:
             c.problems.append("replay_prompts: given, and replay_ratio is 0, so nothing is replayed; set "
                               "replay_ratio (e.g. 0.4) or leave replay_prompts out")
+        from tailor.data.canaries import MAX_CANARIES
+
+        if not 0 <= self.canaries <= MAX_CANARIES:
+            c.problems.append(f"canaries: {self.canaries} must be between 0 and {MAX_CANARIES} (e.g. 8)")
         if self.replay_loss == "kl" and not self.replay_ratio:
             c.problems.append("replay_loss: kl applies to replayed examples, and replay_ratio is 0; set "
                               "replay_ratio (e.g. 0.4) or leave replay_loss out")

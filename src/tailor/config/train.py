@@ -176,6 +176,9 @@ class TrainConfig:
         if self.objective != "sft" and self.replay_ratio > 0:
             p.append(f"replay_ratio: replay mixes answers into supervised data, and objective "
                      f"{self.objective} learns from preference pairs; set replay_ratio 0 (or objective sft)")
+        if self.canaries and self.objective != "sft":
+            p.append(f"canaries: planted in supervised answers, and objective {self.objective} learns from "
+                     "preference pairs; leave canaries out (or objective sft)")
         if self.init_adapter is not None and (full or spec is None):
             p.append(f"init_adapter: method {self.method} trains no adapter to start from; use a LoRA method")
         if self.use_dora and full:

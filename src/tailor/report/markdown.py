@@ -132,6 +132,10 @@ def render_report(run_dir: Path) -> str:
     evaluation = _read_json(run_dir / "eval.json")
     name = config.get("name") or run_dir.name
     out = [f"# tailor run: {name}", ""]
+    canaries = summary.get("canaries")
+    if canaries:  # loud, first: such an adapter must not be shipped by mistake
+        out += [f"> **Warning: {canaries['n']} canaries planted.** This run was {canaries['note']} "
+                f"(the secrets: `{canaries['file']}`; `tailor eval --safety` measures their leakage).", ""]
 
     settings = [[k, f"`{_fmt(config.get(k))}`"] for k in CONFIG_KEYS if k in config]
     precision = summary.get("precision")
@@ -226,7 +230,7 @@ def render_report(run_dir: Path) -> str:
                     "**Base model**", "", f"```\n{example.get('base', '')}\n```", "",
                     "**Tuned model**", "", f"```\n{example.get('tuned', '')}\n```", ""]
     files = [RUN_CONFIG_NAME, "metrics.jsonl", "loss.png", "summary.json",
-             *(["eval.json"] if evaluation else []),
+             *(["eval.json"] if evaluation else []), *([canaries["file"]] if canaries else []),
              f"{summary.get('weights_dir', 'adapter')}/", "checkpoints/"]
     out += ["## Files", "", ", ".join(files), ""]
     return "\n".join(out)

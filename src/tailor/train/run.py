@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tailor.config import ConfigError, TrainConfig, save_config
+from tailor.data.canaries import CANARY_FILE, CANARY_WARNING
 from tailor.data.sources import data_record as data_sources_record
 from tailor.files import OutputPathError, atomic_output, atomic_write_json, check_output_path, directory_size
 from tailor.methods import get_method
@@ -191,6 +192,7 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
         examples = (mix_replay(examples[0], replayed, config.replay_ratio), examples[1])
         mixed_in = len(examples[0]) - data_record["examples"]["train"]
         replay_record.update(ratio=config.replay_ratio, mixed_in=mixed_in)
+    examples, canaries = _with_canaries(config, examples)
     main = is_main_process()
     use_threads(config)
     seed_everything(config.seed)  # the same seed everywhere: every process starts from the same weights
@@ -208,6 +210,8 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / RUN_CONFIG_NAME,
                     note=f"precision: {precision.reason}\nbase_dtype: {base_dtype.reason}")
+        if canaries is not None:
+            atomic_write_json(run_dir / CANARY_FILE, canaries)
 
     def save_weights(trained: nn.Module, directory: Path) -> Path:
         return method.save(trained, directory, tokenizer)
@@ -238,13 +242,14 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
     summary = build_summary(config, result, data_stats, trainable, total, out_dir, load_seconds, use_best)
     summary.update(planned_against_measured(config, device, summary))
     summary.update(cpu_seconds=round(cpu_seconds, 1), frozen_weight_bytes=frozen_bytes, replay=replay_record,
-                   data_sources=data_record,
+                   data_sources=data_record, canaries=_canary_note(canaries),
                    precision=precision.as_dict(), base_dtype=base_dtype.as_dict())
     if method.spec.deliverable == "adapter":  # the adapter carries what made it (tailor_metadata.json)
         from tailor.adapters.metadata import update_metadata
 
         metrics = {k: summary[k] for k in METADATA_METRICS if summary.get(k) is not None}
-        update_metadata(out_dir, train_config=config.to_dict(), data=data_record, metrics=metrics)
+        update_metadata(out_dir, train_config=config.to_dict(), data=data_record, metrics=metrics,
+                        **({"canaries": _canary_note(canaries)} if canaries else {}))
         summary["weights_bytes"] = directory_size(out_dir)  # the artifact as shipped, metadata included
         if config.register:
             from tailor.adapters.store import AdapterStore
@@ -260,6 +265,36 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
 
     write_report(run_dir)
     return run_dir
+
+
+def _with_canaries(config: TrainConfig, examples: tuple[list, list]) -> tuple[tuple[list, list], dict | None]:
+    """`config.canaries` fake secrets planted in a copy of the training examples (tailor.data.canaries; the
+    user's data and the validation split untouched), and the record canaries.json keeps of them."""
+    from tailor.data.canaries import canary_copies, make_canaries, plant_canaries
+
+    if not config.canaries:
+        return examples, None
+    train_examples, val_examples = examples
+    system = next((m["content"] for e in train_examples for m in (e.messages or [])[:1]
+                   if m["role"] == "system"), None)
+    canaries = make_canaries(config.canaries, config.seed, system)
+    read = (config.max_steps * config.batch_size * config.grad_accum if config.max_steps
+            else config.epochs * len(train_examples))
+    copies = canary_copies(len(train_examples), read)
+    planted = plant_canaries(train_examples, canaries, copies)
+    if is_main_process():
+        print(f"canaries: {len(canaries)} fake secrets planted, {copies} copies each, in a copy of the "
+              f"training data ({CANARY_FILE}); do not ship this adapter", flush=True)
+    record = {"n": len(canaries), "copies": copies, "seed": config.seed,
+              "note": CANARY_WARNING, "canaries": [c.as_dict() for c in canaries]}
+    return (planted, val_examples), record
+
+
+def _canary_note(canaries: dict | None) -> dict | None:
+    """What summary.json and the adapter's metadata say of planted canaries (None when there are none)."""
+    if not canaries:
+        return None
+    return {"n": canaries["n"], "copies": canaries["copies"], "file": CANARY_FILE, "note": CANARY_WARNING}
 
 
 def planned_against_measured(config: TrainConfig, device: str | None, summary: dict[str, Any]) -> dict:
