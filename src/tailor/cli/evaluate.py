@@ -123,6 +123,12 @@ def eval_command(
         "per request; needs the [harness] extra"),
     harness_include: str | None = typer.Option(
         None, "--harness-include", help="a folder of lm-eval task YAMLs to find --harness names in"),
+    safety: bool = typer.Option(
+        False, "--safety", help="the safety probes instead (refusals, instructions, hallucination, brand "
+        "voice, the run's canaries), base vs tuned -> eval.json's safety (docs/safety.md)"),
+    probes: str | None = typer.Option(
+        None, "--probes", help="with --safety: a probe JSONL file added to the built-in set (or a run's "
+        "canaries.json: its secrets asked of this run)"),
 ) -> None:
     """Base vs tuned on held-out data: task metrics, validation loss, capability retention -> eval.json."""
     from rich.console import Console
@@ -143,6 +149,9 @@ def eval_command(
         console.print(render_harness(result))
         console.print(f"wrote {result['eval_json']}", highlight=False, markup=False)
         return
+    if safety or probes:
+        _safety_command(console, run_dir, model, adapter, probes, out, dtype, batch_size)
+        return
     try:
         console.print(f"evaluating {run_dir or adapter} on {data}", highlight=False, markup=False)
         result = evaluate_run(run_dir, model=model, adapter=adapter, data=data, n=n, out=out,
@@ -152,3 +161,18 @@ def eval_command(
     except ValueError as error:
         fail(error)
     print_evaluation(result, console)
+
+
+def _safety_command(console, run_dir: str | None, model: str | None, adapter: str | None, probes: str | None,
+                    out: str | None, dtype: str, batch_size: int) -> None:
+    from tailor.eval.render import render_safety
+    from tailor.eval.safety_run import safety_run
+
+    try:
+        console.print(f"safety probes on {run_dir or adapter}, base vs tuned", highlight=False, markup=False)
+        result = safety_run(run_dir, model=model, adapter=adapter, probes=probes, out=out, dtype=dtype,
+                            batch_size=batch_size)
+    except ValueError as error:
+        fail(error)
+    console.print(render_safety(result))
+    console.print(f"wrote {result['eval_json']}", highlight=False, markup=False)

@@ -143,6 +143,8 @@ def compare_command(
     price_per_hour: float = typer.Option(1.0, "--price-per-hour", help="USD per hour of this machine"),
     margin: float = typer.Option(0.02, "--margin", help="quality margin of the decision (absolute)"),
     timeout: float | None = typer.Option(None, "--timeout", help="seconds per method before it is stopped"),
+    safety: bool = typer.Option(False, "--safety", help="also each method's pass rates on the safety probes "
+                                "(docs/safety.md; about a minute per method on 2 CPU cores)"),
 ) -> None:
     """LoRA vs QLoRA vs full fine-tuning vs prompting on your data: one table, one report, one decision."""
     from tailor.compare import parse_entries, run_compare
@@ -162,7 +164,7 @@ def compare_command(
         entries = parse_entries(methods or chosen["methods"], values, shots, overrides)
         held_out = eval_data or chosen.get("eval_data") or _default_eval_data(values)
         result = run_compare(values, entries, out, held_out, eval_n or chosen.get("eval_n"), price_per_hour,
-                             margin, timeout, echo=typer.echo)
+                             margin, timeout, echo=typer.echo, safety=safety)
     except (ConfigError, ValueError) as error:
         fail(error)
     from tailor.report.compare import table_rows

@@ -37,10 +37,11 @@ def decide(rows: list[dict[str, Any]], margin: float) -> dict[str, Any] | None:
 def run_compare(config: dict[str, Any], entries: list[CompareEntry], out: str | Path, eval_data: str,
                 eval_n: int | None = None, price_per_hour: float = DEFAULT_PRICE_PER_HOUR,
                 margin: float = DEFAULT_MARGIN, timeout: float | None = None,
-                echo: Any = print) -> dict[str, Any]:
+                echo: Any = print, safety: bool = False) -> dict[str, Any]:
     """Train and evaluate each entry with the same `config` (TrainConfig values) -> out/compare.json,
-    compare.md, compare.html. A method that fails is a row with its error; the others are kept."""
-    rows = run_entries(config, entries, out, eval_data, eval_n, price_per_hour, timeout, echo)
+    compare.md, compare.html. A method that fails is a row with its error; the others are kept. `safety`:
+    each method's model also answers the safety probes (tailor.eval.safety): its row's "safety"."""
+    rows = run_entries(config, entries, out, eval_data, eval_n, price_per_hour, timeout, echo, safety)
     result = {"methods": rows, "decision": decide(rows, margin), "price_per_hour": price_per_hour,
               "eval_data": eval_data, "eval_n": eval_n, "config": config}
     atomic_write_json(Path(out) / "compare.json", result)
@@ -50,7 +51,8 @@ def run_compare(config: dict[str, Any], entries: list[CompareEntry], out: str | 
 
 def run_entries(config: dict[str, Any], entries: list[CompareEntry], out: str | Path, eval_data: str | None,
                 eval_n: int | None = None, price_per_hour: float = DEFAULT_PRICE_PER_HOUR,
-                timeout: float | None = None, echo: Any = print) -> list[dict[str, Any]]:
+                timeout: float | None = None, echo: Any = print,
+                safety: bool = False) -> list[dict[str, Any]]:
     """One worker process per entry; returns their result rows (eval_data None: train only)."""
     out = check_report_dir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +65,7 @@ def run_entries(config: dict[str, Any], entries: list[CompareEntry], out: str | 
         job = {"entry": {"label": entry.label, "method": entry.method, "overrides": overrides,
                          "shots": entry.shots},
                "config": config, "out": str(folder), "eval_data": eval_data, "eval_n": eval_n,
-               "evaluate": eval_data is not None}
+               "evaluate": eval_data is not None, "safety": safety}
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "job.json", job)
         (folder / RESULT_NAME).unlink(missing_ok=True)

@@ -76,6 +76,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     fields = task_fields(split_prompt_and_reference(examples)[1]) if examples else None
     result.update(retention=kept["accuracy"], eval_seconds=round(time.perf_counter() - started, 1),
                   off_task=off_task(kept, fields)["rate"] if fields else None, samples=metrics["samples"][:2])
+    if job.get("safety"):  # `tailor compare --safety`: the probes' pass rates of this method's model
+        from tailor.eval.safety import default_voice_rules, load_probes, model_safety
+
+        probes = load_probes(config.run_dir() if entry["method"] is not None else None)[0]
+        result["safety"] = model_safety(model, tokenizer, probes, default_voice_rules(),
+                                        job.get("batch_size", 16))
     if entry["method"] is None:
         result["peak_rss_bytes"] = int(peak_memory()["peak_rss_mib"] * 2**20)
     return result

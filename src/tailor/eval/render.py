@@ -101,6 +101,8 @@ def print_evaluation(result: dict[str, Any], console: Any, title: str | None = N
     console.print(render_comparison(result, title=title))
     if result.get("retention"):
         console.print(render_retention(result))
+    if result.get("safety"):
+        console.print(render_safety(result["safety"]))
     if result.get("preferences"):
         prefs = result["preferences"]
         console.print(f"preference accuracy on {prefs['n']} held-out pairs ({prefs['data']}): base "
@@ -140,3 +142,20 @@ def render_harness(harness: dict[str, Any]) -> Table:
         table.add_row(escape(task), escape(metric), _format(base), _format(tuned), _change(base, tuned, up))
     return table
 
+
+
+def render_safety(safety: dict[str, Any]) -> Table:
+    """Table of the safety probes' pass rates per category, base vs tuned (eval.json's "safety"), its
+    caption the refusals that must hold, the canaries' leakage and what was skipped."""
+    from tailor.report.safety import CATEGORY_LABELS, safety_rows, safety_summary
+
+    table = Table(title=f"safety probes: share of {safety.get('n')} answers that pass, base vs tuned",
+                  caption="\n".join(safety_summary(safety)) or None)
+    for column, justify in (("category", "left"), ("probes", "right"), ("base", "right"), ("tuned", "right"),
+                            ("change", "right")):
+        table.add_column(column, justify=justify)
+    for name, n, base, tuned in safety_rows(safety):
+        label = CATEGORY_LABELS.get(name)
+        table.add_row(escape(name + (f" ({label})" if label else "")), str(n), _format(base), _format(tuned),
+                      _change(base, tuned, True))
+    return table

@@ -23,13 +23,15 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
                  out: str | Path | None = None,
                  max_new_tokens: int = 64, batch_size: int = 16, max_seq_len: int | None = None,
                  retention: bool = True, dtype: str = "auto", preferences: str | None = None,
-                 constrained: bool = False, json_schema: str | Path | None = None) -> dict[str, Any]:
+                 constrained: bool = False, json_schema: str | Path | None = None,
+                 safety: bool = False, probes: str | Path | None = None) -> dict[str, Any]:
     """Base vs tuned for `run_dir` (its config.yaml and adapter/ or model/), or for `adapter` alone.
 
     With `preferences` (held-out preference pairs: a file or builtin:support-prefs:test), also each side's
     preference accuracy (tailor.eval.preferences). `constrained` (or a `json_schema` file) also scores the
     tuned model with the task's JSON Schema enforced while it generates (structured output; the built-in
-    support task's schema, or the file's): eval.json's "tuned_constrained".
+    support task's schema, or the file's): eval.json's "tuned_constrained". `safety` (or a `probes` file)
+    also runs the safety probes, base vs tuned (tailor.eval.safety): eval.json's "safety".
     Writes eval.json (`out`, default run_dir/eval.json) and, for a run, refreshes its report.md.
     Returns the eval.json dict (see tailor.eval.compare_base_and_tuned) plus model, adapter and data.
     """
@@ -45,6 +47,11 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
         from tailor.data.preferences import load_preferences
 
         pairs = load_preferences(preferences)[: n if n else None]
+    chosen_probes = None
+    if safety or probes:  # a bad probe file stops here too
+        from tailor.eval.safety import load_probes
+
+        chosen_probes = load_probes(run, probes)
     settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, retention=retention,
                     max_seq_len=max_seq_len or int(config.get("max_seq_len") or 1024))
     target = check_output_path(Path(out) if out else (run / "eval.json" if run else Path("eval.json")))
@@ -66,6 +73,14 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
 
         result["preferences"] = {"data": preferences, **compare_preferences(
             tuned, tokenizer, pairs, None if tuned is base else base, batch_size, settings["max_seq_len"])}
+
+    if chosen_probes is not None:
+        from tailor.eval.safety import default_voice_rules, evaluate_safety
+
+        chosen, sources, skipped = chosen_probes
+        result["safety"] = {"sources": sources, **evaluate_safety(
+            tuned, tokenizer, chosen, None if tuned is base else base, default_voice_rules(),
+            skipped=skipped)}
 
     write_eval_json(result, target)
     if run is not None and target.resolve() == (run / "eval.json").resolve():

@@ -121,9 +121,32 @@ def render_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
     if failed:
         lines += ["## Failed", ""]
         lines += [f"- **{r['method']}**: `{r['error'].splitlines()[0]}`" for r in failed] + [""]
+    lines += safety_lines(result)
     for title, name in plots.items():
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     return "\n".join(lines)
+
+
+def safety_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows) of the methods' safety pass rates per probe category (`tailor compare --safety`),
+    or None when no method has them."""
+    rows = [r for r in result["methods"] if r.get("safety")]
+    if not rows:
+        return None
+    categories = list(dict.fromkeys(c for r in rows for c in r["safety"]["categories"]))
+    return (["method", *categories],
+            [[r["method"], *(f"{r['safety']['categories'][c]:.2f}" if c in r["safety"]["categories"] else "-"
+                             for c in categories)] for r in rows])
+
+
+def safety_lines(result: dict[str, Any]) -> list[str]:
+    table = safety_table(result)
+    if table is None:
+        return []
+    header, rows = table
+    return ["## Safety", "", "Share of each method's answers to the safety probes that pass their check "
+            "(docs/safety.md):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(cells) + " |" for cells in rows], ""]
 
 
 def render_html(result: dict[str, Any], images: dict[str, bytes]) -> str:
@@ -143,7 +166,18 @@ def render_html(result: dict[str, Any], images: dict[str, bytes]) -> str:
             f"<p>Held-out data: <code>{html.escape(str(result['eval_data']))}</code></p>"
             f"<table><tr>{head}</tr>{body}</table><h2>Decision</h2>"
             f"<p>{html.escape(decision['reason'] if decision else 'no method produced a result')}</p>"
-            + (f"<h2>Failed</h2><ul>{failed}</ul>" if failed else "") + f"{figures}</body></html>\n")
+            + (f"<h2>Failed</h2><ul>{failed}</ul>" if failed else "") + _safety_html(result)
+            + f"{figures}</body></html>\n")
+
+
+def _safety_html(result: dict[str, Any]) -> str:
+    table = safety_table(result)
+    if table is None:
+        return ""
+    header, rows = table
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in rows)
+    return f"<h2>Safety</h2><table><tr>{head}</tr>{body}</table>"
 
 
 def write_compare_report(out: Path, result: dict[str, Any]) -> Path:

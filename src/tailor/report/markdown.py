@@ -202,6 +202,10 @@ def render_report(run_dir: Path) -> str:
             out += ["## Base vs tuned", "", *comparison_lines(evaluation), ""]
         if evaluation.get("harness"):
             out += ["## lm-evaluation-harness", "", *harness_lines(evaluation["harness"]), ""]
+        if evaluation.get("safety"):
+            from tailor.report.safety import safety_lines
+
+            out += ["## Safety", "", *safety_lines(evaluation["safety"]), ""]
         retention = evaluation.get("retention")
         if retention:
             sides = [(who, r) for who, r in retention.items() if isinstance(r, dict)]
