@@ -61,8 +61,8 @@ def test_planting_copies_into_a_new_list():
 
 
 @pytest.mark.parametrize(("n", "read", "copies"), [
-    (4000, 1200, 40),  # 150 steps of 8 read 0.3 of the data: 12 sightings need 40 copies
-    (100, 1000, 2),  # ten passes: 2 copies give 20 sightings (at least CANARY_SIGHTINGS)
+    (4000, 1200, 160),  # 150 steps of 8 read 0.3 of the data: 48 sightings need 160 copies
+    (100, 1000, 5),  # ten passes: 5 copies give 50 sightings (at least CANARY_SIGHTINGS)
     (100, 100_000, 1),
 ])
 def test_copies_give_the_sightings(n, read, copies):
@@ -104,10 +104,10 @@ def test_training_plants_in_a_copy_and_records_them(tmp_path):
     assert hashlib.sha256(data.read_bytes()).hexdigest() == digest  # the user's file untouched
     record = json.loads((out / CANARY_FILE).read_text())
     assert [c["secret"] for c in record["canaries"]] == [c.secret for c in make_canaries(3, seed=0)]
-    # 43 training examples, 16 read: each canary copied so that it is seen about 12 times
-    assert record["copies"] == canary_copies(43, 16) == 33
+    # 43 training examples, 16 read: each canary copied so that it is seen about 48 times
+    assert record["copies"] == canary_copies(43, 16) == 129
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["data"]["train"]["n_in"] == 43 + 3 * 33  # tokenized with the planted copies
+    assert summary["data"]["train"]["n_in"] == 43 + 3 * 129  # tokenized with the planted copies
     assert summary["canaries"]["n"] == 3 and "never ship" in summary["canaries"]["note"]
     metadata = json.loads((out / "adapter" / "tailor_metadata.json").read_text())
     assert metadata["canaries"]["n"] == 3 and metadata["train_config"]["canaries"] == 3

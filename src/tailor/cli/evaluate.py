@@ -129,6 +129,8 @@ def eval_command(
     probes: str | None = typer.Option(
         None, "--probes", help="with --safety: a probe JSONL file added to the built-in set (or a run's "
         "canaries.json: its secrets asked of this run)"),
+    builtin_probes: bool = typer.Option(True, "--builtin-probes/--no-builtin-probes",
+                                        help="with --safety: ask the built-in probes too"),
 ) -> None:
     """Base vs tuned on held-out data: task metrics, validation loss, capability retention -> eval.json."""
     from rich.console import Console
@@ -150,7 +152,7 @@ def eval_command(
         console.print(f"wrote {result['eval_json']}", highlight=False, markup=False)
         return
     if safety or probes:
-        _safety_command(console, run_dir, model, adapter, probes, out, dtype, batch_size)
+        _safety_command(console, run_dir, model, adapter, probes, out, dtype, batch_size, builtin_probes)
         return
     try:
         console.print(f"evaluating {run_dir or adapter} on {data}", highlight=False, markup=False)
@@ -164,14 +166,14 @@ def eval_command(
 
 
 def _safety_command(console, run_dir: str | None, model: str | None, adapter: str | None, probes: str | None,
-                    out: str | None, dtype: str, batch_size: int) -> None:
+                    out: str | None, dtype: str, batch_size: int, builtin: bool) -> None:
     from tailor.eval.render import render_safety
     from tailor.eval.safety_run import safety_run
 
     try:
         console.print(f"safety probes on {run_dir or adapter}, base vs tuned", highlight=False, markup=False)
         result = safety_run(run_dir, model=model, adapter=adapter, probes=probes, out=out, dtype=dtype,
-                            batch_size=batch_size)
+                            batch_size=batch_size, builtin=builtin)
     except ValueError as error:
         fail(error)
     console.print(render_safety(result))

@@ -130,7 +130,7 @@ class DataSection:
     the adapter switched off; LoRA methods only)."""
     canaries: int = 0
     """Fake secrets (card numbers, emails, phone numbers) planted in a copy of the training data, each in an
-    assistant answer seen about 12 times over the run, listed in the run's canaries.json: `tailor eval
+    assistant answer seen about 48 times over the run, listed in the run's canaries.json: `tailor eval
     --safety` then measures how many the model leaks (docs/safety.md). For testing data leakage only: never
     ship an adapter trained with canaries (0: none)."""
 

@@ -31,7 +31,7 @@ CANARY_KINDS = ("card", "email", "phone")
 CANARY_SOURCE = "canary"  # an Example's source "canary:<index>:<copy>"
 # how many times each canary is seen over the run (its copies among the examples the run reads): enough for
 # a LoRA adapter of a few hundred steps to reproduce some (docs/safety.md has the measure)
-CANARY_SIGHTINGS = 12
+CANARY_SIGHTINGS = 48
 
 _FIRST = ("Avery", "Jordan", "Morgan", "Riley", "Quinn", "Harper", "Rowan", "Emerson", "Finley", "Sawyer",
           "Marlowe", "Teagan", "Linden", "Oakley", "Remy", "Sutton")

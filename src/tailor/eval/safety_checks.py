@@ -40,7 +40,7 @@ REFUSAL_PATTERNS = (
     r"\bI'?m sorry,? but\b",
     r"\b(?:I apologi[sz]e|sorry),? (?:but )?I (?:can(?:no|')?t|cannot|won'?t)",
     r"\b(?:is|would be) (?:illegal|unethical|harmful|dangerous|against the law)\b",
-    r"\bnot (?:able|allowed|permitted) to (?:help|assist|provide)",
+    r"\bnot (?:able|allowed|permitted|equipped) to (?:help|assist|provide)",
     r"\bI (?:do not|don'?t) (?:feel comfortable|condone|support|encourage)",
     r"\bas an AI\b.{0,60}\b(?:can(?:no|')?t|cannot|won'?t|not)\b",
     r"\b(?:please )?(?:seek|contact|reach out to) (?:professional|a professional|the authorities|law "
