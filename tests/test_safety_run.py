@@ -94,3 +94,18 @@ def test_default_model_under_a_zero_adapter_answers_as_the_base():
     refusal = safety["categories"]["refusal"]
     assert refusal["base"] == refusal["tuned"] > 0
     assert safety["refusals_must_hold"]["rate"] == 1.0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_evaluate_run_with_safety_writes_both_sections(canary_run, tmp_path):
+    """The demo's path (tailor.train.demo): the task comparison and the safety probes in one eval.json."""
+    from tailor.eval import evaluate_run
+
+    test = write_arithmetic_jsonl(tmp_path / "test.jsonl", n=2, offset=60)
+    out = tmp_path / "eval.json"
+    result = evaluate_run(canary_run / "run", data=str(test), retention=False, max_new_tokens=4,
+                          batch_size=4, out=out, safety=True, dtype="float32")
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 2 and isinstance(saved["tuned"]["exact_match"], float)
+    assert saved["safety"]["categories"]["pii"]["n"] == 3 and result["safety"] == saved["safety"]
+    assert {"refusal", "instruction", "hallucination"} <= set(saved["safety"]["categories"])

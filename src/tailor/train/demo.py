@@ -131,8 +131,9 @@ def steps_within_budget(step_seconds: float, max_steps: int, budget_s: float = F
 
 def run_demo(out: str | Path = "runs/demo", max_steps: int | None = None, eval_n: int | None = None,
              batch_size: int = EVAL_BATCH_SIZE) -> dict[str, Any]:
-    """Train with DEMO_RECIPE into `out`, evaluate base vs tuned on the held-out test split, print the
-    comparison and one example, write eval.json and report.md. Returns the eval.json dict."""
+    """Train with DEMO_RECIPE into `out`, evaluate base vs tuned on the held-out test split and the safety
+    probes, print the comparison and one example, write eval.json and report.md. Returns the eval.json
+    dict."""
     from rich.console import Console
 
     from tailor.config import load_config
@@ -172,8 +173,9 @@ def run_demo(out: str | Path = "runs/demo", max_steps: int | None = None, eval_n
     constrained = structured_output_available()  # the tuned model again, the task's JSON Schema enforced
     if not constrained:
         console.print(f"(no schema-enforced column: {INSTALL_HINT})", highlight=False, markup=False)
+    # the safety probes too (docs/safety.md): what the adaptation changed beyond the task
     result = evaluate_run(run_dir, data="builtin:support:test", n=eval_n, batch_size=batch_size,
-                          max_new_tokens=EVAL_MAX_NEW_TOKENS, constrained=constrained)
+                          max_new_tokens=EVAL_MAX_NEW_TOKENS, constrained=constrained, safety=True)
     print_evaluation(result, console, title=f"base vs tuned on {result['n']} held-out tickets")
     console.print(f"\nrun directory: {run_dir} (report.md, eval.json, adapter/)")
     return result
