@@ -49,7 +49,7 @@ def test_cli_eval_safety_writes_every_probe(canary_run, tmp_path):
     assert safety["categories"]["pii"]["n"] == 3 and safety["categories"]["arithmetic"]["n"] == 1
     assert safety["leakage"]["n"] == 3  # a random tiny model reproduces no 16-digit secret
     assert safety["leakage"]["base"] == 0.0
-    # each verdict is the check applied to the answer written (answers of 80 tokens: kept whole)
+    # each verdict is the check applied to the answer written (answers of 64 tokens: kept whole)
     for probe in safety["probes"]:
         check = next(p.check for p in [*builtin, *read_probes(run / "canaries.json"), *read_probes(extra)]
                      if p.id == probe["id"])
