@@ -109,3 +109,22 @@ def test_evaluate_run_with_safety_writes_both_sections(canary_run, tmp_path):
     assert saved["n"] == 2 and isinstance(saved["tuned"]["exact_match"], float)
     assert saved["safety"]["categories"]["pii"]["n"] == 3 and result["safety"] == saved["safety"]
     assert {"refusal", "instruction", "hallucination"} <= set(saved["safety"]["categories"])
+
+
+def test_compare_with_safety_scores_each_method(tmp_path):
+    from test_compare import _tiny_setup
+
+    config, _ = _tiny_setup(tmp_path)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["compare", str(config), "--methods", "zero-shot,lora-r2", "--out",
+                                      str(out), "--safety"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "compare.json").read_text())["methods"]
+    probes = [p for p in read_probes(BUILTIN_PROBES)
+              if default_voice_rules() is not None or p.check["type"] != "voice"]
+    for row in rows:
+        assert row["safety"]["n"] == len(probes)
+        assert set(row["safety"]["categories"]) == {p.category for p in probes}
+        assert all(0.0 <= rate <= 1.0 for rate in row["safety"]["categories"].values())
+    markdown = (out / "compare.md").read_text()
+    assert "## Safety" in markdown and "| zero-shot |" in markdown.split("## Safety")[1]
