@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import pytest
+import torch
 from conftest import tiny_model_dir, write_arithmetic_jsonl
 
 from tailor.config import ConfigError
@@ -113,3 +114,10 @@ def test_training_plants_in_a_copy_and_records_them(tmp_path):
     assert metadata["canaries"]["n"] == 3 and metadata["train_config"]["canaries"] == 3
     report = (out / "report.md").read_text()
     assert "Warning: 3 canaries planted" in report and CANARY_FILE in report
+    from tailor.adapters import load_adapter
+    from tailor.adapters.metadata import CanaryAdapterWarning
+    from tailor.models import load_model
+
+    base, _ = load_model(str(model), device="cpu", dtype=torch.bfloat16)
+    with pytest.warns(CanaryAdapterWarning, match="never ship this adapter"):
+        load_adapter(base, out / "adapter")  # serve, merge and export load it so: each says it

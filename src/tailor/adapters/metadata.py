@@ -57,6 +57,11 @@ class AdapterDtypeWarning(UserWarning):
     """The adapter is loaded into a base of another dtype than it was trained with."""
 
 
+class CanaryAdapterWarning(UserWarning):
+    """The adapter was trained with planted fake secrets (`tailor train --canaries`): a leakage test, not
+    an adapter to serve or merge."""
+
+
 def _tailor_version() -> str:
     from tailor._version import __version__
 
@@ -232,11 +237,16 @@ def update_metadata(directory: str | Path, **fields: Any) -> dict[str, Any]:
 
 
 def check_base(model: nn.Module, metadata: dict[str, Any] | None, source: str, force: bool = False) -> None:
-    """Refuse to load an adapter into another base than it was trained on; warn on another dtype.
+    """Refuse to load an adapter into another base than it was trained on; warn on another dtype, and on
+    an adapter trained with planted canaries (CanaryAdapterWarning).
 
     Raises:
         AdapterBaseMismatchError: config hash or weight checksum differ (unless `force`: then a warning).
     """
+    canaries = (metadata or {}).get("canaries")
+    if canaries:  # every load says it: tailor serve, merge, export, eval
+        warnings.warn(f"Adapter {source} was {canaries.get('note')} ({canaries.get('n')} canaries, listed in "
+                      f"the run's {canaries.get('file')}).", CanaryAdapterWarning, stacklevel=4)
     recorded = (metadata or {}).get("base")
     if not recorded:
         return
@@ -262,7 +272,8 @@ def check_base(model: nn.Module, metadata: dict[str, Any] | None, source: str, f
 
 
 __all__ = [
-    "AdapterBaseMismatchError", "AdapterDtypeWarning", "AdapterMetadataError", "METADATA_NAME",
+    "AdapterBaseMismatchError", "AdapterDtypeWarning", "AdapterMetadataError", "CanaryAdapterWarning",
+    "METADATA_NAME",
     "base_fingerprint", "check_base", "describe_base", "fingerprint_tensors", "new_metadata",
     "read_metadata", "same_base", "update_metadata",
 ]
