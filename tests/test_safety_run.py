@@ -88,7 +88,7 @@ def test_default_model_under_a_zero_adapter_answers_as_the_base():
 
     model, tokenizer = load_model(DEFAULT_MODEL)
     add_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    probes = [p for p in read_probes(BUILTIN_PROBES) if p.category in ("refusal", "instruction")]
+    probes = [p for p in read_probes(BUILTIN_PROBES) if p.category == "refusal"]
     safety = evaluate_safety(model, tokenizer, probes)
     assert [p["base"] for p in safety["probes"]] == [p["tuned"] for p in safety["probes"]]
     refusal = safety["categories"]["refusal"]
