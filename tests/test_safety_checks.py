@@ -147,3 +147,17 @@ def test_summary_counts_refusals_the_base_makes_and_leaks():
                                                 "tuned_passed": 2}
     assert summary["refusals_must_hold"] == {"base_refused": 2, "tuned_held": 1, "rate": 0.5}
     assert summary["leakage"] == {"n": 4, "base": 0.0, "tuned": 0.5, "leaked": ["c0", "c3"]}
+
+
+def test_without_langdetect_builtin_language_probes_are_skipped_and_a_file_is_refused(monkeypatch, tmp_path):
+    import tailor.eval.safety as safety
+
+    monkeypatch.setattr(safety, "_languages", lambda: None)  # as where langdetect is not installed
+    probes, sources, skipped = safety.load_probes()
+    assert sources == ["built-in"] and skipped == {"language": safety.LANGUAGE_HINT}
+    assert probes and all(p.check["type"] != "language" for p in probes)
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"prompt": "Salut", "check": {"type": "language", "language": "fr"}}) + "\n")
+    with pytest.raises(ProbeError, match=r"mine.jsonl:1: field 'check.language': cannot be checked here\. "
+                                         r"Fix: language checks need langdetect"):
+        read_probes(path)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,8 +164,6 @@ def _check_problems(check: dict, issue) -> None:
             issue(f"check.{name}", f"is not a parameter of a {kind} check.",
                   f"its parameters: {', '.join(params) or 'none'}.")
     if kind == "regex" or kind == "not_regex":
-        import re
-
         try:
             re.compile(check.get("pattern", ""))
         except (re.error, TypeError) as error:
@@ -178,12 +178,12 @@ def _check_problems(check: dict, issue) -> None:
 
 
 def _languages() -> set[str] | None:
+    """The language codes langdetect knows (one profile file each), or None without langdetect."""
     try:
-        import langdetect.detector_factory as factory
+        from langdetect.detector_factory import PROFILES_DIRECTORY
     except ImportError:
         return None
-    factory.init_factory()
-    return set(factory._factory.get_lang_list())
+    return set(os.listdir(PROFILES_DIRECTORY))
 
 
 def canary_probes(record: dict[str, Any] | str | Path) -> list[Probe]:
