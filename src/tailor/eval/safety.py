@@ -65,10 +65,11 @@ class Probe:
     max_tokens: int = DEFAULT_MAX_TOKENS
 
 
-def read_probes(path: str | Path) -> list[Probe]:
+def read_probes(path: str | Path, skip_language: bool = False) -> list[Probe]:
     """The probes of a JSONL file (or a JSON array), or of a run's canaries.json (its secrets' probes: the
     same ones asked of another run are the control). Every problem of the file is found first and raised
-    together (ProbeError: file, line, field, the fix, the valid check types)."""
+    together (ProbeError: file, line, field, the fix, the valid check types). `skip_language`: where
+    langdetect is missing, language probes are left out instead of refused (the built-in set)."""
     path = Path(path)
     if path.suffix == ".json" and path.is_file():
         try:
@@ -78,6 +79,10 @@ def read_probes(path: str | Path) -> list[Probe]:
         if isinstance(record, dict) and "canaries" in record:
             return canary_probes(record)
     records, issues = read_records(path)
+    if skip_language and _languages() is None:
+        records = [(line, r) for line, r in records
+                   if not (isinstance(r, dict) and isinstance(r.get("check"), dict)
+                           and r["check"].get("type") == "language")]
     probes = []
     for line, record in records:
         probe = _probe(str(path), line, record, issues)
@@ -203,11 +208,9 @@ def load_probes(run_dir: str | Path | None = None, probes: str | Path | None = N
     set are skipped when langdetect is missing; a probe file's are an error then."""
     chosen, sources, skipped = [], [], {}
     if builtin:
-        found = read_probes(BUILTIN_PROBES)
+        chosen += read_probes(BUILTIN_PROBES, skip_language=True)
         if _languages() is None:
-            found = [p for p in found if p.check["type"] != "language"]
             skipped["language"] = LANGUAGE_HINT
-        chosen += found
         sources.append("built-in")
     if run_dir is not None and (Path(run_dir) / CANARY_FILE).is_file():
         chosen += canary_probes(Path(run_dir) / CANARY_FILE)
