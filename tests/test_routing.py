@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_model_dir, write_arithmetic_jsonl
+from conftest import VOCAB, tiny_llama, tiny_model_dir, write_arithmetic_jsonl
 from typer.testing import CliRunner
 
 from tailor.routing import Described, choose, describe_embeddings, pooled_states
@@ -153,3 +153,36 @@ def test_adapters_describe_round_trips_and_names_bad_inputs(tiny_dir, tmp_path):
     result = runner.invoke(app, ["adapters", "describe", str(tmp_path / "nowhere"), "--examples", str(data)])
     assert result.exit_code == 2 and "nowhere" in result.output, result.output
     assert (adapter / "tailor_metadata.json").read_bytes() == before  # nothing half-written
+
+
+def _long_llama(seed: int = 0, **overrides):
+    """A tiny Llama with room for the families' prompts (512 characters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=512, **overrides)).eval()
+
+
+def test_routing_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/routing.py with a tiny setting: every part runs and its tables add up."""
+    import importlib.util
+    import sys
+
+    tiny_dir = tiny_model_dir(tmp_path / "model", builder=_long_llama)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "routing.py"
+    spec = importlib.util.spec_from_file_location("routing_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["routing_benchmark"] = bench
+    spec.loader.exec_module(bench)
+    results = bench.main(["--model", str(tiny_dir), "--tasks", "family:code,family:table", "--train-prompts",
+                          "16", "--test-prompts", "4", "--general", "5", "--layers", "0,1",
+                          "--latency-requests", "2", "--new-tokens", "2", "--json", str(tmp_path / "r.json")])
+    assert [found["layer"] for found in results["layers"]] == [0, 1]
+    for found in results["layers"]:
+        rows = found["confusion"]
+        assert [sum(rows[n].values()) for n in ("code", "table", "general")] == [4, 4, 5]
+        assert found["accuracy"] == (rows["code"]["code"] + rows["table"]["table"]) / 8
+    assert results["latency"]["requests"] == 2
+    assert json.loads((tmp_path / "r.json").read_text())["machine"]["threads"] >= 1
