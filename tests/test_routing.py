@@ -186,3 +186,14 @@ def test_routing_benchmark_runs_end_to_end(tmp_path):
         assert found["accuracy"] == (rows["code"]["code"] + rows["table"]["table"]) / 8
     assert results["latency"]["requests"] == 2
     assert json.loads((tmp_path / "r.json").read_text())["machine"]["threads"] >= 1
+
+
+def test_router_specs_parse_and_refuse_mistakes():
+    from tailor.serve.routes import RouteError, parse_route
+
+    route = parse_route("desk=auto:billing,returns,billing")
+    assert route.auto and route.adapters == ("billing", "returns") and route.spec() == "auto:billing,returns"
+    assert not parse_route("support=a:0.9,b:0.1").auto
+    for bad in ("desk=auto:", "desk=auto:billing:0.5", "auto=auto:billing", "auto=billing:1"):
+        with pytest.raises(RouteError):
+            parse_route(bad)

@@ -151,3 +151,4 @@ def test_serve_refuses_a_router_over_an_undescribed_adapter(server):
         build_server(None, str(server["root"]), dtype="float32", routes=["desk=auto:code,plain"])
     description = json.loads((server["root"] / "code" / "tailor_metadata.json").read_text())["routing"]
     assert len(description["centroids"]) == 4 and description["prompts"] == 64
+

@@ -55,6 +55,9 @@ class Route:
 def parse_targets(name: str, spec: str) -> Route:
     """A route from its versions ``VERSION:WEIGHT,...`` (a version without weight counts 1), or a router
     by content from ``auto:ADAPTER,ADAPTER,...``."""
+    if name == "auto":
+        raise RouteError("'auto' is the model name that routes among every described adapter; give the route "
+                         "another name.")
     if spec.strip().startswith(AUTO_PREFIX):
         names = [p.strip() for p in spec.strip()[len(AUTO_PREFIX):].split(",") if p.strip()]
         if not names or any(":" in n for n in names):
@@ -85,9 +88,7 @@ def parse_route(text: str) -> Route:
     name, sep, spec = text.partition("=")
     if not sep or not name.strip():
         raise RouteError(f"--route {text!r}: expected {FORM}.")
-    if name.strip() == "auto":
-        raise RouteError(f"--route {text!r}: 'auto' is the model name that routes among every described "
-                         "adapter; give the route another name.")
+
     return parse_targets(name.strip(), spec)
 
 
