@@ -154,6 +154,15 @@ def test_adapters_describe_round_trips_and_names_bad_inputs(tiny_dir, tmp_path):
     assert result.exit_code == 2 and "nowhere" in result.output, result.output
     assert (adapter / "tailor_metadata.json").read_bytes() == before  # nothing half-written
 
+    from tailor.adapters.store import AdapterStore
+
+    store = AdapterStore(tmp_path / "store")
+    ref, _ = store.add("arith", _adapter(tiny_dir, tmp_path / "other"))
+    result = runner.invoke(app, ["adapters", "describe", ref, "--examples", str(data), "--model",
+                                 str(tiny_dir), "--store", str(store.root)])
+    assert result.exit_code == 0, result.output
+    assert read_metadata(store.resolve(ref))["routing"]["centroids"] == stored["centroids"]
+
 
 def _long_llama(seed: int = 0, **overrides):
     """A tiny Llama with room for the families' prompts (512 characters)."""
