@@ -89,6 +89,8 @@ def _metrics(server) -> dict[tuple, float]:
 
 def test_auto_routes_each_family_to_its_adapter_and_answers_as_named(server, client):
     before = _metrics(server)
+    base_name = server["app"].state.config.model_name
+    changed = 0
     for family in FAMILIES:
         for messages in PROMPTS.family_prompts(family, "test", 3, system=False):
             routed, headers = _ask(client, "auto", messages)
@@ -96,6 +98,9 @@ def test_auto_routes_each_family_to_its_adapter_and_answers_as_named(server, cli
             assert float(headers["x-tailor-route-score"]) <= 1.25
             named, _ = _ask(client, family, messages)
             assert routed.choices[0].message.content == named.choices[0].message.content
+            changed += named.choices[0].message.content != _ask(client, base_name, messages)[0].choices[0] \
+                .message.content
+    assert changed > 0  # the adapters answer differently from the base: the comparison can tell them apart
     after = _metrics(server)
     for family in FAMILIES:
         key = ("tailor_auto_routes_total", (("adapter", family), ("router", "auto")))
