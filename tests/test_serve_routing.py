@@ -157,3 +157,10 @@ def test_serve_refuses_a_router_over_an_undescribed_adapter(server):
     description = json.loads((server["root"] / "code" / "tailor_metadata.json").read_text())["routing"]
     assert len(description["centroids"]) == 4 and description["prompts"] == 64
 
+
+
+def test_completions_route_by_their_text_too(server, client):
+    prompt = PROMPTS.family_prompts("code", "test", 1, system=False)[0][-1]["content"]
+    raw = client.completions.with_raw_response.create(model="auto", prompt=prompt, max_tokens=4,
+                                                      temperature=0)
+    assert raw.parse().model == "code" and raw.headers["x-tailor-adapter"] == "code"
