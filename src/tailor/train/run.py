@@ -183,6 +183,7 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
     run_dir = config.run_dir()
     data_record = data_sources_record(config.data, config.val_data, examples)
     replay_record = None
+    task_examples = examples[0]  # the task's own, before replayed answers join: its routing description
     if config.replay_ratio > 0:  # the base model's own answers, mixed in (tailor.train.replay)
         from tailor.train.replay import REPLAY_PROMPTS, load_replay_prompts, mix_replay, replay_examples
 
@@ -191,7 +192,6 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
         examples = (mix_replay(examples[0], replayed, config.replay_ratio), examples[1])
         mixed_in = len(examples[0]) - data_record["examples"]["train"]
         replay_record.update(ratio=config.replay_ratio, mixed_in=mixed_in)
-    task_examples = examples[0]  # what the adapter learns (no replayed answers): its routing description
     main = is_main_process()
     use_threads(config)
     seed_everything(config.seed)  # the same seed everywhere: every process starts from the same weights
