@@ -206,3 +206,19 @@ def test_router_specs_parse_and_refuse_mistakes():
     for bad in ("desk=auto:", "desk=auto:billing:0.5", "auto=auto:billing", "auto=billing:1"):
         with pytest.raises(RouteError):
             parse_route(bad)
+
+
+def test_a_description_leaves_out_replayed_answers(tiny_dir):
+    from tailor.data import Example
+    from tailor.models import load_model
+    from tailor.routing.describe import describe_training
+
+    def chat(text: str, source: str) -> Example:
+        messages = [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]
+        return Example(messages, None, source)
+
+    task = [chat(f"add {i} {i + 1}", f"train.jsonl:{i + 1}") for i in range(10)]
+    replayed = [chat(f"What is the capital of country {i}?", f"replay:{i}") for i in range(30)]
+    model, tokenizer = load_model(str(tiny_dir), device="cpu")
+    assert describe_training(model, tokenizer, task + replayed)["prompts"] == 10
+    assert describe_training(model, tokenizer, task[:5] + replayed) is None  # under 8 prompts of its own
