@@ -222,3 +222,33 @@ def test_a_description_leaves_out_replayed_answers(tiny_dir):
     model, tokenizer = load_model(str(tiny_dir), device="cpu")
     assert describe_training(model, tokenizer, task + replayed)["prompts"] == 10
     assert describe_training(model, tokenizer, task[:5] + replayed) is None  # under 8 prompts of its own
+
+
+def test_auto_leaves_out_descriptions_it_cannot_use(tiny_dir, tmp_path):
+    from tailor.adapters.metadata import read_metadata, update_metadata
+    from tailor.data import load_examples
+    from tailor.models import load_model
+    from tailor.routing import RoutingDescriptionError, describe_prompts, example_prompts
+    from tailor.serve.adapters import AdapterManager
+    from tailor.serve.auto import ContentRouter
+
+    model, tokenizer = load_model(str(tiny_dir), device="cpu")
+    prompts = example_prompts(load_examples(str(write_arithmetic_jsonl(tmp_path / "train.jsonl"))))
+    description = describe_prompts(model, tokenizer, prompts)
+    root = tmp_path / "adapters"
+    for name in ("good", "other_base", "broken", "plain"):
+        _adapter(tiny_dir, root / name)
+    update_metadata(root / "good", routing=description)
+    update_metadata(root / "other_base", routing={**description, "base": {**description["base"],
+                                                                           "config_sha256": "0" * 64}})
+    update_metadata(root / "broken", routing={**description, "centroids": []})
+    router = ContentRouter(model, tokenizer, AdapterManager(model, root, max_loras=2, max_lora_rank=4))
+    assert [d.name for d in router.candidates(None)] == ["good"]
+    for name, problem in (("other_base", "described with base"), ("broken", "'centroids'")):
+        with pytest.raises(RoutingDescriptionError, match=problem):
+            router.candidates((name,))
+    assert router.candidates(("plain",)) == []
+    # described again while serving: the new file is read
+    update_metadata(root / "plain", routing=description)
+    assert read_metadata(root / "plain")["routing"] == description
+    assert [d.name for d in router.candidates(None)] == ["good", "plain"]

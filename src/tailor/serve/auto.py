@@ -7,11 +7,14 @@ embedding lookup: microseconds, no second model and no second prefill), and goes
 or to the base model when its prompt is close to none (a low-confidence fallback, counted in /metrics).
 
 Descriptions are read from disk once per adapter directory and file version (its modification time), so
-an adapter described again while the server runs is routed by its new description.
+an adapter described again while the server runs is routed by its new description. A description the
+server cannot use (broken, of another base model or layer) leaves that adapter out of ``auto`` with a
+logged warning, and makes a router naming it refuse to start (a 400 if it changes while serving).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +23,13 @@ import torch
 from torch import nn
 
 from tailor.adapters.layout import METADATA_NAME
-from tailor.adapters.metadata import AdapterMetadataError, read_metadata
+from tailor.adapters.metadata import (
+    AdapterMetadataError,
+    base_fingerprint,
+    describe_base,
+    read_metadata,
+    same_base,
+)
 from tailor.routing import ROUTING_LAYER, ROUTING_MARGIN, Choice, Described, RoutingDescriptionError, choose
 from tailor.routing.embed import base_embedding_table, content_tokens, template_frame
 from tailor.serve.adapters import AdapterManager, AdapterRefusedError, UnknownAdapterError
@@ -60,8 +69,10 @@ class ContentRouter:
         self.manager, self.margin = manager, margin
         self.frame = template_frame(tokenizer)  # left out of the pooling, as in the descriptions
         self.table = base_embedding_table(model)  # (V, H)
+        self.base = base_fingerprint(model)  # a description of another base lives in another space
         self._lock = threading.Lock()
         self._cache: dict[Path, tuple[int, Described | None]] = {}  # directory -> (mtime_ns, description)
+        self._warned: set[tuple[str, str]] = set()
 
     def embed(self, prompt_ids: list[int]) -> torch.Tensor:
         """(H,) float32: the prompt's token embeddings, mean-pooled (layer 0 of tailor.routing)."""
@@ -74,7 +85,10 @@ class ContentRouter:
         AdapterRefusedError, RoutingDescriptionError (a broken description)."""
         directory = self.manager.path(name)
         path = directory / METADATA_NAME
-        stamp = path.stat().st_mtime_ns if path.exists() else -1
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:  # no metadata (a PEFT adapter), or removed just now
+            stamp = -1
         with self._lock:
             cached = self._cache.get(directory)
         if cached is not None and cached[0] == stamp:
@@ -89,6 +103,11 @@ class ContentRouter:
             raise RoutingDescriptionError(f"{path}: described at layer {found.layer}; this server embeds "
                                           f"prompts at layer {ROUTING_LAYER}; describe it again "
                                           "(tailor adapters describe NAME --examples FILE).")
+        if found is not None and not same_base(description.get("base"), self.base):
+            raise RoutingDescriptionError(
+                f"{path}: described with base {describe_base(description.get('base'))}, but this server "
+                f"serves {describe_base(self.base)}; describe it again with this base "
+                "(tailor adapters describe NAME --examples FILE --model BASE).")
         with self._lock:
             self._cache[directory] = (stamp, found)
         return found
@@ -102,13 +121,24 @@ class ContentRouter:
         for name in names:
             try:
                 described = self.described(name)
-            except (UnknownAdapterError, AdapterRefusedError):
-                if among is None:
-                    continue  # unloaded meanwhile
+            except (UnknownAdapterError, AdapterRefusedError, RoutingDescriptionError) as error:
+                if among is None:  # unloaded meanwhile, or a description this server cannot use
+                    if isinstance(error, RoutingDescriptionError):
+                        self._warn_once(name, error)
+                    continue
                 raise
             if described is not None:
                 found.append(described)
         return found
+
+    def _warn_once(self, name: str, error: Exception) -> None:
+        """Log a description `auto` leaves out, once per adapter and message."""
+        key = (name, str(error))
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        logging.getLogger("tailor.serve").warning("model 'auto' leaves out adapter %s: %s", name, error)
 
     def route(self, router: str, prompt_ids: list[int], among: tuple[str, ...] | None) -> Routed:
         """Where the prompt goes. Raises NoDescribedAdapterError when no candidate is described."""
