@@ -3,6 +3,8 @@ kept in the store with versions and tags)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 import typer.core
 
@@ -286,7 +288,7 @@ def adapters_describe(
 
 
 def describe_adapter(name: str, examples: str, model: str | None = None, store: str | None = None,
-                     force: bool = False) -> tuple[object, int]:
+                     force: bool = False) -> tuple[Path, int]:
     """(the adapter directory, the prompts described): every input checked before the model loads."""
     from tailor.adapters.format import read_adapter_config
     from tailor.adapters.metadata import check_base, read_metadata, update_metadata
