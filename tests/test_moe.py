@@ -186,6 +186,36 @@ def test_slots_give_each_row_its_own_moe_adapter(arch, tmp_path):
     torch.testing.assert_close(mixed[2], logits(models[0], ids[2:])[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_an_adapter_reads_the_same_while_a_forward_runs(arch, tmp_path):
+    """A server reads adapters in a loader thread while the engine runs forwards, and a forward moves the
+    adapted expert parameters out of the module (parametrization) until it ends: reading an adapter then
+    must map its saved paths exactly as it does between forwards (it once refused the adapter)."""
+    from tailor.lora.experts import param_wrappers
+    from tailor.serve.adapters import read_for_slots
+
+    for i, config in enumerate([ALL_LINEAR, DOWN_ONLY]):
+        save_adapter(tailor_adapter(arch, {**config, "r": 2}, seed=i), tmp_path / str(i))
+    base = MOE[arch]()
+    slots = add_lora_slots(base, num_slots=2, max_rank=4)
+    slots.write_prepared(0, read_for_slots(tmp_path / "0", slots)[0])
+    between = read_for_slots(tmp_path / "1", slots)[0]
+    during = []
+    experts = next(layer.get_base_layer() for layer in param_wrappers(base).values())
+
+    def read_now(*_) -> None:
+        during.append(read_for_slots(tmp_path / "1", slots)[0])
+
+    hook = experts.register_forward_pre_hook(read_now)
+    with torch.no_grad(), slots.rows([0]):
+        base(torch.randint(0, VOCAB, (1, 4)))
+    hook.remove()
+    assert during and sorted(during[0]) == sorted(between)
+    for key, tensors in between.items():
+        for got, want in zip(during[0][key], tensors, strict=True):
+            torch.testing.assert_close(got, want)
+
+
 class _IdTokenizer:
     pad_token_id, eos_token_id = 0, 127
 

@@ -8,6 +8,8 @@ changes nothing for them. It records:
 - ``precision``: the dtype (and quantization) of the base the adapter was trained on, and the adapter's;
 - ``train_config``, ``data`` (a hash of the training data), ``metrics``: written by `tailor train`;
 - ``parents`` and ``combination``: written by `tailor combine` (lineage);
+- ``routing``: what the adapter was trained on, for ``model: "auto"`` in `tailor serve` (tailor.routing),
+  written by `tailor train` and `tailor adapters describe`;
 - ``created`` and ``tailor_version``.
 
 An adapter without the file (PEFT's own) loads as before, unchecked.

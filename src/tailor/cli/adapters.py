@@ -3,6 +3,8 @@ kept in the store with versions and tags)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 import typer.core
 
@@ -263,3 +265,54 @@ def adapters_rollback(
         fail(error)
     name = tag.partition("@")[0]
     typer.echo(f"{tag} -> {name}@{previous} (was {name}@{current})")
+
+
+@adapters_app.command("describe")
+def adapters_describe(
+    name: str = typer.Argument(..., help="the adapter: a store reference (NAME, NAME@VERSION, NAME@TAG) or "
+                               "an adapter directory"),
+    examples: str = typer.Option(..., "--examples", help="what the adapter was trained on: any data file "
+                                 "tailor reads (JSONL, JSON, CSV, parquet, ...) or builtin:NAME[:SPLIT]"),
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP + " (default: the adapter's base)"),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Describe what an adapter was trained on, for `model: "auto"` in `tailor serve`: centroids of the base
+    model's embeddings of a sample of the prompts, written into its tailor_metadata.json ("routing").
+    `tailor train` describes the adapters it trains; this is for adapters from elsewhere."""
+    try:
+        directory, count = describe_adapter(name, examples, model, store, force)
+    except (ValueError, OSError) as error:
+        fail(error)
+    typer.echo(f"described {name} from {count} prompts of {examples}: {directory}")
+
+
+def describe_adapter(name: str, examples: str, model: str | None = None, store: str | None = None,
+                     force: bool = False) -> tuple[Path, int]:
+    """(the adapter directory, the prompts described): every input checked before the model loads."""
+    from tailor.adapters.format import read_adapter_config
+    from tailor.adapters.metadata import check_base, read_metadata, update_metadata
+    from tailor.adapters.store import locate
+    from tailor.data import load_examples
+    from tailor.models import DEFAULT_MODEL, load_model
+    from tailor.routing import RoutingDescriptionError, describe_prompts, example_prompts
+    from tailor.routing.describe import MIN_PROMPTS, SAMPLE_PROMPTS
+
+    directory, _ = locate(name, store)
+    if not directory.is_dir():
+        raise ValueError(f"adapter {name!r}: no such directory or store reference; give an adapter directory "
+                         "or NAME[@VERSION|@TAG] of the store (tailor adapters list).")
+    read_adapter_config(directory)  # a PEFT adapter at all (names the file otherwise)
+    metadata = read_metadata(directory)
+    prompts = example_prompts(load_examples(examples))  # a bad record is named by file and line
+    if len(prompts) < MIN_PROMPTS:
+        raise RoutingDescriptionError(
+            f"{examples}: {len(prompts)} prompts (records with a user turn before an assistant turn); at "
+            f"least {MIN_PROMPTS} are needed (best {SAMPLE_PROMPTS}): give the chat, alpaca or "
+            "prompt/completion records the adapter was trained on.")
+    base_name = model or ((metadata or {}).get("base") or {}).get("name") or DEFAULT_MODEL
+    base, tokenizer = load_model(base_name)
+    check_base(base, metadata, str(directory), force=force)
+    description = describe_prompts(base, tokenizer, prompts)
+    update_metadata(directory, routing=description)  # atomically: the old file stays whole until replaced
+    return directory, description["prompts"]

@@ -22,8 +22,8 @@ def serve_command(
     max_lora_rank: int = typer.Option(16, "--max-lora-rank", help="the largest adapter rank served"),
     max_cpu_loras: int | None = typer.Option(None, "--max-cpu-loras", help="adapters kept in host memory "
                                              "(default: --max-loras)"),
-    route: list[str] | None = typer.Option(None, "--route", help="A/B route NAME=VERSION:WEIGHT,... "
-                                           "(repeat per route)"),
+    route: list[str] | None = typer.Option(None, "--route", help="A/B route NAME=VERSION:WEIGHT,..., or a "
+                                           "router by content NAME=auto:ADAPTER,... (repeat per route)"),
     max_batch: int = typer.Option(32, "--max-batch", help="requests computed together"),
     max_tokens: int = typer.Option(2048, "--max-tokens", help="the largest max_tokens a request may ask"),
     max_prompt_tokens: int | None = typer.Option(None, "--max-prompt-tokens", help="longest prompt "
@@ -34,7 +34,8 @@ def serve_command(
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Serve the base model and its adapters with an OpenAI-compatible API (the request's `model`
-    picks the adapter); requests for different adapters are computed in one batch."""
+    picks the adapter; `auto` lets the server choose by content); requests for different adapters are
+    computed in one batch."""
     try:
         from tailor.serve.server import build_server, run_server
 

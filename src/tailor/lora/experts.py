@@ -328,17 +328,27 @@ def adapter_shapes(model: nn.Module, path: str, name: str, r: int) -> dict[str, 
     return {"lora_A.weight": (r * num_experts, d_in), "lora_B.weight": (d_out, r * num_experts)}
 
 
-def nested_paths(wrappers: Mapping[str, LoraParam], targets: Sequence[str]) -> dict[str, str]:
+def registration_order(wrappers: Mapping[str, LoraParam]) -> dict[str, list[str]]:
+    """{bare module path: its parameter names in registration order} for the modules of `wrappers`.
+    Taken once, outside any forward: a forward parametrizes the adapted parameters, which moves them out of
+    the module's ``_parameters`` until it ends (so a live read from another thread sees them missing)."""
+    return {key.rpartition(".")[0]: list(layer.get_base_layer()._parameters)
+            for key, layer in wrappers.items()}
+
+
+def nested_paths(wrappers: Mapping[str, LoraParam], targets: Sequence[str],
+                 order: Mapping[str, Sequence[str]] | None = None) -> dict[str, str]:
     """`saved_paths` from existing wrappers {parameter key: LoraParam} (serving slots): {saved module path:
-    parameter key} for an adapter with these target_parameters."""
-    by_module: dict[str, tuple[nn.Module, set[str]]] = {}
+    parameter key} for an adapter with these target_parameters. `order`: `registration_order` taken
+    earlier (serving reads adapters in a loader thread while the engine runs forwards); None reads it now."""
+    order = registration_order(wrappers) if order is None else order
+    by_module: dict[str, set[str]] = {}
     for key, layer in wrappers.items():
         if parameter_matches(targets, key):
-            entry = by_module.setdefault(key.rpartition(".")[0], (layer.get_base_layer(), set()))
-            entry[1].add(layer.parameter_name)
+            by_module.setdefault(key.rpartition(".")[0], set()).add(layer.parameter_name)
     paths = {}
-    for path, (module, names) in by_module.items():
-        ordered = [n for n in module._parameters if n in names]  # registration order
+    for path, names in by_module.items():
+        ordered = [n for n in order[path] if n in names]  # registration order
         for i, name in enumerate(ordered):
             paths[path + ".base_layer" * (len(ordered) - 1 - i)] = f"{path}.{name}"
     return paths
@@ -420,5 +430,5 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
 
 
 __all__ = ["LoraParam", "ParamSlotBank", "adapter_shapes", "expert_delta", "moe_all_linear", "nested_paths",
-           "param_wrappers", "saved_paths",
-           "target_parameter_keys", "wrap_parameter", "wrapper_for"]
+           "param_wrappers", "registration_order", "saved_paths", "target_parameter_keys", "wrap_parameter",
+           "wrapper_for"]

@@ -52,7 +52,7 @@ from torch import nn
 
 from . import dora
 from .config import ALL_LINEAR, LoraConfig
-from .experts import LoraParam, ParamSlotBank, nested_paths, wrap_parameter
+from .experts import LoraParam, ParamSlotBank, nested_paths, registration_order, wrap_parameter
 from .inject import _replace_module, pattern_value, plan_lora
 from .layer import LoraLayer, LoraLinear, lora_scaling, wrap_layer
 
@@ -220,6 +220,7 @@ class LoraSlots:
         self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
         self.layers = dict(layers)
         self.params = dict(params or {})  # {parameter key: LoraParam}
+        self._registration = registration_order(self.params)  # fixed now: adapters load during forwards
         self.index: torch.Tensor | None = None  # (B,) slot per row, num_slots meaning none
         self.values: tuple[int, ...] = ()  # the same as a tuple
         self.uniform: int | None = num_slots  # the slot every row uses; None when rows differ
@@ -257,7 +258,7 @@ class LoraSlots:
         scaling)}, and its largest rank. Module paths stay; PEFT's nested parameter paths
         (``<module>[.base_layer]``) become parameter keys (``<module>.<parameter>``), whose rank is
         A's rows / E. Scaling uses `config`'s alpha (alpha_pattern: module path or parameter key)."""
-        paths = nested_paths(self.params, config.target_parameters or [])
+        paths = nested_paths(self.params, config.target_parameters or [], self._registration)
         weights, rank = {}, 0
         for path, (a, b) in halves.items():
             key = paths.get(path, path)

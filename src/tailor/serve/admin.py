@@ -59,7 +59,7 @@ def admin_router(manager: AdapterManager | None, config: ServerConfig, routes: R
     @router.get("/v1/routes")
     async def list_routes(request: Request) -> dict:
         authorize(request, config)
-        data = [{"name": r.name, "targets": dict(r.targets)} for r in routes.all()]
+        data = [{"name": r.name, "targets": dict(r.targets), "auto": r.auto} for r in routes.all()]
         return {"object": "list", "data": data}
 
     @router.post("/v1/routes")
@@ -83,7 +83,7 @@ def admin_router(manager: AdapterManager | None, config: ServerConfig, routes: R
         for target, _ in route.targets:
             await _check_adapter(manager, target)
         routes.set(route)
-        return {"name": route.name, "targets": dict(route.targets)}
+        return {"name": route.name, "targets": dict(route.targets), "auto": route.auto}
 
     @router.delete("/v1/routes/{name}")
     async def delete_route(name: str, request: Request) -> dict:

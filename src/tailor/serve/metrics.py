@@ -43,7 +43,19 @@ class ServerMetrics:
                                    "slot.", ["adapter"], registry=r)
         self.routed = Counter("tailor_route_requests", "Requests to an A/B route, by the version chosen.",
                               ["route", "version"], registry=r)
+        self.auto_routes = Counter("tailor_auto_routes", "Requests routed by content (model \"auto\" or a "
+                                   "router), by router and the adapter chosen (\"\": the base model).",
+                                   ["router", "adapter"], registry=r)
+        self.auto_fallbacks = Counter("tailor_auto_fallbacks", "Requests routed by content that no adapter "
+                                      "was close to (low confidence): answered by the base model.",
+                                      ["router"], registry=r)
         self._window: list[tuple[int, float]] = []
+
+    def on_auto_route(self, routed) -> None:
+        """Count one request routed by content (a tailor.serve.auto.Routed)."""
+        self.auto_routes.labels(routed.router, routed.adapter or "").inc()
+        if routed.fallback:
+            self.auto_fallbacks.labels(routed.router).inc()
 
     def on_adapter_event(self, event: str, adapter: str, seconds: float) -> None:
         if event == "load":

@@ -17,7 +17,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from tailor.routing import RoutingDescriptionError
 from tailor.serve.adapters import AdapterManager, AdapterRef, AdapterRefusedError, UnknownAdapterError
+from tailor.serve.auto import AUTO, ContentRouter, NoDescribedAdapterError, Routed
 from tailor.serve.constraints import OutputFormat, StructuredOutputError, parse_response_format
 from tailor.serve.engine import Engine
 from tailor.serve.formatting import ResponseFormat, sse
@@ -59,15 +61,18 @@ class Completions:
         self.manager: AdapterManager | None = engine.adapters
         self.max_prompt = min(config.max_prompt_tokens or engine.max_model_len - 1, engine.max_model_len - 1)
         self.token_texts = TokenTexts(engine.tokenizer)
+        self.router = ContentRouter(engine.model, engine.tokenizer, engine.adapters)  # model "auto"
 
     async def answer(self, http: Request, body, prompts: list[list[int]], max_tokens: int | None,
                      chat: bool, echoes: list[str] | None = None):
         """Generate for `prompts` (each `body.n` times) and answer whole or as a stream (`echoes`: each
         prompt's text, returned before its completion)."""
-        adapter, served = await self._resolve_model(body.model, body.user)
         http.state.model = body.model
         for ids in prompts:
             self._check_prompt(ids)
+        routed = await self._route(body.model, prompts)  # model "auto" or a router: chosen by content
+        asked = body.model if routed is None else routed.adapter or self.config.model_name
+        adapter, served = await self._resolve_model(asked, body.user)
         self._check_queue()
         output = await self._output_format(body.response_format)
         jobs = self._jobs(body, prompts, max_tokens, adapter, echoes)
@@ -88,6 +93,8 @@ class Completions:
                               if top is not None else None)
         label = adapter.name if adapter is not None else ""
         headers = {"x-tailor-adapter": label}
+        if routed is not None:  # how sure the router was: the closest adapter's distance / its radius
+            headers["x-tailor-route-score"] = f"{routed.choice.score:.3f}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = self._events(jobs, form, include_usage, body.model, label)
@@ -101,13 +108,30 @@ class Completions:
                                           {job.index: job.echo or "" for job in jobs}), headers=headers)
 
     # --- before generating ---------------------------------------------------------------------------
+    async def _route(self, name: str, prompts: list[list[int]]) -> Routed | None:
+        """For `model: "auto"` or a router by content, where the request goes (decided by its first
+        prompt); None for any other model name. A 400 when no candidate adapter is described."""
+        route = self.routes.get(name)
+        if name != AUTO and (route is None or not route.auto):
+            return None
+        among = route.adapters if route is not None else None
+        try:
+            routed = await run_in_threadpool(self.router.route, name, prompts[0], among)
+        except (NoDescribedAdapterError, RoutingDescriptionError) as error:
+            raise bad_request(str(error), param="model", code="no_routing_description") from None
+        except UnknownAdapterError as error:
+            raise bad_request(f"router {name!r} names adapter {error.args[0]!r}, which this server does not "
+                              "serve.", param="model") from None
+        self.metrics.on_auto_route(routed)
+        return routed
+
     async def _resolve_model(self, name: str, user: str | None) -> tuple[AdapterRef | None, str]:
         """(the adapter, resolved once, or None for the base; the name that serves: a route's version)."""
         config = self.config
         if name == config.model_name or name in config.model_aliases:
             return None, config.model_name
         route = self.routes.get(name)
-        if route is not None:
+        if route is not None and not route.auto:
             name = route.choose(user)
             self.metrics.routed.labels(route.name, name).inc()
         if self.manager is None:

@@ -18,13 +18,20 @@ class RouteError(ValueError):
     """A route spec that cannot be parsed (the message shows the expected form)."""
 
 
-FORM = "NAME=VERSION:WEIGHT[,VERSION:WEIGHT...], e.g. support=support@2:0.9,support@3:0.1"
+FORM = ("NAME=VERSION:WEIGHT[,VERSION:WEIGHT...], e.g. support=support@2:0.9,support@3:0.1, or a router by "
+        "content NAME=auto:ADAPTER,ADAPTER,..., e.g. desk=auto:billing,returns")
+AUTO_PREFIX = "auto:"
 
 
 @dataclass(frozen=True)
 class Route:
     name: str
     targets: tuple[tuple[str, float], ...]  # (adapter name, weight), weights summing to 1
+    auto: bool = False  # a router by content among the targets (tailor.serve.auto), weights unused
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(t for t, _ in self.targets)
 
     def choose(self, user: str | None) -> str:
         if user:
@@ -40,11 +47,23 @@ class Route:
         return self.targets[-1][0]
 
     def spec(self) -> str:
+        if self.auto:
+            return AUTO_PREFIX + ",".join(self.adapters)
         return ",".join(f"{t}:{w:g}" for t, w in self.targets)
 
 
 def parse_targets(name: str, spec: str) -> Route:
-    """A route from its versions ``VERSION:WEIGHT,...`` (a version without weight counts 1)."""
+    """A route from its versions ``VERSION:WEIGHT,...`` (a version without weight counts 1), or a router
+    by content from ``auto:ADAPTER,ADAPTER,...``."""
+    if name == "auto":
+        raise RouteError("'auto' is the model name that routes among every described adapter; give the route "
+                         "another name.")
+    if spec.strip().startswith(AUTO_PREFIX):
+        names = [p.strip() for p in spec.strip()[len(AUTO_PREFIX):].split(",") if p.strip()]
+        if not names or any(":" in n for n in names):
+            raise RouteError(f"route {name!r}: {spec!r} needs adapter names after 'auto:' (no weights); "
+                             f"{FORM}.")
+        return Route(name, tuple((n, 1 / len(names)) for n in dict.fromkeys(names)), auto=True)
     targets = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
@@ -69,6 +88,7 @@ def parse_route(text: str) -> Route:
     name, sep, spec = text.partition("=")
     if not sep or not name.strip():
         raise RouteError(f"--route {text!r}: expected {FORM}.")
+
     return parse_targets(name.strip(), spec)
 
 

@@ -25,8 +25,10 @@ import contextlib
 
 from fastapi import FastAPI
 
+from tailor.routing import RoutingDescriptionError
 from tailor.serve.adapters import UnknownAdapterError
 from tailor.serve.admin import admin_router
+from tailor.serve.auto import ContentRouter
 from tailor.serve.engine import Engine
 from tailor.serve.http import ServerConfig, add_error_handlers, authorize, read_json
 from tailor.serve.metrics import ServerMetrics, metrics_router
@@ -87,11 +89,32 @@ def build_server(model: str | None = None, adapters: str | None = None, *, max_l
             except UnknownAdapterError:
                 raise RouteError(f"route {route.name!r}: no adapter {target!r} under {adapters}.") from None
     engine = Engine(base, tokenizer, adapters=manager, max_batch=max_batch)
+    check_routers(ContentRouter(base, tokenizer, manager), parsed)
     aliases = {str(base.name_or_path)}
     if is_default_model(name):
         aliases |= {DEFAULT_MODEL, DEFAULT_MODEL_REPO}
     config = ServerConfig(model_name=name, model_aliases=tuple(sorted(aliases - {name})), **limits)
     return create_app(engine, config, Routes(parsed))
+
+
+def check_routers(router: ContentRouter, routes: list) -> None:
+    """Refuse, before serving, a router by content whose adapters are not all described.
+
+    Raises:
+        RouteError: names the router, the adapters without a description and the fix.
+    """
+    for route in routes:
+        if not route.auto:
+            continue
+        try:
+            described = {d.name for d in router.candidates(route.adapters)}
+        except RoutingDescriptionError as error:
+            raise RouteError(f"route {route.name!r}: {error}") from None
+        missing = [name for name in route.adapters if name not in described]
+        if missing:
+            raise RouteError(f"route {route.name!r} routes by content, but adapter(s) {', '.join(missing)} "
+                             "carry no routing description; describe them (tailor adapters describe NAME "
+                             "--examples FILE) or leave them out of the route.")
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

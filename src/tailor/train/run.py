@@ -184,6 +184,7 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
     run_dir = config.run_dir()
     data_record = data_sources_record(config.data, config.val_data, examples)
     replay_record = None
+    task_examples = examples[0]  # the task's own, before replayed answers join: its routing description
     if config.replay_ratio > 0:  # the base model's own answers, mixed in (tailor.train.replay)
         from tailor.train.replay import REPLAY_PROMPTS, load_replay_prompts, mix_replay, replay_examples
 
@@ -249,6 +250,7 @@ def _train(config: TrainConfig, examples: tuple[list, list], device: str | None,
 
         metrics = {k: summary[k] for k in METADATA_METRICS if summary.get(k) is not None}
         update_metadata(out_dir, train_config=config.to_dict(), data=data_record, metrics=metrics,
+                        routing=routing_description(model, tokenizer, task_examples, sharded),
                         **({"canaries": _canary_note(canaries)} if canaries else {}))
         summary["weights_bytes"] = directory_size(out_dir)  # the artifact as shipped, metadata included
         if config.register:
@@ -320,6 +322,19 @@ def planned_against_measured(config: TrainConfig, device: str | None, summary: d
 
 METADATA_METRICS = ("final_train_loss", "final_val_loss", "best_val_loss", "best_step", "steps", "tokens",
                     "train_seconds", "tokens_per_s", "trainable_params")
+
+
+def routing_description(model: nn.Module, tokenizer: Any, examples: list, sharded: bool) -> dict | None:
+    """What the adapter was trained on, for `model: "auto"` in `tailor serve` (tailor.routing): the base
+    model's view of a sample of the training prompts (an embedding lookup, under a second); None for a
+    sharded run (describe it with `tailor adapters describe`) or data without prompts."""
+    from tailor.routing.describe import describe_training
+
+    if sharded:
+        print("routing: not described in a sharded run; run `tailor adapters describe` on the adapter",
+              flush=True)
+        return None
+    return describe_training(model, tokenizer, examples)
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
