@@ -14,6 +14,7 @@ from tailor.files import atomic_output, atomic_write_text
 
 COLUMNS = (  # (key, header, format)
     ("method", "method", "{}"),
+    ("score", "task score", "{:.3f}"),  # a built-in task's metric (tailor.data.tasks); "-" for other data
     ("field_accuracy", "field acc.", "{:.3f}"),
     ("exact_match", "exact match", "{:.3f}"),
     ("retention", "retention", "{:.2f}"),
@@ -30,9 +31,12 @@ COLUMNS = (  # (key, header, format)
 
 
 def quality(row: dict[str, Any]) -> float | None:
-    """The task metric: field accuracy for structured answers, exact match otherwise."""
-    value = row.get("field_accuracy")
-    return value if value is not None else row.get("exact_match")
+    """The task metric: a built-in task's own (`score`), else field accuracy for structured answers, exact
+    match otherwise."""
+    for key in ("score", "field_accuracy"):
+        if row.get(key) is not None:
+            return row[key]
+    return row.get("exact_match")
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:

@@ -66,7 +66,8 @@ def comparison_lines(evaluation: dict[str, Any]) -> list[str]:
     enforced = evaluation.get("tuned_constrained")
     extra = ["tuned, schema enforced"] if enforced is not None else []
     rows = []
-    for key, label in METRIC_ROWS:
+    metric = (evaluation.get("task") or {}).get("metric", "the task's metric")
+    for key, label in (("score", f"Task score ({metric})"), *METRIC_ROWS):
         if key not in base and key not in tuned:
             continue
         b, t = base.get(key), tuned.get(key)
