@@ -53,3 +53,51 @@ def test_eval_of_a_builtin_task_run_scores_its_test_split_with_the_task_metric(v
     written = json.loads((voice_run / "run" / "eval.json").read_text())
     assert written["tuned"]["score"] == result["tuned"]["score"] and written["task"]["name"] == "voice"
     assert "Task score (voice_pass_rate)" in (voice_run / "run" / "report.md").read_text()
+
+
+def test_tasks_table_and_decision_per_task():
+    from tailor.compare.runner import decide
+    from tailor.report.tasks import render_tasks_markdown, tasks_table
+
+    few_shot = {"method": "few-shot", "retention": 1.0, "train_seconds": 0, "cost_usd": 0.0}
+    rows = {"code": [{**few_shot, "score": 0.2},
+                     {"method": "lora-r16", "score": 0.9, "retention": 0.9, "train_seconds": 60,
+                      "cost_usd": 0.0167}],
+            "voice": [{**few_shot, "score": 0.89}, {"method": "lora-r16", "error": "boom", "cost_usd": 0.0}]}
+    result = {"tasks": {name: {"metric": get_task(name).metric, "methods": r, "decision": decide(r, 0.02)}
+                        for name, r in rows.items()},
+              "methods": ["few-shot", "lora-r16"], "eval_n": 30, "margin": 0.02, "wall_seconds": 90.0}
+    assert tasks_table(result, "quality") == [["method", "code (pass_rate)", "voice (voice_pass_rate)"],
+                                             ["few-shot", "0.200", "0.890"], ["lora-r16", "0.900", "error"]]
+    assert tasks_table(result, "train_seconds")[2] == ["lora-r16", "60", "error"]
+    markdown = render_tasks_markdown(result)
+    assert "- **code**: lora-r16 reaches 0.900" in markdown
+    assert "- **voice**: few-shot reaches 0.890" in markdown
+
+
+@pytest.mark.slow
+def test_compare_tasks_runs_every_method_on_every_task(tmp_path):
+    from tailor.compare.presets import preset
+    from tailor.compare.tasks import run_task_compare
+
+    model = tiny_model_dir(tmp_path / "model")
+    recipe = {k: v for k, v in preset("tasks-quick")["config"].items() if k != "replay_loss"}
+    config = {**recipe, "model": str(model), "max_steps": 2, "batch_size": 2, "max_seq_len": 512,
+              "replay_ratio": 0.0, "num_threads": 1, "overflow": "truncate"}
+    with pytest.raises(ValueError, match="unknown built-in task 'poetry'"):
+        run_task_compare(config, "few-shot,lora-r2", ["code", "poetry"], tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()  # refused before anything ran
+    out = tmp_path / "tasks"
+    result = run_task_compare(config, "zero-shot,lora-r2", ["code", "voice"], out, eval_n=2,
+                              echo=lambda _: None)
+    assert list(result["tasks"]) == ["code", "voice"] and result["methods"] == ["zero-shot", "lora-r2"]
+    for name in ("code", "voice"):
+        per_task = json.loads((out / name / "compare.json").read_text())
+        assert per_task["eval_data"] == f"builtin:{name}:test"
+        for row in per_task["methods"]:
+            assert row.get("error") is None, row.get("error")
+            assert row["score"] == 0.0  # a random tiny model writes neither working code nor the voice
+            assert row["n"] == 2 and row["retention"] is not None
+        assert (out / name / "lora-r2" / "run" / "config.yaml").read_text().count(f"builtin:{name}") == 1
+    assert "## Decision per task" in (out / "tasks.md").read_text()
+    assert json.loads((out / "tasks.json").read_text())["tasks"]["code"]["metric"] == "pass_rate"

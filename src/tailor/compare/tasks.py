@@ -26,13 +26,16 @@ def run_task_compare(config: dict[str, Any], methods: str, tasks: list[str], out
     data is replaced by each task's) -> out/TASK/ per task, out/tasks.json and out/tasks.md.
 
     Raises:
-        ValueError: an unknown task or method name, before anything runs.
+        ValueError: an unknown task or method name, or a config that does not validate (ConfigError),
+            before anything runs.
     """
+    from tailor.config import load_config
     from tailor.data.tasks import get_task
     from tailor.report.tasks import write_tasks_report
 
     for name in tasks:
         get_task(name)
+    load_config(**{**{k: v for k, v in config.items() if k != "out"}, "data": f"builtin:{tasks[0]}"})
     out = check_report_dir(out)
     per_task: dict[str, Any] = {}
     started = time.perf_counter()
