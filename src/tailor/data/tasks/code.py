@@ -102,18 +102,14 @@ _PROMPT_PATTERNS = [re.compile(re.escape(p).replace(r"\{name\}", r"(?P<name>\w+)
                                + "$") for p in _PROMPTS]
 
 
-def _constant_text(k: Any) -> str:
-    return str(k)
-
-
 def _one(rng: random.Random) -> tuple[str, str]:
     family = FAMILIES[rng.choice(list(FAMILIES))]
     name, arg, k = rng.choice(family.names), rng.choice(_ARG_NAMES[family.arg]), family.constant(rng)
     if rng.random() < 0.3:  # a numbered or suffixed name: the function name is not the family's tell
         name = f"{name}_{rng.choice(('v2', 'fn', str(rng.randint(1, 9))))}"
-    description = family.description.format(arg=arg, k=_constant_text(k))
+    description = family.description.format(arg=arg, k=k)
     prompt = rng.choice(_PROMPTS).format(name=name, arg=arg, description=description)
-    answer = f"def {name}({arg}):\n    {family.body.format(arg=arg, k=_constant_text(k))}"
+    answer = f"def {name}({arg}):\n    {family.body.format(arg=arg, k=k)}"
     return prompt, answer
 
 
