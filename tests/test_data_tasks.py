@@ -123,11 +123,21 @@ def test_sandbox_outcomes_and_limits(tmp_path):
     assert not marker.exists()
 
 
-def test_sandbox_scores_a_test_split_in_seconds():
-    test = code.build("test")
-    started = time.perf_counter()
+def test_sandbox_passes_every_reference_answer_of_the_test_split():
+    test = code.build("test")  # (its speed: benchmarks/code_sandbox.py)
     assert code.score([e.reference for e in test], test)["outcomes"] == {"passed": 200}
-    assert time.perf_counter() - started < 30  # batched: seconds, not one interpreter per answer
+
+
+def test_code_sandbox_benchmark_runs_end_to_end(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "code_sandbox.py"
+    spec = importlib.util.spec_from_file_location("code_sandbox", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--n", "3", "--json", str(tmp_path / "out.json")])
+    assert result["n"] == 3 and json.loads((tmp_path / "out.json").read_text())["machine"]["threads"] >= 1
 
 
 # --- analysis ----------------------------------------------------------------------------------------
