@@ -14,9 +14,9 @@ from tailor.files import atomic_output, atomic_write_text
 
 COLUMNS = (  # (key, header, format)
     ("method", "method", "{}"),
-    ("score", "task score", "{:.3f}"),  # a built-in task's metric (tailor.data.tasks); "-" for other data
     ("field_accuracy", "field acc.", "{:.3f}"),
     ("exact_match", "exact match", "{:.3f}"),
+    ("score", "task score", "{:.3f}"),  # a built-in task's metric (tailor.data.tasks); "-" for other data
     ("retention", "retention", "{:.2f}"),
     ("off_task", "off-task", "{:.2f}"),  # general prompts answered in the task's format (JSON tasks)
     ("val_loss", "val loss", "{:.3f}"),
