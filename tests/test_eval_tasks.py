@@ -101,3 +101,15 @@ def test_compare_tasks_runs_every_method_on_every_task(tmp_path):
         assert (out / name / "lora-r2" / "run" / "config.yaml").read_text().count(f"builtin:{name}") == 1
     assert "## Decision per task" in (out / "tasks.md").read_text()
     assert json.loads((out / "tasks.json").read_text())["tasks"]["code"]["metric"] == "pass_rate"
+
+
+def test_compare_recipe_tasks_refuses_a_bad_method_before_anything_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from tailor.cli import app
+
+    out = tmp_path / "tasks"
+    result = CliRunner().invoke(app, ["compare", "--recipe", "tasks-quick", "--methods", "few-shot,vera",
+                                      "--out", str(out)])
+    assert result.exit_code == 2 and "zero-shot, few-shot, full" in result.output
+    assert not out.exists()
