@@ -146,7 +146,8 @@ def same_answer(prediction: str, reference: str) -> bool:
 
 
 def score(predictions: list[str], examples: list[Example]) -> dict[str, Any]:
-    """{"score": exact_match, "exact_match", "n", "per_kind": {question kind: accuracy}}."""
+    """{"score": normalised_exact_match (`same_answer`), "normalised_exact_match", "n", "per_kind":
+    {question kind: accuracy}}."""
     if len(predictions) != len(examples):
         raise ValueError(f"{len(predictions)} predictions but {len(examples)} examples; need one each.")
     hits: dict[str, list[bool]] = {}
@@ -155,7 +156,7 @@ def score(predictions: list[str], examples: list[Example]) -> dict[str, Any]:
         hits.setdefault(_kind_of(question), []).append(same_answer(prediction, example.reference or ""))
     n = sum(len(v) for v in hits.values())
     rate = sum(sum(v) for v in hits.values()) / n if n else 0.0
-    return {"score": rate, "exact_match": rate, "n": n,
+    return {"score": rate, "normalised_exact_match": rate, "n": n,
             "per_kind": {kind: sum(v) / len(v) for kind, v in sorted(hits.items())}}
 
 
@@ -170,7 +171,7 @@ def _kind_of(question: str) -> str:
 
 
 TASK = BuiltinTask(
-    name="analysis", kind="analysis", metric="exact_match",
+    name="analysis", kind="analysis", metric="normalised_exact_match",
     description="Answer a question about a small CSV table (max, min, sum, argmax, lookup, count, filter) "
                 "with an exact number, a name or a small JSON value.",
     split_sizes=dict(SPLIT_SIZES), build=build, score=score)
