@@ -5,7 +5,7 @@ is the order of `tailor --help`."""
 from __future__ import annotations
 
 # isort: off
-from tailor.cli import train, demo, evaluate, plan, adapters, serve  # noqa: F401 - registers the commands
+from tailor.cli import train, demo, evaluate, plan, adapters, serve, data  # noqa: F401 - registers the commands
 # isort: on
 from tailor.cli.app import app
 

@@ -102,7 +102,8 @@ def eval_command(
     run_dir: str | None = typer.Argument(None, help="run directory (its adapter/ or model/, config.yaml)"),
     model: str | None = typer.Option(None, "--model", help=MODEL_HELP + " (default: the run's)"),
     adapter: str | None = typer.Option(None, "--adapter", help="adapter dir (default: RUN_DIR/adapter)"),
-    data: str = typer.Option("builtin:support:test", "--data", help="held-out data: file or builtin spec"),
+    data: str | None = typer.Option(None, "--data", help="held-out data: file or builtin spec (default: the "
+                                    "test split of the run's built-in task, else builtin:support:test)"),
     n: int | None = typer.Option(None, "--n", help="score only the first N examples"),
     out: str | None = typer.Option(None, "--out", help="eval.json path (default: RUN_DIR/eval.json)"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
@@ -155,7 +156,8 @@ def eval_command(
         _safety_command(console, run_dir, model, adapter, probes, out, dtype, batch_size, builtin_probes)
         return
     try:
-        console.print(f"evaluating {run_dir or adapter} on {data}", highlight=False, markup=False)
+        console.print(f"evaluating {run_dir or adapter} on {data or 'its default held-out data'}",
+                      highlight=False, markup=False)
         result = evaluate_run(run_dir, model=model, adapter=adapter, data=data, n=n, out=out,
                               max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_len=max_seq_len,
                               retention=retention, dtype=dtype, preferences=preferences,

@@ -133,7 +133,8 @@ def compare_command(
     config: str | None = typer.Argument(None, help="training config YAML shared by every method"),
     methods: str | None = typer.Option(None, "--methods", help="comma list: zero-shot, few-shot, full, "
                                        "lora-r16, qlora-r16, qlora-int8-r16 ..."),
-    recipe: str | None = typer.Option(None, "--recipe", help="a preset: demo (built-in data, 7 methods)"),
+    recipe: str | None = typer.Option(None, "--recipe", help="a preset: demo (built-in data, 7 methods); "
+                                      "tasks or tasks-quick (the methods on every built-in task)"),
     out: str = typer.Option("runs/compare", "--out", help="report directory"),
     eval_data: str | None = typer.Option(None, "--eval-data", help="held-out data (default: builtin test "
                                          "split, or the config's val_data)"),
@@ -154,6 +155,10 @@ def compare_command(
     try:
         chosen = preset(recipe) if recipe else {}
         values = _compare_config(config, chosen.get("config", {}))
+        if chosen.get("tasks"):
+            _compare_tasks(values, chosen, methods, out, eval_n, shots, full_lr, price_per_hour, margin,
+                           timeout)
+            return
         if not (methods or chosen.get("methods")):
             raise ValueError("name the methods to compare (--methods lora-r16,full,...) or a --recipe")
         overrides = {k: dict(v) for k, v in chosen.get("method_overrides", {}).items()}
@@ -174,6 +179,26 @@ def compare_command(
     decision = result["decision"]
     typer.echo(f"decision: {decision['reason'] if decision else 'no method produced a result'}")
     typer.echo(f"report: {out}/compare.html (compare.md, compare.json)")
+
+
+def _compare_tasks(values: dict, chosen: dict, methods: str | None, out: str, eval_n: int | None, shots: int,
+                   full_lr: float | None, price_per_hour: float, margin: float,
+                   timeout: float | None) -> None:
+    """`--recipe tasks`: the comparison on each built-in task, then the methods x tasks table."""
+    from tailor.compare.tasks import run_task_compare
+    from tailor.report.tasks import tasks_table
+
+    overrides = {k: dict(v) for k, v in chosen.get("method_overrides", {}).items()}
+    if full_lr is not None:
+        overrides.setdefault("full", {})["lr"] = full_lr
+    result = run_task_compare(values, methods or chosen["methods"], chosen["tasks"], out,
+                              eval_n or chosen.get("eval_n"), shots, overrides, price_per_hour, margin,
+                              timeout, echo=typer.echo)
+    for cells in tasks_table(result, "quality"):
+        typer.echo("  " + " | ".join(cells))
+    for name, task in result["tasks"].items():
+        typer.echo(f"decision on {name}: {task['decision']['reason'] if task['decision'] else 'no result'}")
+    typer.echo(f"report: {out}/tasks.md (and {out}/TASK/compare.html per task)")
 
 
 @app.command("sweep")

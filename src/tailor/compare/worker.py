@@ -73,6 +73,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         kept = retention_check(model, tokenizer, batch_size=job.get("batch_size", 16))
     for key in ("n", "field_accuracy", "exact_match", "json_valid", "val_loss", "per_field"):
         result[key] = metrics.get(key)
+    result["score"] = task_score(job["eval_data"], metrics["predictions"], examples)
     fields = task_fields(split_prompt_and_reference(examples)[1]) if examples else None
     result.update(retention=kept["accuracy"], eval_seconds=round(time.perf_counter() - started, 1),
                   off_task=off_task(kept, fields)["rate"] if fields else None, samples=metrics["samples"][:2])
@@ -85,6 +86,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if entry["method"] is None:
         result["peak_rss_bytes"] = int(peak_memory()["peak_rss_mib"] * 2**20)
     return result
+
+
+def task_score(eval_data: str, predictions: list[str], examples: list) -> float | None:
+    """The built-in task's metric (tailor.data.tasks) when the held-out data is a built-in task's, else
+    None."""
+    from tailor.data.tasks import task_of_spec
+
+    task = task_of_spec(eval_data)
+    return task.score(predictions, examples)["score"] if task is not None and examples else None
 
 
 def main(argv: list[str]) -> int:

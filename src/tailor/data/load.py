@@ -167,9 +167,10 @@ def load_examples(path_or_spec: str | Path, format: str = "auto", columns: dict[
 
     A path is a JSONL / JSON-array, CSV or parquet file, a dataset saved with Hugging Face datasets'
     `save_to_disk` (its `split`, default train), or a directory of such files (in name order). Specs:
-    "builtin:support" (train split), "builtin:support:train", "builtin:support:validation",
-    "builtin:support:test". ``format`` is one of auto|alpaca|chat|prompt_completion|text. ``columns`` maps
-    the format's field names to the file's column names: {"prompt": "question", "completion": "answer"}.
+    "builtin:NAME" (a built-in task's train split, tailor.data.tasks: support, code, analysis, voice) and
+    "builtin:NAME:train|validation|test". ``format`` is one of auto|alpaca|chat|prompt_completion|text.
+    ``columns`` maps the format's field names to the file's column names:
+    {"prompt": "question", "completion": "answer"}.
 
     Raises:
         DataError: not found, empty, unreadable, records of the wrong shape; all problems listed at once,
@@ -282,11 +283,12 @@ def _not_a_data_file(spec: str, path: Path) -> DataIssue:
 
 
 def _load_builtin(spec: str) -> list[Example]:
-    from tailor.data import support  # imported lazily: the generator is only needed for builtin specs
+    from tailor.data.tasks import SPLITS, TASKS, builtin_specs  # lazily: generators only for builtin specs
 
     parts = spec[len(BUILTIN_PREFIX):].split(":")
     name, split = parts[0], (parts[1] if len(parts) > 1 else "train")
-    if name != "support" or len(parts) > 2 or split not in support.SPLITS:
-        choices = ", ".join(["builtin:support", *(f"builtin:support:{s}" for s in support.SPLITS)])
-        raise DataError(DataIssue(spec, "unknown built-in dataset.", f"use one of: {choices}."))
-    return support.build_support_split(split)
+    if name not in TASKS or len(parts) > 2 or split not in SPLITS:
+        raise DataError(DataIssue(spec, "unknown built-in dataset.",
+                                  f"use one of: {', '.join(builtin_specs())} (`tailor data list` describes "
+                                  "the tasks)."))
+    return TASKS[name].build(split)

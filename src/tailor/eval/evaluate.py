@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from tailor.files import atomic_write_json
 from tailor.serve.constraints import OutputFormat
 
 N_SAMPLES = 3
+# A built-in task's metric (tailor.data.tasks.BuiltinTask.score): (predictions, examples) -> {"score", ...}
+TaskScore = Callable[[list[str], list[Example]], dict[str, Any]]
 
 
 def split_prompt_and_reference(examples: list[Example]) -> tuple[list[list[dict[str, str]]], list[str]]:
@@ -122,6 +125,7 @@ def compare_base_and_tuned(
     retention: bool = True,
     base_model: nn.Module | None = None,
     retention_items: tuple[RetentionItem, ...] = RETENTION_ITEMS,
+    task_score: TaskScore | None = None,
 ) -> dict[str, Any]:
     """Evaluate the tuned `model` against its base: `base_model` when given (e.g. beside a fully
     fine-tuned copy), else the same weights with the LoRA adapters switched off
@@ -132,11 +136,12 @@ def compare_base_and_tuned(
     `retention` is False. base/tuned hold the `evaluate_model` metrics (without per-example predictions) plus
     retention_accuracy and off_task_rate (the share of general prompts answered in the task's JSON shape,
     `tailor.eval.retention.off_task`; None when the task's answers are not JSON objects), and each side's
-    retention holds per_kind and off_task.
+    retention holds per_kind and off_task. With `task_score` (a built-in task's metric), base/tuned also
+    hold `score` (its primary value, 0..1) and `task_details` (the rest of what it returns).
     """
     from tailor.lora import disable_adapters
 
-    settings = (max_new_tokens, batch_size, max_seq_len, retention_items if retention else ())
+    settings = (max_new_tokens, batch_size, max_seq_len, retention_items if retention else (), task_score)
     with disable_adapters(model) if base_model is None else contextlib.nullcontext():
         base = _evaluate_side(model if base_model is None else base_model, tokenizer, examples, *settings)
     tuned = _evaluate_side(model, tokenizer, examples, *settings)
@@ -146,8 +151,13 @@ def compare_base_and_tuned(
 def _evaluate_side(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_new_tokens: int,
     batch_size: int, max_seq_len: int, retention_items: tuple[RetentionItem, ...],
+    task_score: TaskScore | None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     metrics = evaluate_model(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_len)
+    if task_score is not None:
+        details = dict(task_score(metrics["predictions"], examples))
+        metrics["score"] = details.pop("score")
+        metrics["task_details"] = details
     kept = (retention_check(model, tokenizer, retention_items, batch_size=batch_size) if retention_items
             else None)
     metrics["retention_accuracy"] = kept["accuracy"] if kept else None

@@ -50,7 +50,10 @@ def render_comparison(result: dict[str, Any], title: str | None = None) -> Table
     table.add_column("change", justify="right")
     if enforced is not None:
         table.add_column("tuned, schema enforced", justify="right")
-    for key, label, higher_is_better in HEADLINE_METRICS:
+    metric = (result.get("task") or {}).get("metric", "the task's metric")
+    already = metric in (key for key, _, _ in HEADLINE_METRICS)  # the support task's score is a row already
+    score = [] if already else [("score", f"task score ({metric})", True)]
+    for key, label, higher_is_better in (*score, *HEADLINE_METRICS):
         if base.get(key) is None and tuned.get(key) is None:
             continue
         row = [label, _format(base.get(key)), _format(tuned.get(key)),

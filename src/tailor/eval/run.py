@@ -15,17 +15,29 @@ from tailor.config import ConfigError, read_yaml_config
 from tailor.eval.evaluate import compare_base_and_tuned, evaluate_constrained, write_eval_json
 from tailor.names import RUN_CONFIG_NAME
 
-DEFAULT_EVAL_DATA = "builtin:support:test"
+DEFAULT_EVAL_DATA = "builtin:support:test"  # for a run not trained on a built-in task
+
+
+def default_eval_data(run_config: dict[str, Any]) -> str:
+    """The held-out data a run is scored on when none is named: the test split of the built-in task it
+    trained on (`data: builtin:NAME`), else DEFAULT_EVAL_DATA."""
+    from tailor.data.tasks import task_of_spec
+
+    data = run_config.get("data")
+    task = task_of_spec(data) if isinstance(data, str) else None
+    return f"builtin:{task.name}:test" if task is not None else DEFAULT_EVAL_DATA
 
 
 def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
-                 adapter: str | Path | None = None, data: str = DEFAULT_EVAL_DATA, n: int | None = None,
+                 adapter: str | Path | None = None, data: str | None = None, n: int | None = None,
                  out: str | Path | None = None,
                  max_new_tokens: int = 64, batch_size: int = 16, max_seq_len: int | None = None,
                  retention: bool = True, dtype: str = "auto", preferences: str | None = None,
                  constrained: bool = False, json_schema: str | Path | None = None,
                  safety: bool = False, probes: str | Path | None = None) -> dict[str, Any]:
-    """Base vs tuned for `run_dir` (its config.yaml and adapter/ or model/), or for `adapter` alone.
+    """Base vs tuned for `run_dir` (its config.yaml and adapter/ or model/), or for `adapter` alone, on
+    `data` (default: `default_eval_data` of the run). On a built-in task's data (builtin:NAME[:SPLIT]),
+    base and tuned also get the task's metric as `score` (tailor.data.tasks), and eval.json names the task.
 
     With `preferences` (held-out preference pairs: a file or builtin:support-prefs:test), also each side's
     preference accuracy (tailor.eval.preferences). `constrained` (or a `json_schema` file) also scores the
@@ -36,10 +48,13 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
     Returns the eval.json dict (see tailor.eval.compare_base_and_tuned) plus model, adapter and data.
     """
     from tailor.data import load_examples
+    from tailor.data.tasks import task_of_spec
     from tailor.files import check_output_path  # a wrong --out fails before the evaluation, not after it
     from tailor.models import parse_dtype
 
     run, config, method, deliverable, base_name = _what_to_compare(run_dir, model, adapter)
+    data = data or default_eval_data(config)
+    task = task_of_spec(data)
     output = _output_format(data, constrained, json_schema)  # a bad schema fails before the model loads
     examples = load_examples(data)[: n if n else None]
     pairs = None
@@ -63,7 +78,10 @@ def evaluate_run(run_dir: str | Path | None = None, *, model: str | None = None,
     if output is not None:
         check_output_format(tuned, tokenizer, output)  # compiles for this tokenizer: before any generation
     result = compare_base_and_tuned(tuned, tokenizer, examples, **settings,
-                                    base_model=None if tuned is base else base)
+                                    base_model=None if tuned is base else base,
+                                    task_score=task.score if task is not None else None)
+    if task is not None:
+        result["task"] = {"name": task.name, "metric": task.metric}
     if output is not None:
         result["tuned_constrained"] = evaluate_constrained(tuned, tokenizer, examples, output,
                                                            max_new_tokens, batch_size)
@@ -191,5 +209,5 @@ def check_output_format(model, tokenizer, output) -> None:
     Constraints(tokenizer, vocab, frozenset(stop_token_ids(model, tokenizer))).compile(output)
 
 
-__all__ = ["DEFAULT_EVAL_DATA", "adapter_base_model", "check_output_format", "evaluate_run", "harness_run",
-           "task_schema"]
+__all__ = ["DEFAULT_EVAL_DATA", "adapter_base_model", "check_output_format", "default_eval_data",
+           "evaluate_run", "harness_run", "task_schema"]

@@ -16,6 +16,7 @@ COLUMNS = (  # (key, header, format)
     ("method", "method", "{}"),
     ("field_accuracy", "field acc.", "{:.3f}"),
     ("exact_match", "exact match", "{:.3f}"),
+    ("score", "task score", "{:.3f}"),  # a built-in task's metric (tailor.data.tasks); "-" for other data
     ("retention", "retention", "{:.2f}"),
     ("off_task", "off-task", "{:.2f}"),  # general prompts answered in the task's format (JSON tasks)
     ("val_loss", "val loss", "{:.3f}"),
@@ -30,9 +31,12 @@ COLUMNS = (  # (key, header, format)
 
 
 def quality(row: dict[str, Any]) -> float | None:
-    """The task metric: field accuracy for structured answers, exact match otherwise."""
-    value = row.get("field_accuracy")
-    return value if value is not None else row.get("exact_match")
+    """The task metric: a built-in task's own (`score`), else field accuracy for structured answers, exact
+    match otherwise."""
+    for key in ("score", "field_accuracy"):
+        if row.get(key) is not None:
+            return row[key]
+    return row.get("exact_match")
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:

@@ -66,7 +66,9 @@ def comparison_lines(evaluation: dict[str, Any]) -> list[str]:
     enforced = evaluation.get("tuned_constrained")
     extra = ["tuned, schema enforced"] if enforced is not None else []
     rows = []
-    for key, label in METRIC_ROWS:
+    metric = (evaluation.get("task") or {}).get("metric", "the task's metric")
+    score = [] if metric in dict(METRIC_ROWS) else [("score", f"Task score ({metric})")]  # support's is a row
+    for key, label in (*score, *METRIC_ROWS):
         if key not in base and key not in tuned:
             continue
         b, t = base.get(key), tuned.get(key)
