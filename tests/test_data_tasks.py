@@ -155,11 +155,11 @@ def test_analysis_normalises_number_formatting(prediction, reference, same):
 
 
 def test_analysis_answers_match_a_hand_computation():
-    table = "Table:\nname,team,hours,tickets\nAva,north,12,30\nBen,south,40,7\nCleo,north,5,19\n\nQuestion: "
-    cases = {"What is the total hours?": "57", "Which name has the highest tickets?": "Ava",
+    table = "Table:\nname,team,tickets\nAva,north,30\nBen,south,7\nCleo,north,19\n\nQuestion: "
+    cases = {"What is the lowest tickets?": "7", "Which name has the highest tickets?": "Ava",
              "How many rows have team north?": "2"}
     examples = [_example(analysis.SYSTEM_PROMPT, table + q, a) for q, a in cases.items()]
-    result = analysis.score(["57", "ava", "3"], examples)
+    result = analysis.score(["7", "ava", "3"], examples)
     assert result["score"] == pytest.approx(2 / 3)
     # the generator's own references agree with a recomputation from the table
     for example in analysis.build("test", n=100):
@@ -167,9 +167,9 @@ def test_analysis_answers_match_a_hand_computation():
         rows = [line.split(",") for line in text.split("\n\n")[0].splitlines()[1:]]
         header, body = rows[0], rows[1:]
         question = text.rsplit("Question: ", 1)[1]
-        if question.startswith("What is the total "):
-            column = header.index(question.removeprefix("What is the total ").rstrip("?"))
-            assert int(example.reference) == sum(int(r[column]) for r in body)
+        if question.startswith("What is the highest "):
+            column = header.index(question.removeprefix("What is the highest ").rstrip("?"))
+            assert int(example.reference) == max(int(r[column]) for r in body)
 
 
 # --- voice -------------------------------------------------------------------------------------------

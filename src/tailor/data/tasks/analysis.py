@@ -1,12 +1,17 @@
-"""The analysis task: a small CSV table (3-6 rows) and a question -> an exact number, a name, or a small
-JSON value. Scored by exact match after normalising formatting (1,200 = 1200.0 = 1200; names ignore case
-and quotes; JSON compared as values).
+"""The analysis task: a small CSV table (3-5 rows: a name, a category, one number) and a question -> an
+exact number, a name, or a small JSON value. Scored by exact match after normalising formatting (1,200 =
+1200.0 = 1200; names ignore case and quotes; JSON compared as values).
 
     Table:
-    name,team,hours,tickets
-    Ava,north,12,30
+    name,team,tickets
+    Ava,north,30
     ...
     Question: Which name has the highest tickets?      ->  Ava
+
+Question kinds are those the default model (135M) learns within the demo's few hundred steps: reading
+(a lookup), comparing (highest, lowest, which row, both as JSON) and counting a category. Sums, counts
+above a threshold and filtered lists were generated at first and scored 0.00 after 250 steps (the whole
+task 0.26): arithmetic over a table is beyond a model this size at this budget.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from tailor.data.tasks.splits import SPLIT_SIZES, build_split
 SYSTEM_PROMPT = ("Answer the question about the table. Give only the answer: a number, a name, or the JSON "
                  "asked for.")
 
-# (label column, its values, category column, its values, two numeric columns)
+# (label column, its values, category column, its values, numeric columns: a table has one of them)
 SCHEMAS = (
     ("name", ("Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jun"), "team",
      ("north", "south", "east"), ("hours", "tickets")),
@@ -33,32 +38,28 @@ SCHEMAS = (
     ("city", ("Avon", "Bree", "Carn", "Dale", "Esk", "Fenn", "Gort", "Holt"), "country", ("UK", "IE"),
      ("rainfall", "visitors")),
 )
-QUESTION_KINDS = ("max", "min", "sum", "argmax", "argmin", "lookup", "count_above", "count_category",
-                  "filter", "range_json")
+QUESTION_KINDS = ("max", "min", "argmax", "argmin", "lookup", "count_category", "range_json")
 
 
 def _table(rng: random.Random) -> tuple[tuple, list[dict[str, Any]]]:
     schema = rng.choice(SCHEMAS)
     label, labels, category, categories, numeric = schema
-    rows = []
-    names = rng.sample(labels, rng.randint(3, 6))
-    columns = {column: rng.sample(range(1, 100), len(names)) for column in numeric}  # distinct: no ties
-    for i, name in enumerate(names):
-        rows.append({label: name, category: rng.choice(categories), **{c: columns[c][i] for c in numeric}})
-    return schema, rows
+    column = rng.choice(numeric)
+    names = rng.sample(labels, rng.randint(3, 5))
+    values = rng.sample(range(1, 100), len(names))  # distinct: no ties
+    rows = [{label: name, category: rng.choice(categories), column: value}
+            for name, value in zip(names, values, strict=True)]
+    return (label, labels, category, categories, column), rows
 
 
 def _question(rng: random.Random, schema: tuple, rows: list[dict[str, Any]]) -> tuple[str, str]:
-    label, _, category, categories, numeric = schema
-    column = rng.choice(numeric)
+    label, _, category, categories, column = schema
     values = [row[column] for row in rows]
     kind = rng.choice(QUESTION_KINDS)
     if kind == "max":
         return f"What is the highest {column}?", str(max(values))
     if kind == "min":
         return f"What is the lowest {column}?", str(min(values))
-    if kind == "sum":
-        return f"What is the total {column}?", str(sum(values))
     if kind in ("argmax", "argmin"):
         pick = max if kind == "argmax" else min
         best = pick(rows, key=lambda row: row[column])
@@ -66,16 +67,9 @@ def _question(rng: random.Random, schema: tuple, rows: list[dict[str, Any]]) -> 
     if kind == "lookup":
         row = rng.choice(rows)
         return f"What is the {column} of {row[label]}?", str(row[column])
-    threshold = rng.choice(sorted(values)[:-1]) if len(values) > 1 else values[0]
-    if kind == "count_above":
-        return f"How many rows have {column} above {threshold}?", str(sum(v > threshold for v in values))
     if kind == "count_category":
         value = rng.choice(categories)
         return f"How many rows have {category} {value}?", str(sum(row[category] == value for row in rows))
-    if kind == "filter":
-        names = [row[label] for row in rows if row[column] > threshold]
-        return (f"Which {label}s have {column} above {threshold}? Answer as a JSON list in table order.",
-                json.dumps(names))
     return (f'Give the highest and lowest {column} as JSON {{"max": ..., "min": ...}}.',
             json.dumps({"max": max(values), "min": min(values)}))
 
@@ -172,8 +166,8 @@ def _kind_of(question: str) -> str:
 
 TASK = BuiltinTask(
     name="analysis", kind="analysis", metric="normalised_exact_match",
-    description="Answer a question about a small CSV table (max, min, sum, argmax, lookup, count, filter) "
-                "with an exact number, a name or a small JSON value.",
+    description="Answer a question about a small CSV table (highest, lowest, which row, lookup, count, "
+                "highest and lowest as JSON) with an exact number, a name or a small JSON value.",
     split_sizes=dict(SPLIT_SIZES), build=build, score=score)
 
 __all__ = ["QUESTION_KINDS", "SYSTEM_PROMPT", "TASK", "build", "same_answer", "score"]
