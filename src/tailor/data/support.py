@@ -21,12 +21,12 @@ Splits are disjoint by construction: a message belongs to the split chosen by a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
 
 from tailor.data.example import Example
+from tailor.data.splits import SPLIT_SIZES, SPLITS, build_split
 from tailor.files import atomic_write_text
 
 __all__ = ["INTENTS", "PRODUCTS", "SENTIMENTS", "SPLITS", "SPLIT_SIZES", "SUPPORT_FIELDS", "SYSTEM_PROMPT",
@@ -35,9 +35,6 @@ __all__ = ["INTENTS", "PRODUCTS", "SENTIMENTS", "SPLITS", "SPLIT_SIZES", "SUPPOR
 SUPPORT_FIELDS = ("intent", "order_id", "product", "urgency", "sentiment")
 URGENCIES = ("low", "medium", "high")
 SENTIMENTS = ("negative", "neutral", "positive")
-SPLITS = ("train", "validation", "test")
-SPLIT_SIZES = {"train": 4000, "validation": 200, "test": 200}
-_SPLIT_BUCKETS = {"train": range(0, 18), "validation": range(18, 19), "test": range(19, 20)}  # of 20
 
 PRODUCTS = (
     "wireless earbuds", "yoga mat", "coffee grinder", "desk lamp", "running shoes", "backpack", "phone case",
@@ -302,35 +299,13 @@ def _one_ticket(rng: random.Random) -> tuple[str, str]:
     return message, support_label(intent, order_id, product, urgency, sentiment)
 
 
-def _split_of(message: str) -> str:
-    bucket = int(hashlib.sha256(message.encode()).hexdigest()[:8], 16) % 20
-    return next(split for split, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
-
-
 def build_support_split(split: str, n: int | None = None) -> list[Example]:
     """The first n examples (default SPLIT_SIZES[split]) of a split; the same call always gives the same data.
 
     Each Example is [system: SYSTEM_PROMPT, user: message, assistant: label JSON]. No message text occurs in
     two splits (a text's split is fixed by its hash), and none occurs twice within a split.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown support split {split!r}; use one of: {', '.join(SPLITS)}.")
-    n = SPLIT_SIZES[split] if n is None else n
-    if n < 0:
-        raise ValueError(f"n={n} must be >= 0.")
-    rng = random.Random(f"tailor-support-{split}")
-    seen: set[str] = set()
-    examples = []
-    while len(examples) < n:
-        message, label = _one_ticket(rng)
-        if message in seen or _split_of(message) != split:
-            continue
-        seen.add(message)
-        examples.append(Example(
-            messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": message},
-                      {"role": "assistant", "content": label}],
-            text=None, source=f"builtin:support:{split}:{len(examples) + 1}"))
-    return examples
+    return build_split("support", SYSTEM_PROMPT, _one_ticket, split, n)
 
 
 def write_support_jsonl(path: str | Path, split: str, n: int | None = None, format: str = "chat") -> Path:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tailor.data.example import Example
-from tailor.data.tasks.splits import SPLITS
+from tailor.data.splits import SPLITS
 
 
 @dataclass(frozen=True)

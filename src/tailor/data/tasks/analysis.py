@@ -21,8 +21,8 @@ import random
 from typing import Any
 
 from tailor.data.example import Example
+from tailor.data.splits import SPLIT_SIZES, build_split
 from tailor.data.tasks import BuiltinTask
-from tailor.data.tasks.splits import SPLIT_SIZES, build_split
 
 SYSTEM_PROMPT = ("Answer the question about the table. Give only the answer: a number, a name, or the JSON "
                  "asked for.")

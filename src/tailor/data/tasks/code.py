@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tailor.data.example import Example
+from tailor.data.splits import SPLIT_SIZES, build_split
 from tailor.data.tasks import BuiltinTask
-from tailor.data.tasks.splits import SPLIT_SIZES, build_split
 
 SYSTEM_PROMPT = "Write the Python function asked for. Answer with the code only: one def, no explanation."
 N_TESTS = 5

@@ -16,8 +16,8 @@ import re
 from typing import Any
 
 from tailor.data.example import Example
+from tailor.data.splits import SPLIT_SIZES, build_split
 from tailor.data.tasks import BuiltinTask
-from tailor.data.tasks.splits import SPLIT_SIZES, build_split
 
 GREETING = "Hello from Northwind."
 SIGN_OFF = "Warm regards, the Northwind team."

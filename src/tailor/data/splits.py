@@ -1,4 +1,4 @@
-"""Deterministic, disjoint splits for the generated built-in tasks (the support task's scheme, shared).
+"""Deterministic, disjoint splits for every generated built-in task (support, code, analysis, voice).
 
 A prompt belongs to the split chosen by a hash of its text (train 18, validation 1, test 1 of 20 buckets),
 and each split is drawn from its own seeded generator, so the same call always gives the same data and no
