@@ -162,6 +162,9 @@ def test_dpo_and_orpo_train_and_log_their_figures(tmp_path):
         assert f"objective: {method}" in config and "method: lora" in config
         if method == "dpo":  # the policy starts as its reference: the loss is ln 2 exactly
             assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        # the adapter is described for routing (model "auto") from its pairs' prompts, as an SFT one is
+        routing = json.loads((run / "adapter" / "tailor_metadata.json").read_text())["routing"]
+        assert routing["prompts"] > 0 and routing["centroids"]
     from safetensors.torch import load_file
 
     delivered = load_file(tmp_path / "dpo-sft" / "adapter" / "adapter_model.safetensors")

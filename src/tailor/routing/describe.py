@@ -48,9 +48,9 @@ def prompt_ids(tokenizer: Any, prompt: list[dict[str, str]] | str) -> list[int]:
 
 
 def example_prompts(examples: Sequence[Any]) -> list[list[dict[str, str]] | str]:
-    """The prompts of training examples (tailor.data.Example): a conversation up to its last assistant
-    turn; a plain-text example has no prompt and is left out."""
-    return [e.prompt for e in examples if e.messages is not None and e.prompt]
+    """The prompts of training examples (tailor.data.Example: a conversation up to its last assistant
+    turn; a plain-text example has no prompt and is left out) or preference pairs (their shared prompt)."""
+    return [e.prompt for e in examples if getattr(e, "messages", True) is not None and e.prompt]
 
 
 def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 50) -> torch.Tensor:
