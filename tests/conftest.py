@@ -264,3 +264,17 @@ def synthetic_examples(n: int = 24, seed: int = 0) -> list[TokenizedExample]:
 def save_state(model, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "w.safetensors"))
+
+
+def save_tiny_run(root: Path) -> None:
+    """A tiny chat model (root/model, with its tokenizer) and a nonzero LoRA adapter for it
+    (root/run/adapter): what the evaluation command-line tests evaluate."""
+    from tailor.adapters import save_adapter
+    from tailor.lora import LoraConfig, add_lora
+
+    tokenizer = chat_tokenizer()
+    model = tiny_chat_llama(len(tokenizer), seed=4)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    add_lora(model, LoraConfig(r=2, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    save_adapter(model, root / "run" / "adapter")

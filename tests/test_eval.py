@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import CORPUS, chat_tokenizer, tiny_chat_llama
+from conftest import CORPUS, chat_tokenizer, save_tiny_run, tiny_chat_llama
 from rich.console import Console
 from transformers import LlamaForCausalLM
 
@@ -236,15 +236,7 @@ def test_retention_prompts_are_answered_by_the_base_model():
 @pytest.fixture
 def tiny_run(tmp_path):
     """A saved tiny chat model, a LoRA adapter for it, and a JSONL file of held-out examples."""
-    from tailor.adapters import save_adapter
-    from tailor.lora import LoraConfig, add_lora
-
-    tokenizer = chat_tokenizer()
-    model = tiny_chat_llama(len(tokenizer), seed=4)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    add_lora(model, LoraConfig(r=2, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
-    save_adapter(model, tmp_path / "run" / "adapter")
+    save_tiny_run(tmp_path)
     with open(tmp_path / "test.jsonl", "w") as handle:
         for example in EXAMPLES:
             handle.write(json.dumps({"messages": example.messages}) + "\n")

@@ -7,7 +7,7 @@ import json
 
 import jsonschema
 import pytest
-from conftest import chat_tokenizer, tiny_chat_llama
+from conftest import chat_tokenizer, save_tiny_run, tiny_chat_llama
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -88,15 +88,7 @@ def test_the_enforced_scores_get_their_own_column():
 @pytest.fixture
 def tiny_run(tmp_path):
     """A saved tiny chat model, a LoRA adapter for it, held-out examples and the schema as files."""
-    from tailor.adapters import save_adapter
-    from tailor.lora import LoraConfig, add_lora
-
-    tokenizer = chat_tokenizer()
-    model = tiny_chat_llama(len(tokenizer), seed=4)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    add_lora(model, LoraConfig(r=2, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
-    save_adapter(model, tmp_path / "run" / "adapter")
+    save_tiny_run(tmp_path)
     lines = [json.dumps({"messages": e.messages}) + "\n" for e in EXAMPLES]
     (tmp_path / "test.jsonl").write_text("".join(lines))
     (tmp_path / "schema.json").write_text(json.dumps(SCHEMA, indent=2))

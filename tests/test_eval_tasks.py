@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import chat_tokenizer, tiny_chat_llama, tiny_model_dir
+from conftest import save_tiny_run, tiny_model_dir
 
 from tailor.data import load_builtin
 from tailor.data.tasks import get_task
@@ -25,15 +25,7 @@ def test_default_eval_data_follows_the_runs_builtin_task():
 @pytest.fixture
 def voice_run(tmp_path):
     """A tiny chat model and a LoRA adapter in a run whose config trained on builtin:voice."""
-    from tailor.adapters import save_adapter
-    from tailor.lora import LoraConfig, add_lora
-
-    tokenizer = chat_tokenizer()
-    model = tiny_chat_llama(len(tokenizer), seed=4)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    add_lora(model, LoraConfig(r=2, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
-    save_adapter(model, tmp_path / "run" / "adapter")
+    save_tiny_run(tmp_path)
     (tmp_path / "run" / "config.yaml").write_text(f"model: {tmp_path / 'model'}\ndata: builtin:voice\n"
                                                   "method: lora\nmax_seq_len: 512\n")
     return tmp_path
